@@ -1,0 +1,86 @@
+"""Rows as the code sees them, and our own API resources (`…Create` in, `…Public` out)."""
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["user", "operator"]
+T = TypeVar("T")
+
+
+class ListPublic(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    count: int
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    role: Role = "user"
+    rate_limit: int | None = Field(None, ge=1, description="requests per minute")
+
+
+class ApiKeyPublic(BaseModel):
+    id: int
+    prefix: str
+    name: str
+    role: Role
+    rate_limit: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="the secret; shown once, only its hash is stored")
+
+
+class ModelVersion(BaseModel):
+    id: int
+    kind: Literal["policy", "reward"]
+    parent_id: int | None
+    reference_id: int | None
+    reward_model_id: int | None
+    path: str
+    content_hash: str
+    endpoint: str | None
+    status: str
+    canary_fraction: float | None
+    training_run_id: int | None
+    metrics: dict[str, Any]
+    created_at: datetime
+    promoted_at: datetime | None
+    promoted_by: str | None
+
+    @property
+    def name(self) -> str:
+        """What clients see as `system_fingerprint` and may name as `model`."""
+        return f"v{self.id}"
+
+
+class CompletionRecord(BaseModel):
+    choice_index: int
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    completion_tokens: int
+    model_version_id: int
+
+
+class ExchangeRecord(BaseModel):
+    """Everything recorded about one chat request."""
+    response_id: str
+    api_key_id: int
+    user: str | None
+    messages: list[dict[str, Any]]
+    prompt_hash: str
+    params: dict[str, Any]
+    model_version_id: int
+    stream: bool
+    batch_rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    created_at: datetime
+    choices: list[CompletionRecord]

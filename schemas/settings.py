@@ -1,0 +1,57 @@
+"""One configuration for every process: environment variables `FEEDLOOP_*` plus `DATABASE_URL`."""
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEEDLOOP_", extra="ignore")
+
+    # storage
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "FEEDLOOP_DATABASE_URL"),
+        description="Postgres URL; unset means an embedded pgserver in `home`.")
+    home: Path = Field(Path(".feedloop"), description="data directory: embedded database, checkpoints")
+
+    # serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    init_api_key: str | None = Field(None, description="operator key created at start-up when missing")
+    policy_path: Path | None = Field(None, description="checkpoint registered as version 1 instead of the bootstrap")
+    engine: Literal["local", "remote"] = "local"
+    remote_url: str | None = Field(None, description="TGI/OpenAI-protocol server for the remote engine")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, mps")
+    torch_threads: int = Field(0, description="torch intra-op threads; 0 leaves torch's default")
+    max_batch_rows: int = Field(32, description="most sequences (choices) one generation batch holds")
+    default_max_tokens: int = 128
+    max_body_bytes: int = 1 << 20
+    model_name: str = Field("feedloop", description="the `model` name clients ask for")
+    poll_seconds: float = Field(5.0, description="registry poll interval, the fallback to LISTEN/NOTIFY")
+
+    # bootstrap
+    bootstrap_seed: int = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.home.resolve() / "checkpoints"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def resolve_device(name: str = "auto") -> str:
+    """`auto` picks the best accelerator present at run time; anything else is taken as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

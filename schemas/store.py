@@ -1,0 +1,176 @@
+"""Typed, keyword-only queries over Postgres. Each takes the caller's connection, so the caller
+owns the transaction and decides when a write is committed. SQL lives in `queries.sql`."""
+import hashlib
+import json
+import secrets
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from schemas.db import load_queries
+from schemas.records import (ApiKeyCreated, ApiKeyPublic, CompletionRecord, ExchangeRecord,
+                             ModelVersion)
+
+Q = load_queries()
+
+
+class NotFound(LookupError):
+    """The row asked for does not exist (or is not the caller's to see)."""
+
+
+async def _one(conn: AsyncConnection, query: str, /, **params) -> dict | None:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(Q[query], params)
+        return await cur.fetchone()
+
+
+async def _all(conn: AsyncConnection, query: str, /, **params) -> list[dict]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(Q[query], params)
+        return await cur.fetchall()
+
+
+def hash_key(key: str) -> str:
+    # Keys are 32 random bytes: a plain digest is enough, no slow password hash needed.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def prompt_hash(messages: list[dict[str, Any]]) -> str:
+    """Identical conversations hash alike, whatever key order or spacing the client used."""
+    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+# --- api keys -------------------------------------------------------------------------------
+
+async def insert_api_key(conn, *, key: str, name: str, role: str,
+                         rate_limit: int | None = None) -> ApiKeyPublic | None:
+    """None when a key with this value exists already."""
+    row = await _one(conn, "insert_api_key", key_hash=hash_key(key), prefix=key[:7], name=name,
+                     role=role, rate_limit=rate_limit)
+    return ApiKeyPublic(**row) if row else None
+
+
+async def get_api_key(conn, *, key: str) -> ApiKeyPublic | None:
+    row = await _one(conn, "get_api_key_by_hash", key_hash=hash_key(key))
+    return ApiKeyPublic(**row) if row else None
+
+
+async def list_api_keys(conn) -> list[ApiKeyPublic]:
+    return [ApiKeyPublic(**r) for r in await _all(conn, "list_api_keys")]
+
+
+async def revoke_api_key(conn, *, id: int) -> ApiKeyPublic:
+    row = await _one(conn, "revoke_api_key", id=id)
+    if row is None:
+        raise NotFound(f"no live API key with id {id}")
+    return ApiKeyPublic(**row)
+
+
+async def count_live_operator_keys(conn) -> int:
+    return (await _one(conn, "count_live_operator_keys"))["n"]
+
+
+# --- model registry -------------------------------------------------------------------------
+
+async def insert_model_version(conn, *, kind: str, path: str, content_hash: str, status: str,
+                               parent_id: int | None = None, reference_id: int | None = None,
+                               reward_model_id: int | None = None, endpoint: str | None = None,
+                               training_run_id: int | None = None,
+                               metrics: dict | None = None) -> ModelVersion:
+    row = await _one(conn, "insert_model_version", kind=kind, parent_id=parent_id,
+                     reference_id=reference_id, reward_model_id=reward_model_id, path=path,
+                     content_hash=content_hash, endpoint=endpoint, status=status,
+                     training_run_id=training_run_id, metrics=Jsonb(metrics or {}))
+    return ModelVersion(**row)
+
+
+async def get_model_version(conn, *, id: int) -> ModelVersion:
+    row = await _one(conn, "get_model_version", id=id)
+    if row is None:
+        raise NotFound(f"no model version {id}")
+    return ModelVersion(**row)
+
+
+async def get_active_version(conn, *, kind: str = "policy") -> ModelVersion | None:
+    row = await _one(conn, "get_active_version", kind=kind)
+    return ModelVersion(**row) if row else None
+
+
+async def list_serving_versions(conn) -> list[ModelVersion]:
+    return [ModelVersion(**r) for r in await _all(conn, "list_serving_versions")]
+
+
+async def list_model_versions(conn) -> list[ModelVersion]:
+    return [ModelVersion(**r) for r in await _all(conn, "list_model_versions")]
+
+
+async def set_version_status(conn, *, id: int, status: str, actor: str,
+                             canary_fraction: float | None = None) -> ModelVersion:
+    row = await _one(conn, "set_version_status", id=id, status=status, actor=actor,
+                     canary_fraction=canary_fraction)
+    if row is None:
+        raise NotFound(f"no model version {id}")
+    return ModelVersion(**row)
+
+
+async def insert_promotion(conn, *, version_id: int, action: str, actor: str,
+                           reason: str | None = None) -> dict:
+    return await _one(conn, "insert_promotion", version_id=version_id, action=action, actor=actor,
+                      reason=reason)
+
+
+# --- training runs --------------------------------------------------------------------------
+
+async def insert_training_run(conn, *, kind: str, config: dict, status: str = "running") -> dict:
+    return await _one(conn, "insert_training_run", kind=kind, status=status, config=Jsonb(config))
+
+
+async def finish_training_run(conn, *, id: int, status: str, metrics: dict | None = None,
+                              curves: dict | None = None, error: str | None = None,
+                              watermark: int | None = None) -> dict:
+    return await _one(conn, "finish_training_run", id=id, status=status,
+                      metrics=Jsonb(metrics or {}), curves=Jsonb(curves or {}), error=error,
+                      watermark=watermark)
+
+
+# --- exchanges ------------------------------------------------------------------------------
+
+async def record_exchange(conn, *, response_id: str, api_key_id: int, user: str | None,
+                          messages: list[dict], params: dict, model_version_id: int, stream: bool,
+                          batch_rows: int, prompt_tokens: int, queue_ms: float,
+                          first_token_ms: float | None, total_ms: float,
+                          choices: list[CompletionRecord]) -> None:
+    """Write a request and all its choices in the caller's transaction."""
+    row = await _one(conn, "insert_chat_request", response_id=response_id, api_key_id=api_key_id,
+                     user_field=user, messages=Jsonb(messages), prompt_hash=prompt_hash(messages),
+                     params=Jsonb(params), model_version_id=model_version_id, stream=stream,
+                     batch_rows=batch_rows, prompt_tokens=prompt_tokens,
+                     completion_tokens=sum(c.completion_tokens for c in choices),
+                     queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms)
+    async with conn.cursor() as cur:
+        await cur.executemany(Q["insert_completion"],
+                              [dict(c.model_dump(), request_id=row["id"]) for c in choices])
+
+
+async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:
+    req = await _one(conn, "get_chat_request", response_id=response_id)
+    if req is None:
+        raise NotFound(f"no exchange {response_id}")
+    choices = [CompletionRecord(**r) for r in await _all(conn, "list_completions", request_id=req["id"])]
+    return ExchangeRecord(**req, user=req["user_field"], choices=choices)
+
+
+def new_api_key() -> str:
+    return "fl-" + secrets.token_urlsafe(32)
+
+
+async def create_api_key(conn, *, name: str, role: str, rate_limit: int | None = None,
+                         key: str | None = None) -> ApiKeyCreated | None:
+    """A new key (random unless given); None when the given key exists already."""
+    key = key or new_api_key()
+    row = await insert_api_key(conn, key=key, name=name, role=role, rate_limit=rate_limit)
+    return ApiKeyCreated(**row.model_dump(), key=key) if row else None

@@ -1,0 +1,1 @@
+"""The online side: the OpenAI-compatible API, feedback capture, generation engines, hot swap."""

@@ -1,0 +1,109 @@
+"""`feedloop` — the command line. Serving commands run here; training commands are handed to
+`python -m trainer` in a process of their own (the two sides never import each other)."""
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import psycopg
+
+from schemas import store
+from schemas.db import database_url, migrate
+from schemas.settings import get_settings
+
+log = logging.getLogger("feedloop")
+TRAINER_COMMANDS = ("bootstrap", "train", "trainer")
+
+
+def run_trainer(args: list[str]) -> int:
+    return subprocess.call([sys.executable, "-m", "trainer", *args])
+
+
+async def _with_conn(fn):
+    async with await psycopg.AsyncConnection.connect(database_url(get_settings()), autocommit=True) as conn:
+        return await fn(conn)
+
+
+def cmd_migrate(args) -> None:
+    applied = migrate(database_url(get_settings()))
+    print(f"applied migrations: {applied}" if applied else "database is up to date")
+
+
+def cmd_keys(args) -> None:
+    migrate(database_url(get_settings()))
+    if args.action == "create":
+        key = asyncio.run(_with_conn(lambda c: store.create_api_key(c, name=args.name, role=args.role)))
+        print(json.dumps(key.model_dump(mode="json"), indent=2))
+    elif args.action == "list":
+        for k in asyncio.run(_with_conn(store.list_api_keys)):
+            state = "revoked" if k.revoked_at else "live"
+            print(f"{k.id:>4}  {k.prefix}…  {k.role:<8}  {state:<7}  {k.name}")
+    else:
+        key = asyncio.run(_with_conn(lambda c: store.revoke_api_key(c, id=args.id)))
+        print(f"revoked key {key.id} ({key.name})")
+
+
+def serve() -> None:
+    import uvicorn
+
+    s = get_settings()
+    uvicorn.run("service.app:app", host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=30)
+
+
+def cmd_up(args) -> None:
+    """The whole loop on one machine: database, a policy (bootstrapped on first run), the API."""
+    settings = get_settings()
+    url = database_url(settings)  # starts the embedded server when DATABASE_URL is unset
+    os.environ["DATABASE_URL"] = url  # children share this server
+    migrate(url)
+    active = asyncio.run(_with_conn(lambda c: store.get_active_version(c, kind="policy")))
+    if active is None and not settings.policy_path:
+        print("feedloop: no policy yet; bootstrapping one from the bundled demonstrations …", flush=True)
+        if run_trainer(["bootstrap"]) != 0:
+            sys.exit("feedloop: bootstrap failed")
+    key_hint = _operator_key_hint(settings)
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"\nfeedloop is starting at {base}  (OpenAI base_url: {base}/v1, model: {settings.model_name})\n"
+          f"{key_hint}\n", flush=True)
+    serve()
+
+
+def _operator_key_hint(settings) -> str:
+    async def first_key(conn):
+        if settings.init_api_key or await store.count_live_operator_keys(conn):
+            return None
+        return await store.create_api_key(conn, name="created by feedloop up", role="operator")
+
+    created = asyncio.run(_with_conn(first_key))
+    how = "more keys: .venv/bin/feedloop keys create --role user --name alice"
+    if created:
+        return f"operator API key (shown once, only its hash is stored): {created.key}\n{how}"
+    return f"use your operator key (FEEDLOOP_INIT_API_KEY or one you created); {how}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINER_COMMANDS:
+        sys.exit(run_trainer(argv))
+    parser = argparse.ArgumentParser(prog="feedloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="database + policy + API on this machine").set_defaults(run=cmd_up)
+    sub.add_parser("serve", help="the API only").set_defaults(run=lambda a: serve())
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(run=cmd_migrate)
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create")
+    create.add_argument("--name", default="cli")
+    create.add_argument("--role", choices=["user", "operator"], default="user")
+    keys_sub.add_parser("list")
+    revoke = keys_sub.add_parser("revoke")
+    revoke.add_argument("id", type=int)
+    keys.set_defaults(run=cmd_keys)
+    for name in TRAINER_COMMANDS:
+        sub.add_parser(name, help="training (python -m trainer)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.run(args)

@@ -1,0 +1,58 @@
+"""What routes need, declared once: a database connection, the caller's key, the serving engines."""
+from typing import Annotated, AsyncIterator
+
+from fastapi import Depends, Request
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from schemas import store
+from schemas.records import ApiKeyPublic
+from service.errors import ApiError
+from service.serving import Serving
+
+
+def get_pool(request: Request) -> AsyncConnectionPool:
+    return request.app.state.pool
+
+
+async def get_conn(pool: Annotated[AsyncConnectionPool, Depends(get_pool)]) -> AsyncIterator[AsyncConnection]:
+    # Autocommit connections: a write is committed where the route's `transaction()` block ends,
+    # before the response is built, so a 200 on a write means it is committed.
+    async with pool.connection() as conn:
+        yield conn
+
+
+def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
+ConnDep = Annotated[AsyncConnection, Depends(get_conn)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
+async def current_key(request: Request, pool: PoolDep) -> ApiKeyPublic:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                       code="missing_api_key")
+    # A short borrow of its own: a streamed chat must not hold a pool connection while it runs.
+    async with pool.connection() as conn:
+        key = await store.get_api_key(conn, key=token.strip())
+    if key is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    request.state.api_key = key
+    return key
+
+
+CurrentKey = Annotated[ApiKeyPublic, Depends(current_key)]
+
+
+async def operator_key(key: CurrentKey) -> ApiKeyPublic:
+    if key.role != "operator":
+        raise ApiError(403, "This route needs an operator key.", code="operator_only")
+    return key
+
+
+OperatorKey = Annotated[ApiKeyPublic, Depends(operator_key)]

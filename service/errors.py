@@ -1,0 +1,83 @@
+"""One error shape for every failure a caller sees: OpenAI's {"error": {message, type, param, code}}."""
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.openai import ErrorInfo, ErrorResponse
+from schemas.store import NotFound
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=info).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# Routes declare these so the OpenAPI document shows the error shape.
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404)}
+
+
+def param_path(loc: tuple) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "tagged-union", "str", "list[")):
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
+                        code="invalid_json")
+    param = param_path(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return ApiError(400, f"Missing required parameter: '{param}'.", param=param,
+                        code="missing_required_parameter")
+    return ApiError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(NotFound)
+    async def on_not_found(request: Request, exc: NotFound):
+        return ApiError(404, str(exc)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ApiError(500, "The server had an error while processing your request.",
+                        type="server_error").response()

@@ -1,0 +1,93 @@
+"""POST /v1/chat/completions and GET /v1/models, in OpenAI's protocol."""
+import json
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
+                            ChatCompletionRequest, Choice, ChunkChoice, Delta, ModelCard,
+                            ModelList, completion_id)
+from service.deps import CurrentKey, PoolDep, ServingDep
+from service.errors import ERROR_RESPONSES, ApiError
+from service.recording import Exchange
+
+router = APIRouter(prefix="/v1", tags=["chat"])
+
+
+@router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
+    """The served name (routed to the active version) and each version taking traffic."""
+    created = lambda e: int(e.version.created_at.timestamp())
+    cards = [ModelCard(id=serving.settings.model_name, created=created(serving.active))] if serving.ready else []
+    cards += [ModelCard(id=e.version.name, created=created(e)) for e in serving.engines()]
+    return ModelList(data=cards)
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, serving: ServingDep,
+                                 pool: PoolDep, request: Request):
+    """Answer with the served policy; the exchange is committed before the answer returns
+    (streams: when they end, however they end)."""
+    engine = serving.pick(body.model)
+    if engine is None:
+        raise ApiError(404, f"The model '{body.model}' does not exist or is not served.",
+                       param="model", code="model_not_found")
+    conversation = body.conversation()
+    prompt_ids = engine.encode(conversation)
+    room = engine.context_length - len(prompt_ids)
+    if room < 1:
+        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; "
+                            f"your messages take {len(prompt_ids)}.", param="messages",
+                       code="context_length_exceeded")
+    sampling = body.to_sampling(serving.settings.default_max_tokens)
+    sampling.max_tokens = min(sampling.max_tokens, room)  # the answer ends at the context's edge
+    exchange = Exchange(completion_id(), body, key, engine, engine.submit(prompt_ids, sampling),
+                        conversation)
+    if body.stream:
+        return StreamingResponse(stream(exchange, request), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+    try:
+        await exchange.drain()
+    except BaseException:
+        exchange.gen.cancel()
+        raise
+    await exchange.record(pool)
+    return ChatCompletion(
+        id=exchange.response_id, model=body.model, system_fingerprint=engine.version.name,
+        choices=[Choice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+                 for i, (t, f) in enumerate(zip(exchange.texts, exchange.finish))],
+        usage=exchange.usage())
+
+
+async def stream(exchange: Exchange, request: Request):
+    """SSE: a role delta per choice, content deltas, a finish per choice, optional usage, [DONE]."""
+    created = int(time.time())
+
+    def chunk(choices: list[ChunkChoice], usage=None) -> str:
+        c = ChatCompletionChunk(id=exchange.response_id, created=created, model=exchange.body.model,
+                                system_fingerprint=exchange.engine.version.name, choices=choices,
+                                usage=usage)
+        return f"data: {json.dumps(c.model_dump(mode='json'))}\n\n"
+
+    finished = False
+    try:
+        for i in range(exchange.gen.sampling.n):
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        async for piece in exchange.gen:
+            exchange.add(piece)
+            if piece.text:
+                yield chunk([ChunkChoice(index=piece.index, delta=Delta(content=piece.text))])
+            if piece.finish_reason in ("stop", "length"):
+                yield chunk([ChunkChoice(index=piece.index, delta=Delta(),
+                                         finish_reason=piece.finish_reason)])
+        await exchange.record(request.app.state.recorder.pool)
+        finished = True
+        opts = exchange.body.stream_options
+        if opts and opts.include_usage:
+            yield chunk([], usage=exchange.usage())
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away: stop generating, record what was produced
+            exchange.gen.cancel()
+            request.app.state.recorder.finish_later(exchange)

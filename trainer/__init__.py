@@ -1,0 +1,1 @@
+"""The offline side: feedback -> datasets, SFT, reward model, PPO, gates, rounds, the scheduler."""

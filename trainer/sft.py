@@ -1,0 +1,115 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1), loss on answer tokens only."""
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label value cross-entropy skips: prompt and padding positions
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 40
+    """passes over the demonstrations"""
+    batch_size: int = 16
+    """demonstrations per optimizer step"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW), reached after warmup and decayed by cosine to lr/10"""
+    warmup_frac: float = 0.05
+    """share of steps spent warming up"""
+    weight_decay: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    """torch device; auto picks an accelerator when present"""
+
+
+def as_messages(prompt) -> list[dict]:
+    """Demonstration prompts come as plain text or as a conversation."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode_demonstration(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the chat-formatted prompt, then the answer and EOS; only the answer
+    and EOS are learned, so the model learns to answer and to stop, not to parrot users."""
+    prompt_ids = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
+                                               tokenize=True)["input_ids"]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad to the longest: (input_ids, attention_mask, labels), each (B, T)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
+def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
+    warmup = max(1, int(cfg.warmup_frac * total))
+    if step < warmup:  # 1) linear warmup
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)  # 2) cosine decay to lr/10
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def answer_loss(model, ids, mask, labels) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (labels shifted inside the model)."""
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
+    """Fine-tune `model` in place on [{"prompt", "completion"}]; returns metrics."""
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    examples = [encode_demonstration(tokenizer, d["prompt"], d["completion"]) for d in demonstrations]
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(cfg.seed)
+    curve, step, t0 = [], 0, time.time()
+    bar = tqdm(total=total, desc="sft", disable=not _tty(), leave=False)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            batch = collate([examples[i] for i in order[start:start + cfg.batch_size]],
+                            tokenizer.pad_token_id)
+            ids, mask, labels = (t.to(accelerator.device) for t in batch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            loss = answer_loss(model, ids, mask, labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            curve.append(round(loss.item(), 4))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve[-1]:.3f}")
+        if not _tty():
+            log.info("sft epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, curve[-1])
+    bar.close()
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    tail = curve[-steps_per_epoch:]
+    return {"sft/loss": sum(tail) / len(tail), "sft/steps": step, "sft/examples": len(examples),
+            "sft/seconds": round(time.time() - t0, 2), "sft/curve": curve, "sft/config": asdict(cfg)}
+
+
+def _tty() -> bool:
+    import sys
+    return sys.stderr.isatty()
