@@ -8,7 +8,6 @@ replicas starting together apply each one exactly once.
 import logging
 import re
 from importlib import resources
-from pathlib import Path
 
 import psycopg
 
@@ -69,9 +68,19 @@ def migrate(url: str) -> list[int]:
     return applied
 
 
-def load_queries(path: Path | None = None) -> dict[str, str]:
-    """Parse `queries.sql`: each query opens with `-- name: NAME` and a line describing it."""
-    text = (path.read_text() if path else resources.files("schemas").joinpath("queries.sql").read_text())
+def load_queries() -> dict[str, str]:
+    """Parse every `queries/*.sql`: each query opens with `-- name: NAME` and a line describing it."""
+    queries = {}
+    for f in sorted(resources.files("schemas").joinpath("queries").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".sql"):
+            for name, sql in _parse_queries(f.read_text()).items():
+                if name in queries:
+                    raise ValueError(f"query {name} is defined twice")
+                queries[name] = sql
+    return queries
+
+
+def _parse_queries(text: str) -> dict[str, str]:
     queries, name, lines = {}, None, []
     for line in text.splitlines():
         m = re.match(r"--\s*name:\s*(\w+)", line)

@@ -84,3 +84,28 @@ class ExchangeRecord(BaseModel):
     total_ms: float
     created_at: datetime
     choices: list[CompletionRecord]
+
+
+# --- training data: what the feedback derivation yields and the trainer consumes ------------
+
+PairSource = Literal["pairwise", "ranking", "thumbs", "rating", "import"]
+
+
+class TrainingPair(BaseModel):
+    """One comparison: for `prompt`, `chosen` was preferred over `rejected`."""
+    prompt: list[dict[str, str]] = Field(description="the conversation before the answer")
+    chosen: str
+    rejected: str
+    margin: float = Field(0.0, description="Bradley-Terry margin: how much more chosen is preferred")
+    source: PairSource
+    prompt_hash: str = Field(description="groups one prompt's pairs; the train/held-out split key")
+    group: str = Field(description="pairs of one group (one ranking) go in the same batch")
+    origin: dict[str, Any] = Field(default_factory=dict, description="source rows it came from")
+
+
+class Demonstration(BaseModel):
+    """An ideal answer: imported, a user's corrected answer, or bundled."""
+    prompt: list[dict[str, str]]
+    completion: str
+    source: str
+    origin: dict[str, Any] = Field(default_factory=dict)

@@ -1,4 +1,4 @@
--- Every SQL statement the project runs at run time, by name. Loaded once by schemas.db.load_queries.
+-- Keys, the model registry, training runs and exchanges. Loaded once by schemas.db.load_queries.
 
 -- name: insert_api_key
 -- Store a new key (its hash only) and return the row.
