@@ -1,0 +1,428 @@
+"""Reward model (InstructGPT step 2): a scalar head on a transformer backbone, trained with the
+Bradley-Terry loss on users' comparisons, then normalised so reference answers score mean 0, std 1.
+
+The model is a Hugging Face sequence-classification model with one label, so anything that loads
+`AutoModelForSequenceClassification` loads it. The score is read at the last real token of
+`chat(prompt) + answer + EOS`; pad differs from EOS and positions come from the attention mask, so
+left and right padding give the same score. The normalisation lives in the checkpoint's
+config.json (`reward_bias`, `reward_scale`): normalised = (raw - reward_bias) / reward_scale, as
+`score` applies it.
+
+Throughput: a batch holds whole groups (one ranking's K(K-1)/2 pairs, InstructGPT sec. 3.5) and
+each distinct (prompt, answer) in it is run through the model once, so a ranking of K answers
+costs K forwards instead of K(K-1); batches are built from groups of similar length.
+"""
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from schemas.checkpoint import publish, staging
+from schemas.records import TrainingPair
+from schemas.settings import resolve_device
+from trainer.sft import as_messages, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardConfig:
+    epochs: int = 3
+    """passes over the training pairs (InstructGPT uses 1 on large data; small live data needs more)"""
+    batch_size: int = 32
+    """pairs per optimizer step; a group (one ranking) is never split, so a batch may run over"""
+    lr: float = 3e-4
+    """peak learning rate (AdamW), reached after warmup and decayed by cosine to lr/10"""
+    warmup_frac: float = 0.05
+    """share of steps spent warming up"""
+    weight_decay: float = 0.01
+    use_margin: bool = True
+    """subtract each pair's margin inside the sigmoid: -logsigmoid(r_c - r_r - margin)"""
+    center_coef: float = 0.01
+    """reward centering (Eisenstein et al. 2023): coefficient x mean of squared rewards; 0 turns it off"""
+    heldout_frac: float = 0.1
+    """share of prompts (by prompt hash) whose pairs are held out for accuracy, never trained on"""
+    seed: int = 0
+    """seeds the head, the batch order and the train/held-out split"""
+    device: str = "auto"
+    """torch device; auto picks an accelerator when present"""
+    max_length: int | None = None
+    """longest sequence in tokens (prompt + answer + EOS), cut from the left so the scored end
+    survives; None means the model's context length"""
+    eval_batch_size: int = 64
+    """sequences per no-grad forward when evaluating, normalising and scoring"""
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def split_pairs(pairs: list[TrainingPair], heldout_frac: float, seed: int = 0
+                ) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    """(train, heldout) by prompt hash: one prompt's pairs all sit on one side. A prompt's side
+    depends only on (seed, prompt_hash), so it does not move as new data arrives round after round."""
+    def u(prompt_hash: str) -> float:  # a uniform number in [0, 1) per prompt
+        digest = hashlib.sha256(f"{seed}:{prompt_hash}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    hashes = sorted({p.prompt_hash for p in pairs}, key=u)
+    held = {h for h in hashes if u(h) < heldout_frac}
+    if not held and heldout_frac > 0 and len(hashes) >= 2:
+        held = {hashes[0]}  # too few prompts for the fraction to catch one: hold out the lowest
+    return ([p for p in pairs if p.prompt_hash not in held], [p for p in pairs if p.prompt_hash in held])
+
+
+@dataclass
+class Encoded:
+    """Pairs as indices into a table of distinct token sequences (chat(prompt) + answer + EOS)."""
+    seqs: list[list[int]]
+    chosen: list[int]
+    rejected: list[int]
+    margin: list[float]
+    group: list[str]
+    truncated: int
+
+
+class Encoder:
+    """Tokenizes (prompt, answer) once each: a prompt is rendered once, a sequence stored once."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.prompt_ids: dict[str, list[int]] = {}
+        self.index: dict[tuple[str, str], int] = {}
+        self.seqs: list[list[int]] = []
+        self.truncated = 0
+
+    def add(self, items: list[tuple[list[dict], str]]) -> list[int]:
+        """Sequence index of each (prompt, answer); new ones are tokenized in one call."""
+        keys = [(json.dumps(as_messages(p), sort_keys=True), a) for p, a in items]
+        new = list(dict.fromkeys(k for k in keys if k not in self.index))
+        for key, (prompt, _) in zip(keys, items):
+            if key[0] not in self.prompt_ids:
+                self.prompt_ids[key[0]] = self.tokenizer.apply_chat_template(
+                    as_messages(prompt), add_generation_prompt=True, tokenize=True)["input_ids"]
+        if new:
+            answers = self.tokenizer([a for _, a in new], add_special_tokens=False)["input_ids"]
+            for key, answer_ids in zip(new, answers):
+                ids = self.prompt_ids[key[0]] + answer_ids + [self.tokenizer.eos_token_id]
+                if len(ids) > self.max_length:  # keep the end: the score is read at the last token
+                    ids, self.truncated = ids[-self.max_length:], self.truncated + 1
+                self.index[key] = len(self.seqs)
+                self.seqs.append(ids)
+        return [self.index[k] for k in keys]
+
+
+def encode_pairs(encoder: Encoder, pairs: list[TrainingPair]) -> Encoded:
+    idx = encoder.add([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs])
+    n = len(pairs)
+    return Encoded(encoder.seqs, idx[:n], idx[n:], [p.margin for p in pairs], [p.group for p in pairs],
+                   encoder.truncated)
+
+
+def make_batches(enc: Encoded, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Pair indices per batch. Whole groups only (InstructGPT: one ranking's pairs are one batch
+    element, else they overfit); groups are shuffled, then sorted by length inside windows of a
+    few batches so a batch pads little, then the batches are shuffled."""
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(enc.group):
+        groups.setdefault(g, []).append(i)
+    order = list(groups.values())
+    rng.shuffle(order)
+
+    def length(g):  # longest sequence the group brings
+        return max(max(len(enc.seqs[enc.chosen[i]]), len(enc.seqs[enc.rejected[i]])) for i in g)
+
+    window = 8 * batch_size  # pairs per sorting window: enough to match lengths, still well mixed
+    batches, current, start = [], [], 0
+    while start < len(order):
+        chunk, n = [], 0
+        while start < len(order) and n < window:
+            chunk.append(order[start])
+            n, start = n + len(order[start]), start + 1
+        for g in sorted(chunk, key=length):
+            if current and len(current) + len(g) > batch_size:
+                batches.append(current)
+                current = []
+            current = current + g
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
+    """Pad to the longest: (input_ids, attention_mask), each (B, T)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+    return ids, mask
+
+
+def batch_tensors(enc: Encoded, pair_idx: list[int], pad_id: int):
+    """One batch: the distinct sequences its pairs name (each run once), and per pair where its
+    chosen and rejected sit among them, its margin and its group."""
+    distinct = list(dict.fromkeys([enc.chosen[i] for i in pair_idx] + [enc.rejected[i] for i in pair_idx]))
+    where = {s: j for j, s in enumerate(distinct)}
+    ids, mask = collate([enc.seqs[s] for s in distinct], pad_id)  # (S, T)
+    groups = {g: k for k, g in enumerate(dict.fromkeys(enc.group[i] for i in pair_idx))}
+    chosen = torch.tensor([where[enc.chosen[i]] for i in pair_idx])  # (P,)
+    rejected = torch.tensor([where[enc.rejected[i]] for i in pair_idx])  # (P,)
+    margin = torch.tensor([enc.margin[i] for i in pair_idx], dtype=torch.float)  # (P,)
+    group = torch.tensor([groups[enc.group[i]] for i in pair_idx])  # (P,)
+    return ids, mask, chosen, rejected, margin, group
+
+
+# --- model ----------------------------------------------------------------------------------
+
+def rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Raw scalar reward per sequence, (B,). The model reads its score at the rightmost non-pad
+    token (pad != EOS, so that is the EOS); positions are counted over real tokens only, because
+    GPT-2 would otherwise count left padding and shift every position of a left-padded row."""
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                 use_cache=False).logits.squeeze(-1).float()  # (B, 1) -> (B,)
+
+
+def load_for_training(path: str | Path):
+    """(model, tokenizer) to train: a policy checkpoint gets a new scalar head on its backbone; a
+    previous reward model continues as it is (its old normalisation is replaced after training)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                     output_loading_info=True)
+    model.config.pad_token_id = tokenizer.pad_token_id  # where the model finds the last real token
+    if "score.weight" in info["missing_keys"]:
+        # A fresh head: std 1/sqrt(d+1) as in lm-human-preferences' reward head, so initial
+        # rewards are O(1) rather than O(0.02) and the loss starts from a useful gradient.
+        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    return model, tokenizer
+
+
+def no_dropout(model) -> None:
+    """Dropout off: the scores compared in one pair must come from the same function."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+# --- loss -----------------------------------------------------------------------------------
+
+def preference_loss(r_chosen, r_rejected, margin, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-pair loss). Bradley-Terry per pair: -logsigmoid(r_c - r_r - margin), (P,);
+    averaged within each group, then over groups, so a ranking of K answers weighs as one
+    element, not K(K-1)/2 (InstructGPT eq. 1's 1/C(K,2))."""
+    pair_loss = -F.logsigmoid(r_chosen - r_rejected - margin)  # (P,)
+    n_groups = int(group.max()) + 1
+    group_sum = torch.zeros(n_groups, device=pair_loss.device).index_add(0, group, pair_loss)  # (G,)
+    group_size = torch.zeros(n_groups, device=pair_loss.device).index_add(
+        0, group, torch.ones_like(pair_loss))  # (G,)
+    return (group_sum / group_size).mean(), pair_loss
+
+
+def center_loss(r: torch.Tensor) -> torch.Tensor:
+    """Mean of squared rewards over the batch's sequences: keeps raw rewards near zero
+    (Eisenstein et al. 2023, "Helping or Herding?", eq. 2)."""
+    return (r ** 2).mean()
+
+
+# --- evaluation and normalisation ------------------------------------------------------------
+
+@torch.no_grad()
+def raw_scores(model, seqs: list[list[int]], pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """Raw reward of each sequence, (N,), in input order; batched by length so little is padded."""
+    out = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = collate([seqs[i] for i in chunk], pad_id)
+        out[chunk] = rewards(model, ids.to(device), mask.to(device)).cpu()
+    return out
+
+
+def pair_metrics(r: torch.Tensor, enc: Encoded, use_margin: bool) -> tuple[float, float]:
+    """(accuracy, mean Bradley-Terry loss) of pairs scored by a table of raw rewards."""
+    r_c, r_r = r[enc.chosen], r[enc.rejected]
+    margin = torch.tensor(enc.margin) if use_margin else torch.zeros(len(enc.chosen))
+    return ((r_c > r_r).float().mean().item(), (-F.logsigmoid(r_c - r_r - margin)).mean().item())
+
+
+def normalise(model, r_references: torch.Tensor) -> tuple[float, float]:
+    """Set reward_bias/reward_scale in the model's config so references score mean 0, std 1."""
+    bias = r_references.mean().item()
+    scale = r_references.std().item() if len(r_references) > 1 else 1.0
+    scale = scale if math.isfinite(scale) and scale > 1e-6 else 1.0  # all equal: only shift
+    model.config.reward_bias, model.config.reward_scale = bias, scale
+    return bias, scale
+
+
+# --- training -------------------------------------------------------------------------------
+
+def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
+          references: list[tuple[list[dict], str]] | None = None) -> dict:
+    """Train `model` (from `load_for_training`) in place on `pairs`, then normalise it so that
+    `references` [(prompt messages, answer)] score mean 0, std 1 (default: every answer in the
+    training pairs; InstructGPT normalises on demonstrations, so pass those when there are).
+    Returns metrics; raises ValueError when there is nothing to train on."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the reward model needs a pad token distinct from EOS to find the last real token")
+    no_dropout(model)
+
+    train_pairs, heldout_pairs = split_pairs(pairs, cfg.heldout_frac, cfg.seed)
+    if not train_pairs:
+        raise ValueError(f"no training pairs ({len(pairs)} pairs, {len(heldout_pairs)} held out)")
+    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 1024
+    encoder = Encoder(tokenizer, max_length)
+    train_enc = encode_pairs(encoder, train_pairs)
+    heldout_enc = encode_pairs(encoder, heldout_pairs)
+    pad_id = tokenizer.pad_token_id
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    device = accelerator.device
+
+    # Each epoch's batches are dealt round-robin to the processes (one process: all of them).
+    epoch_batches = [make_batches(train_enc, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = math.ceil(len(epoch_batches[0]) / world)
+    total = cfg.epochs * steps_per_epoch
+    curve, curve_acc, step, sequences, pairs_seen = [], [], 0, 0, 0
+    bar = tqdm(total=total, desc="reward", disable=not _tty() or not accelerator.is_main_process,
+               leave=False)
+    for epoch, batches in enumerate(epoch_batches):
+        epoch_loss = epoch_correct = epoch_pairs = 0.0
+        for k in range(steps_per_epoch):
+            b = batches[(k * world + rank) % len(batches)]
+            ids, mask, chosen, rejected, margin, group = (
+                t.to(device) for t in batch_tensors(train_enc, b, pad_id))
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            r = rewards(model, ids, mask)  # (S,) one reward per distinct sequence
+            r_chosen, r_rejected = r[chosen], r[rejected]  # (P,)
+            bt_loss, pair_loss = preference_loss(r_chosen, r_rejected,
+                                                 margin if cfg.use_margin else torch.zeros_like(margin),
+                                                 group)
+            loss = bt_loss + cfg.center_coef * center_loss(r) if cfg.center_coef else bt_loss
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+
+            correct = (r_chosen > r_rejected).sum().item()
+            curve.append(round(loss.item(), 4))
+            curve_acc.append(round(correct / len(b), 4))
+            epoch_loss += pair_loss.sum().item()
+            epoch_correct, epoch_pairs = epoch_correct + correct, epoch_pairs + len(b)
+            sequences, pairs_seen = sequences + len(ids), pairs_seen + len(b)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve[-1]:.3f}", acc=f"{epoch_correct / epoch_pairs:.2f}")
+        if not _tty() and accelerator.is_main_process:
+            log.info("reward epoch %d/%d loss %.4f accuracy %.3f", epoch + 1, cfg.epochs,
+                     epoch_loss / epoch_pairs, epoch_correct / epoch_pairs)
+    bar.close()
+    train_seconds = time.time() - t0
+    model = accelerator.unwrap_model(model)
+    model.eval()
+
+    # Held-out pairs: prompts the model never saw in training.
+    metrics = {"reward/heldout_accuracy": None, "reward/heldout_loss": None}
+    if heldout_pairs:
+        r_held = raw_scores(model, heldout_enc.seqs, pad_id, cfg.eval_batch_size, device)
+        acc, held_loss = pair_metrics(r_held, heldout_enc, cfg.use_margin)
+        metrics.update({"reward/heldout_accuracy": acc, "reward/heldout_loss": held_loss})
+
+    # Normalise on the references: raw rewards are only defined up to a shift (the BT loss sees
+    # differences), and PPO wants them on a known scale.
+    if references is None:
+        ref_idx = sorted(set(train_enc.chosen) | set(train_enc.rejected))
+        ref_seqs = [train_enc.seqs[i] for i in ref_idx]
+    else:
+        ref_enc = Encoder(tokenizer, max_length)
+        ref_seqs = [ref_enc.seqs[i] for i in ref_enc.add(references)]
+    bias, scale = normalise(model, raw_scores(model, ref_seqs, pad_id, cfg.eval_batch_size, device))
+
+    sources: dict[str, int] = {}
+    for p in pairs:
+        sources[p.source] = sources.get(p.source, 0) + 1
+    n_train = len(train_pairs)
+    metrics.update({
+        "reward/loss": epoch_loss / epoch_pairs,  # last epoch, mean BT loss per pair
+        "reward/train_accuracy": epoch_correct / epoch_pairs,  # last epoch, before each step
+        **{f"reward/pairs_{s}": n for s, n in sorted(sources.items())},
+        "reward/pairs": len(pairs),
+        "reward/pairs_train": n_train,
+        "reward/pairs_heldout": len(heldout_pairs),
+        "reward/prompts_train": len({p.prompt_hash for p in train_pairs}),
+        "reward/prompts_heldout": len({p.prompt_hash for p in heldout_pairs}),
+        "reward/groups": len(set(train_enc.group)),
+        "reward/sequences_truncated": encoder.truncated,
+        "reward/steps": step,
+        "reward/sequences_per_pair": round(sequences / pairs_seen, 4),  # 2 without shared answers
+        "reward/pairs_per_second": round(n_train * cfg.epochs / train_seconds, 2),
+        "reward/bias": bias,
+        "reward/scale": scale,
+        "reward/references": len(ref_seqs),
+        "reward/seconds": round(time.time() - t0, 2),
+        "reward/curve": curve,
+        "reward/curve_accuracy": curve_acc,
+        "reward/config": asdict(cfg),
+    })
+    return metrics
+
+
+# --- checkpoint -----------------------------------------------------------------------------
+
+def save(model, tokenizer, out_dir: str | Path, cfg: RewardConfig, metrics: dict) -> dict:
+    """Publish the trained model at `out_dir` (staged, hashed, renamed: all or nothing); returns
+    the manifest. Per-step curves stay in the metrics (the training run), not in the manifest."""
+    out = Path(out_dir)
+    with staging(out) as tmp:
+        model.save_pretrained(tmp)  # config.json carries pad_token_id, reward_bias, reward_scale
+        tokenizer.save_pretrained(tmp)
+        summary = {k: v for k, v in metrics.items()
+                   if not k.startswith("reward/curve") and k != "reward/config"}
+        return publish(tmp, out, kind="reward", config=asdict(cfg), metrics=summary)
+
+
+def load_reward_model(path: str | Path, device: str = "auto"):
+    """(model, tokenizer) ready to `score`: eval mode, on `device`."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 64
+          ) -> torch.Tensor:
+    """Normalised reward of each (prompt, answer), (N,) on the CPU: (raw - reward_bias) / reward_scale.
+    An answer is scored as the model was trained, i.e. as a finished turn: answer + EOS."""
+    max_length = getattr(model.config, "max_position_embeddings", None) or 1024
+    encoder = Encoder(tokenizer, max_length)
+    seqs = [encoder.seqs[i] for i in encoder.add(list(zip(prompts, answers)))]
+    device = next(model.parameters()).device
+    r = raw_scores(model, seqs, tokenizer.pad_token_id, batch_size, device)
+    return (r - getattr(model.config, "reward_bias", 0.0)) / getattr(model.config, "reward_scale", 1.0)
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
