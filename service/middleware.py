@@ -18,11 +18,14 @@ class RequestGuard:
         request_id = headers.get(b"x-request-id", b"").decode()[:128] or f"req_{uuid.uuid4().hex}"
         route, status, started = scope["path"], [500], time.perf_counter()
 
+        overflow = False  # set when a body outgrows the cap while it streams in
+
         async def send_with_id(message):
+            if overflow:
+                return  # the app's reply to a cut-off body is replaced by our 413 below
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
         too_big = ApiError(413, f"Request body is larger than {self.max_body_bytes} bytes.",
@@ -34,16 +37,20 @@ class RequestGuard:
         seen = 0
 
         async def counted_receive():  # chunked bodies carry no length: count as they arrive
-            nonlocal seen
+            nonlocal seen, overflow
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
-                    raise too_big  # rendered by the app's ApiError handler
+                    overflow = True
+                    return {"type": "http.disconnect"}  # the app stops reading here
             return message
 
         try:
             await self.app(scope, counted_receive, send_with_id)
+            if overflow:
+                overflow = False
+                await self._reject(too_big, send_with_id)
         finally:
             if not route.startswith("/metrics"):
                 REQUESTS.labels(route=_route_label(scope), status=str(status[0])).inc()

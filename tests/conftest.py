@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,11 @@ def admin_url(tmp_path_factory) -> str:
         yield os.environ["DATABASE_URL"]
         return
     import pgserver
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    # pgserver runs postgres as its own user: every parent of the data directory must be
+    # traversable by it, which pytest's private tmp directories are not.
+    pgdata = Path(tempfile.mkdtemp(prefix="feedloop-test-pg-"))
+    pgdata.chmod(0o755)
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
 
@@ -75,12 +80,15 @@ def db_url(new_database) -> str:
 
 # --- the bootstrap policy -------------------------------------------------------------------
 
+BOOTSTRAP_INPUTS = ["trainer/bootstrap.py", "trainer/sft.py", "trainer/tokenizer.py", "trainer/data.py",
+                    "trainer/data/demonstrations.jsonl"]
+
+
 def _source_digest() -> str:
-    """Bootstrap inputs: the trainer's code and bundled data. Same inputs, same checkpoint."""
+    """The bootstrap's inputs: its code and bundled data. Same inputs, same checkpoint."""
     h = hashlib.sha256()
-    for f in sorted((ROOT / "trainer").rglob("*")):
-        if f.is_file() and f.suffix in (".py", ".jsonl"):
-            h.update(f.read_bytes())
+    for name in BOOTSTRAP_INPUTS:
+        h.update((ROOT / name).read_bytes())
     return h.hexdigest()[:16]
 
 
