@@ -3,14 +3,16 @@ Bradley-Terry loss on users' comparisons, then normalised so reference answers s
 
 The model is a Hugging Face sequence-classification model with one label, so anything that loads
 `AutoModelForSequenceClassification` loads it. The score is read at the last real token of
-`chat(prompt) + answer + EOS`; pad differs from EOS and positions come from the attention mask, so
-left and right padding give the same score. The normalisation lives in the checkpoint's
-config.json (`reward_bias`, `reward_scale`): normalised = (raw - reward_bias) / reward_scale, as
-`score` applies it.
+`chat(prompt) + answer + EOS` (pad differs from EOS, so that token is the EOS). The normalisation
+lives in the checkpoint's config.json: normalised = (raw - reward_bias) / reward_scale, which
+`score` applies and any other loader can.
 
-Throughput: a batch holds whole groups (one ranking's K(K-1)/2 pairs, InstructGPT sec. 3.5) and
-each distinct (prompt, answer) in it is run through the model once, so a ranking of K answers
-costs K forwards instead of K(K-1); batches are built from groups of similar length.
+Throughput: a batch holds whole groups (one ranking's K(K-1)/2 pairs, InstructGPT sec. 3.5), each
+distinct (prompt, answer) in it runs once, and sequences are packed: a prompt once, then its
+answers, each seeing the prompt and itself only (a block mask; positions restart after the
+prompt), several such blocks to a row. A ranking of K answers costs one prompt and K answers
+instead of K(K-1) whole sequences. `rewards` is the plain one-sequence-per-row way to score that
+any loader can use; the tests hold the two equal.
 """
 import hashlib
 import json
@@ -47,6 +49,7 @@ class RewardConfig:
     warmup_frac: float = 0.05
     """share of steps spent warming up"""
     weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on biases and norms)"""
     use_margin: bool = True
     """subtract each pair's margin inside the sigmoid: -logsigmoid(r_c - r_r - margin)"""
     center_coef: float = 0.01
@@ -54,7 +57,7 @@ class RewardConfig:
     heldout_frac: float = 0.1
     """share of prompts (by prompt hash) whose pairs are held out for accuracy, never trained on"""
     seed: int = 0
-    """seeds the head, the batch order and the train/held-out split"""
+    """seeds the batch order and the train/held-out split"""
     device: str = "auto"
     """torch device; auto picks an accelerator when present"""
     max_length: int | None = None
@@ -85,82 +88,192 @@ def split_pairs(pairs: list[TrainingPair], heldout_frac: float, seed: int = 0
 class Encoded:
     """Pairs as indices into a table of distinct token sequences (chat(prompt) + answer + EOS)."""
     seqs: list[list[int]]
+    prompt_lens: list[int]
+    """how many leading tokens of each sequence are its prompt: the prefix its block shares"""
     chosen: list[int]
     rejected: list[int]
     margin: list[float]
     group: list[str]
-    truncated: int
+    prompt_hash: list[str]
 
 
 class Encoder:
-    """Tokenizes (prompt, answer) once each: a prompt is rendered once, a sequence stored once."""
+    """Tokenizes each prompt and each (prompt, answer) once; sequences are stored once."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.prompt_ids: dict[str, list[int]] = {}
         self.index: dict[tuple[str, str], int] = {}
         self.seqs: list[list[int]] = []
+        self.prompt_lens: list[int] = []
         self.truncated = 0
 
     def add(self, items: list[tuple[list[dict], str]]) -> list[int]:
-        """Sequence index of each (prompt, answer); new ones are tokenized in one call."""
+        """Sequence index of each (prompt, answer); new answers are tokenized in one call."""
         keys = [(json.dumps(as_messages(p), sort_keys=True), a) for p, a in items]
-        new = list(dict.fromkeys(k for k in keys if k not in self.index))
         for key, (prompt, _) in zip(keys, items):
             if key[0] not in self.prompt_ids:
                 self.prompt_ids[key[0]] = self.tokenizer.apply_chat_template(
                     as_messages(prompt), add_generation_prompt=True, tokenize=True)["input_ids"]
+        new = list(dict.fromkeys(k for k in keys if k not in self.index))
         if new:
             answers = self.tokenizer([a for _, a in new], add_special_tokens=False)["input_ids"]
             for key, answer_ids in zip(new, answers):
-                ids = self.prompt_ids[key[0]] + answer_ids + [self.tokenizer.eos_token_id]
-                if len(ids) > self.max_length:  # keep the end: the score is read at the last token
-                    ids, self.truncated = ids[-self.max_length:], self.truncated + 1
+                prompt_ids = self.prompt_ids[key[0]]
+                ids = prompt_ids + answer_ids + [self.tokenizer.eos_token_id]
+                cut = max(0, len(ids) - self.max_length)
+                if cut:  # drop from the left: the score is read at the end, and recent context matters most
+                    self.truncated += 1
                 self.index[key] = len(self.seqs)
-                self.seqs.append(ids)
+                self.seqs.append(ids[cut:])
+                self.prompt_lens.append(max(0, len(prompt_ids) - cut))
         return [self.index[k] for k in keys]
 
 
 def encode_pairs(encoder: Encoder, pairs: list[TrainingPair]) -> Encoded:
     idx = encoder.add([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs])
     n = len(pairs)
-    return Encoded(encoder.seqs, idx[:n], idx[n:], [p.margin for p in pairs], [p.group for p in pairs],
-                   encoder.truncated)
+    return Encoded(encoder.seqs, encoder.prompt_lens, idx[:n], idx[n:], [p.margin for p in pairs],
+                   [p.group for p in pairs], [p.prompt_hash for p in pairs])
 
 
 def make_batches(enc: Encoded, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Pair indices per batch. Whole groups only (InstructGPT: one ranking's pairs are one batch
-    element, else they overfit); groups are shuffled, then sorted by length inside windows of a
-    few batches so a batch pads little, then the batches are shuffled."""
-    groups: dict[str, list[int]] = {}
-    for i, g in enumerate(enc.group):
-        groups.setdefault(g, []).append(i)
-    order = list(groups.values())
-    rng.shuffle(order)
-
-    def length(g):  # longest sequence the group brings
-        return max(max(len(enc.seqs[enc.chosen[i]]), len(enc.seqs[enc.rejected[i]])) for i in g)
-
-    window = 8 * batch_size  # pairs per sorting window: enough to match lengths, still well mixed
-    batches, current, start = [], [], 0
-    while start < len(order):
-        chunk, n = [], 0
-        while start < len(order) and n < window:
-            chunk.append(order[start])
-            n, start = n + len(order[start]), start + 1
-        for g in sorted(chunk, key=length):
-            if current and len(current) + len(g) > batch_size:
-                batches.append(current)
-                current = []
-            current = current + g
+    """Pair indices per batch, whole groups only: InstructGPT trains one ranking's K(K-1)/2 pairs
+    as one batch element (shuffled apart they overfit), and together they share their answers'
+    forward passes. A group larger than `batch_size` is a batch of its own. Prompts are shuffled,
+    and one prompt's groups follow each other, so they tend to share a batch and its prompt's
+    forward pass (and answers that several groups compare, e.g. thumbs and a pairwise choice)."""
+    by_prompt: dict[str, dict[str, list[int]]] = {}
+    for i, (h, g) in enumerate(zip(enc.prompt_hash, enc.group)):
+        by_prompt.setdefault(h, {}).setdefault(g, []).append(i)
+    prompts = list(by_prompt.values())
+    rng.shuffle(prompts)
+    order = []
+    for groups in prompts:
+        groups = list(groups.values())
+        rng.shuffle(groups)
+        order += groups
+    batches, current = [], []
+    for g in order:
+        if current and len(current) + len(g) > batch_size:
+            batches.append(current)
+            current = []
+        current = current + g
     if current:
         batches.append(current)
-    rng.shuffle(batches)
     return batches
 
 
+@dataclass
+class Packed:
+    """Distinct sequences packed into rows: each prompt once, followed by its answers, which see
+    the prompt and themselves but not each other; several such blocks share a row."""
+    input_ids: torch.Tensor  # (R, T)
+    position_ids: torch.Tensor  # (R, T) each answer continues from the end of its prompt
+    allowed: torch.Tensor  # (R, 1, T, T) bool: query t may attend key s
+    rows: torch.Tensor  # (S,) row of each sequence's last token, where its score is read
+    cols: torch.Tensor  # (S,) column of it
+
+    def to(self, device) -> "Packed":
+        return Packed(*(t.to(device) for t in (self.input_ids, self.position_ids, self.allowed,
+                                              self.rows, self.cols)))
+
+
+def pack(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> Packed:
+    """Pack sequences so shared prompts are computed once (a ranking of K answers runs its prompt
+    once, not K times) and rows pad little. Row width: twice the longest sequence, so a prompt
+    with two answers always fits; a prompt with more answers than fit is split into blocks that
+    each repeat it. Blocks go into rows first-fit by decreasing length."""
+    cap = 2 * max(len(s) for s in seqs)
+    by_prompt: dict[tuple, list[int]] = {}
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        by_prompt.setdefault(tuple(s[:p]), []).append(i)
+    blocks = []  # (prompt, [sequence index], length)
+    for prompt, members in by_prompt.items():
+        current, length = [], len(prompt)
+        for i in members:
+            answer = len(seqs[i]) - len(prompt)
+            if current and length + answer > cap:
+                blocks.append((prompt, current, length))
+                current, length = [], len(prompt)
+            current, length = current + [i], length + answer
+        blocks.append((prompt, current, length))
+    rows: list[list] = []  # [free space, blocks]
+    for block in sorted(blocks, key=lambda b: -b[2]):
+        row = next((r for r in rows if r[0] >= block[2]), None)
+        if row is None:
+            rows.append(row := [cap, []])
+        row[0] -= block[2]
+        row[1].append(block)
+
+    width = cap - min(free for free, _ in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    # Each token gets a block id and a segment id (0 = the block's prompt); pads get an id of
+    # their own so they attend only to themselves (a fully masked row would give NaN in softmax).
+    block_id = -torch.arange(1, width + 1).repeat(len(rows), 1)  # (R, T)
+    segment = torch.zeros((len(rows), width), dtype=torch.long)
+    end_row, end_col = [0] * len(seqs), [0] * len(seqs)
+    for r, (_, row_blocks) in enumerate(rows):
+        col = 0
+        for b, (prompt, members, length) in enumerate(row_blocks):
+            p = len(prompt)
+            ids[r, col:col + p] = torch.tensor(prompt, dtype=torch.long)
+            pos[r, col:col + p] = torch.arange(p)
+            block_id[r, col:col + length] = b
+            col += p
+            for k, i in enumerate(members, start=1):
+                answer = seqs[i][p:]
+                ids[r, col:col + len(answer)] = torch.tensor(answer)
+                pos[r, col:col + len(answer)] = torch.arange(p, p + len(answer))
+                segment[r, col:col + len(answer)] = k
+                col += len(answer)
+                end_row[i], end_col[i] = r, col - 1
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    same_block = block_id[:, :, None] == block_id[:, None, :]  # (R, T, T)
+    visible = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # own answer or prompt
+    allowed = (causal & same_block & visible)[:, None]  # (R, 1, T, T)
+    return Packed(ids, pos, allowed, torch.tensor(end_row), torch.tensor(end_col))
+
+
+def batch_tensors(enc: Encoded, pair_idx: list[int], pad_id: int):
+    """One batch: its distinct sequences packed (each run once), and per pair where its chosen
+    and rejected sit among them, its margin and its group."""
+    distinct = list(dict.fromkeys([enc.chosen[i] for i in pair_idx] + [enc.rejected[i] for i in pair_idx]))
+    where = {s: j for j, s in enumerate(distinct)}
+    packed = pack([enc.seqs[s] for s in distinct], [enc.prompt_lens[s] for s in distinct], pad_id)
+    groups = {g: k for k, g in enumerate(dict.fromkeys(enc.group[i] for i in pair_idx))}
+    chosen = torch.tensor([where[enc.chosen[i]] for i in pair_idx])  # (P,)
+    rejected = torch.tensor([where[enc.rejected[i]] for i in pair_idx])  # (P,)
+    margin = torch.tensor([enc.margin[i] for i in pair_idx], dtype=torch.float)  # (P,)
+    group = torch.tensor([groups[enc.group[i]] for i in pair_idx])  # (P,)
+    return packed, chosen, rejected, margin, group
+
+
+# --- model ----------------------------------------------------------------------------------
+
+def packed_rewards(model, head, packed: Packed) -> torch.Tensor:
+    """Raw scalar reward of each packed sequence, (S,), read at its last token (the EOS).
+    The head's per-token output is taken with a hook, because the model itself pools one score
+    per row; going through `model(...)` keeps DDP's gradient sync when accelerate wraps it."""
+    per_token = []
+    hook = head.register_forward_hook(lambda module, args, out: per_token.append(out))
+    try:
+        mask = packed.allowed
+        config = getattr(model, "module", model).config  # under DDP the model is wrapped
+        if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min)
+        model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+              use_cache=False)
+    finally:
+        hook.remove()
+    return per_token[0][packed.rows, packed.cols, 0].float()  # (R, T, 1) -> (S,)
+
+
 def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
-    """Pad to the longest: (input_ids, attention_mask), each (B, T)."""
+    """One sequence per row, padded to the longest: (input_ids, attention_mask), each (B, T)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -170,26 +283,11 @@ def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
     return ids, mask
 
 
-def batch_tensors(enc: Encoded, pair_idx: list[int], pad_id: int):
-    """One batch: the distinct sequences its pairs name (each run once), and per pair where its
-    chosen and rejected sit among them, its margin and its group."""
-    distinct = list(dict.fromkeys([enc.chosen[i] for i in pair_idx] + [enc.rejected[i] for i in pair_idx]))
-    where = {s: j for j, s in enumerate(distinct)}
-    ids, mask = collate([enc.seqs[s] for s in distinct], pad_id)  # (S, T)
-    groups = {g: k for k, g in enumerate(dict.fromkeys(enc.group[i] for i in pair_idx))}
-    chosen = torch.tensor([where[enc.chosen[i]] for i in pair_idx])  # (P,)
-    rejected = torch.tensor([where[enc.rejected[i]] for i in pair_idx])  # (P,)
-    margin = torch.tensor([enc.margin[i] for i in pair_idx], dtype=torch.float)  # (P,)
-    group = torch.tensor([groups[enc.group[i]] for i in pair_idx])  # (P,)
-    return ids, mask, chosen, rejected, margin, group
-
-
-# --- model ----------------------------------------------------------------------------------
-
 def rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Raw scalar reward per sequence, (B,). The model reads its score at the rightmost non-pad
-    token (pad != EOS, so that is the EOS); positions are counted over real tokens only, because
-    GPT-2 would otherwise count left padding and shift every position of a left-padded row."""
+    """Raw reward per padded row, (B,), the way any `from_pretrained` user can compute it. The
+    model reads its score at the rightmost non-pad token (pad != EOS, so that is the EOS);
+    positions must be counted over real tokens, because GPT-2 would otherwise count left padding
+    and shift every position of a left-padded row."""
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                  use_cache=False).logits.squeeze(-1).float()  # (B, 1) -> (B,)
@@ -239,14 +337,17 @@ def center_loss(r: torch.Tensor) -> torch.Tensor:
 # --- evaluation and normalisation ------------------------------------------------------------
 
 @torch.no_grad()
-def raw_scores(model, seqs: list[list[int]], pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """Raw reward of each sequence, (N,), in input order; batched by length so little is padded."""
-    out = torch.empty(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+def raw_scores(model, seqs: list[list[int]], prompt_lens: list[int], pad_id: int, batch_size: int,
+               device, only: list[int] | None = None) -> torch.Tensor:
+    """Raw reward of each sequence (or of those in `only`; NaN elsewhere), (N,), in table order;
+    `batch_size` sequences per forward, taken in prompt order so one prompt's answers share a pack."""
+    out = torch.full((len(seqs),), float("nan"))
+    order = sorted(range(len(seqs)) if only is None else set(only),
+                   key=lambda i: (seqs[i][:prompt_lens[i]], len(seqs[i])))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = collate([seqs[i] for i in chunk], pad_id)
-        out[chunk] = rewards(model, ids.to(device), mask.to(device)).cpu()
+        packed = pack([seqs[i] for i in chunk], [prompt_lens[i] for i in chunk], pad_id)
+        out[chunk] = packed_rewards(model, model.score, packed.to(device)).cpu()
     return out
 
 
@@ -291,6 +392,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     train_enc = encode_pairs(encoder, train_pairs)
     heldout_enc = encode_pairs(encoder, heldout_pairs)
     pad_id = tokenizer.pad_token_id
+    head = model.score  # the scalar head; read per token by `packed_rewards`
 
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -305,23 +407,25 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(epoch_batches[0]) / world)
     total = cfg.epochs * steps_per_epoch
-    curve, curve_acc, step, sequences, pairs_seen = [], [], 0, 0, 0
+    curve, curve_acc, step, sequences, pairs_seen, tokens = [], [], 0, 0, 0, 0
     bar = tqdm(total=total, desc="reward", disable=not _tty() or not accelerator.is_main_process,
                leave=False)
     for epoch, batches in enumerate(epoch_batches):
-        epoch_loss = epoch_correct = epoch_pairs = 0.0
+        epoch_loss = epoch_correct = epoch_pairs = epoch_center = 0.0
         for k in range(steps_per_epoch):
             b = batches[(k * world + rank) % len(batches)]
-            ids, mask, chosen, rejected, margin, group = (
-                t.to(device) for t in batch_tensors(train_enc, b, pad_id))
+            packed, chosen, rejected, margin, group = batch_tensors(train_enc, b, pad_id)
+            packed, chosen, rejected, margin, group = (
+                t.to(device) for t in (packed, chosen, rejected, margin, group))
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
-            r = rewards(model, ids, mask)  # (S,) one reward per distinct sequence
+            r = packed_rewards(model, head, packed)  # (S,) one reward per distinct sequence
             r_chosen, r_rejected = r[chosen], r[rejected]  # (P,)
             bt_loss, pair_loss = preference_loss(r_chosen, r_rejected,
                                                  margin if cfg.use_margin else torch.zeros_like(margin),
                                                  group)
-            loss = bt_loss + cfg.center_coef * center_loss(r) if cfg.center_coef else bt_loss
+            center = center_loss(r)
+            loss = bt_loss + cfg.center_coef * center
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -330,9 +434,10 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
             correct = (r_chosen > r_rejected).sum().item()
             curve.append(round(loss.item(), 4))
             curve_acc.append(round(correct / len(b), 4))
-            epoch_loss += pair_loss.sum().item()
+            epoch_loss, epoch_center = epoch_loss + pair_loss.sum().item(), epoch_center + center.item()
             epoch_correct, epoch_pairs = epoch_correct + correct, epoch_pairs + len(b)
-            sequences, pairs_seen = sequences + len(ids), pairs_seen + len(b)
+            sequences, pairs_seen = sequences + len(r), pairs_seen + len(b)
+            tokens += packed.input_ids.numel()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{curve[-1]:.3f}", acc=f"{epoch_correct / epoch_pairs:.2f}")
@@ -347,19 +452,21 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     # Held-out pairs: prompts the model never saw in training.
     metrics = {"reward/heldout_accuracy": None, "reward/heldout_loss": None}
     if heldout_pairs:
-        r_held = raw_scores(model, heldout_enc.seqs, pad_id, cfg.eval_batch_size, device)
+        r_held = raw_scores(model, encoder.seqs, encoder.prompt_lens, pad_id, cfg.eval_batch_size,
+                            device, only=heldout_enc.chosen + heldout_enc.rejected)
         acc, held_loss = pair_metrics(r_held, heldout_enc, cfg.use_margin)
         metrics.update({"reward/heldout_accuracy": acc, "reward/heldout_loss": held_loss})
 
     # Normalise on the references: raw rewards are only defined up to a shift (the BT loss sees
     # differences), and PPO wants them on a known scale.
     if references is None:
-        ref_idx = sorted(set(train_enc.chosen) | set(train_enc.rejected))
-        ref_seqs = [train_enc.seqs[i] for i in ref_idx]
+        ref_enc, ref_idx = encoder, sorted(set(train_enc.chosen + train_enc.rejected))
     else:
         ref_enc = Encoder(tokenizer, max_length)
-        ref_seqs = [ref_enc.seqs[i] for i in ref_enc.add(references)]
-    bias, scale = normalise(model, raw_scores(model, ref_seqs, pad_id, cfg.eval_batch_size, device))
+        ref_idx = sorted(set(ref_enc.add(references)))  # each distinct reference counts once
+    r_ref = raw_scores(model, ref_enc.seqs, ref_enc.prompt_lens, pad_id, cfg.eval_batch_size, device,
+                       only=ref_idx)[ref_idx]
+    bias, scale = normalise(model, r_ref)
 
     sources: dict[str, int] = {}
     for p in pairs:
@@ -368,6 +475,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     metrics.update({
         "reward/loss": epoch_loss / epoch_pairs,  # last epoch, mean BT loss per pair
         "reward/train_accuracy": epoch_correct / epoch_pairs,  # last epoch, before each step
+        "reward/center_loss": epoch_center / steps_per_epoch,  # last epoch, mean squared raw reward
         **{f"reward/pairs_{s}": n for s, n in sorted(sources.items())},
         "reward/pairs": len(pairs),
         "reward/pairs_train": n_train,
@@ -378,10 +486,11 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
         "reward/sequences_truncated": encoder.truncated,
         "reward/steps": step,
         "reward/sequences_per_pair": round(sequences / pairs_seen, 4),  # 2 without shared answers
+        "reward/tokens_per_pair": round(tokens / pairs_seen, 2),  # packed, padding included
         "reward/pairs_per_second": round(n_train * cfg.epochs / train_seconds, 2),
         "reward/bias": bias,
         "reward/scale": scale,
-        "reward/references": len(ref_seqs),
+        "reward/references": len(ref_idx),
         "reward/seconds": round(time.time() - t0, 2),
         "reward/curve": curve,
         "reward/curve_accuracy": curve_acc,
@@ -394,7 +503,8 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
 
 def save(model, tokenizer, out_dir: str | Path, cfg: RewardConfig, metrics: dict) -> dict:
     """Publish the trained model at `out_dir` (staged, hashed, renamed: all or nothing); returns
-    the manifest. Per-step curves stay in the metrics (the training run), not in the manifest."""
+    the manifest. Per-step curves stay in the metrics (the training run), not in the manifest.
+    With several processes, call it on the main one only."""
     out = Path(out_dir)
     with staging(out) as tmp:
         model.save_pretrained(tmp)  # config.json carries pad_token_id, reward_bias, reward_scale
@@ -418,9 +528,9 @@ def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch
     An answer is scored as the model was trained, i.e. as a finished turn: answer + EOS."""
     max_length = getattr(model.config, "max_position_embeddings", None) or 1024
     encoder = Encoder(tokenizer, max_length)
-    seqs = [encoder.seqs[i] for i in encoder.add(list(zip(prompts, answers)))]
+    idx = encoder.add(list(zip(prompts, answers)))  # equal (prompt, answer)s are scored once
     device = next(model.parameters()).device
-    r = raw_scores(model, seqs, tokenizer.pad_token_id, batch_size, device)
+    r = raw_scores(model, encoder.seqs, encoder.prompt_lens, tokenizer.pad_token_id, batch_size, device)[idx]
     return (r - getattr(model.config, "reward_bias", 0.0)) / getattr(model.config, "reward_scale", 1.0)
 
 

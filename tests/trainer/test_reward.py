@@ -106,11 +106,15 @@ def test_groups_stay_in_one_batch(policy_dir):
         for i in b:
             assert batch_of.setdefault(enc.group[i], k) == k, "a group was split across batches"
         assert len(b) <= 8 or len({enc.group[i] for i in b}) == 1
-    # a batch runs each distinct (prompt, answer) once, and pairs point at the right rows
-    ids, mask, chosen, rejected, margin, group = R.batch_tensors(enc, batches[0], tokenizer.pad_token_id)
-    assert len(ids) == len({enc.chosen[i] for i in batches[0]} | {enc.rejected[i] for i in batches[0]})
-    for j, i in enumerate(batches[0]):
-        assert ids[chosen[j]][mask[chosen[j]].bool()].tolist() == enc.seqs[enc.chosen[i]]
+    # a batch runs each distinct (prompt, answer) once, and each pair points at its own two
+    for b in batches:
+        packed, chosen, rejected, margin, group = R.batch_tensors(enc, b, tokenizer.pad_token_id)
+        distinct = {enc.chosen[i] for i in b} | {enc.rejected[i] for i in b}
+        assert len(packed.rows) == len(distinct)
+        ends = packed.input_ids[packed.rows, packed.cols]
+        assert (ends == tokenizer.eos_token_id).all()
+        names = [enc.group[i] for i in b]  # one index per group, the same for all its pairs
+        assert len(set(zip(group.tolist(), names))) == len(set(names)) == int(group.max()) + 1
 
 
 # --- model and loss -------------------------------------------------------------------------
@@ -138,6 +142,35 @@ def test_padding_side_does_not_change_the_score(policy_dir):
     torch.testing.assert_close(R.score(model, tokenizer, prompts, answers), alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(R.score(model, tokenizer, prompts, answers, batch_size=1), alone,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_packing_shares_prompts_without_changing_any_score(policy_dir):
+    """Training and scoring pack each prompt once with its answers after it; every score must
+    equal the sequence's score when it runs alone."""
+    model, tokenizer = R.load_for_training(policy_dir)
+    model.eval()
+    rng = random.Random(0)
+    answers = [d["completion"] for d in bundled_demonstrations()[:40]]
+    prompts = [[{"role": "user", "content": p}] for p in ("Hi", "What is the capital of France?",
+                                                          "Tell me a long story about a cat.")]
+    items = [(p, rng.choice(answers)) for p in prompts for _ in range(4)]
+    items += [(prompts[0], a) for a in answers[:9]]  # more answers than fit one row: split blocks
+    items += [(prompts[1], " ".join(answers[:4]))]  # longer than max_length on its own
+    enc = R.Encoder(tokenizer, max_length=24)  # some get their prompt cut, some lose it entirely
+    idx = enc.add(items)
+    assert enc.truncated > 0 and 0 in enc.prompt_lens
+    seqs, plens = [enc.seqs[i] for i in idx], [enc.prompt_lens[i] for i in idx]
+    packed = R.pack(seqs, plens, tokenizer.pad_token_id)
+    assert len(packed.input_ids) < len(seqs)  # rows hold several sequences
+    assert packed.input_ids.numel() < sum(len(s) for s in seqs)  # shared prompts: fewer tokens
+    with torch.no_grad():
+        together = R.packed_rewards(model, model.score, packed)
+        alone = torch.cat([R.rewards(model, *R.collate([s], tokenizer.pad_token_id)) for s in seqs])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    # eager attention takes the mask as additive floats: same scores
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(R.packed_rewards(model, model.score, packed), alone, rtol=1e-4, atol=1e-4)
 
 
 def test_bradley_terry_and_centering_by_hand():
@@ -215,6 +248,10 @@ def test_learns_a_known_rule_and_saves_a_loadable_normalised_checkpoint(policy_d
     q = [{"role": "user", "content": "Tell me something nice."}]
     liked, plain = R.score(rm, rm_tok, [q, q], [f"The sky is blue, {WORD}.", "The sky is blue."])
     assert liked > plain
+    held = R.split_pairs(pairs, cfg.heldout_frac, cfg.seed)[1]
+    r_c = R.score(rm, rm_tok, [p.prompt for p in held], [p.chosen for p in held])
+    r_r = R.score(rm, rm_tok, [p.prompt for p in held], [p.rejected for p in held])
+    assert (r_c > r_r).float().mean().item() == pytest.approx(metrics["reward/heldout_accuracy"])
 
     # Continuing from this reward model keeps its trained head (no fresh init).
     again, again_tok = R.load_for_training(out)
