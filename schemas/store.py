@@ -20,6 +20,10 @@ class NotFound(LookupError):
     """The row asked for does not exist (or is not the caller's to see)."""
 
 
+class Conflict(ValueError):
+    """The request is well-formed but contradicts the current state (HTTP 409)."""
+
+
 async def _one(conn: AsyncConnection, query: str, /, **params) -> dict | None:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(Q[query], params)

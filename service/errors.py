@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.openai import ErrorInfo, ErrorResponse
-from schemas.store import NotFound
+from schemas.store import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def on_not_found(request: Request, exc: NotFound):
         return ApiError(404, str(exc)).response()
+
+    @app.exception_handler(Conflict)
+    async def on_conflict(request: Request, exc: Conflict):
+        return ApiError(409, str(exc), code="conflict").response()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
