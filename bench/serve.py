@@ -1,0 +1,406 @@
+"""Completion tokens/s at 1 and 16 concurrent clients for this API, against two references
+measured in the same run on the same checkpoint:
+
+  api        a real `python -m service serve` process (fresh scratch database), loaded with the
+             official `openai` AsyncOpenAI client, non-streamed requests
+  generate   raw batched `model.generate` in this process (transformers, left padding); the
+             "clients" column is its batch size
+  ts-cb      `transformers serve --continuous-batching` on the same checkpoint directory
+
+Every system gets the same prompts (trainer/data/prompts.jsonl, chat template applied), the same
+`max_tokens`, temperature 1.0 / top_p 1.0 / no top-k, and the same torch thread count. There is no
+`ignore_eos`, so answers end where the model says; throughput counts the completion tokens each
+system reports (`usage.completion_tokens`; for `generate`, the tokens before EOS). Each cell is a
+closed loop: N clients each send their next request as soon as the last one returns, until
+`--seconds` have passed; the clock stops when the last in-flight request returns.
+
+    python bench/serve.py [--policy DIR] [--seconds 8] [--max-tokens 48]
+
+Loopback only; the scratch database is dropped and every server stopped at the end.
+"""
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", type=Path, default=ROOT / ".feedloop" / "bench" / "bootstrap",
+                   help="checkpoint directory; built by `python -m trainer bootstrap` when missing")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
+    p.add_argument("--max-tokens", type=int, default=48, help="max completion tokens per request")
+    p.add_argument("--clients", default="1,16", help="concurrency levels (generate: batch sizes)")
+    # One thread: a model this small gains nothing from intra-op parallelism, and on a busy
+    # machine OpenMP workers waiting on each other make every step many times slower.
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every system measured")
+    p.add_argument("--admin-url", default=os.environ.get("DATABASE_URL") or LOCAL_POSTGRES,
+                   help="a Postgres where a scratch database may be created (else embedded pgserver)")
+    args = p.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    return args
+
+
+@dataclass
+class Cell:
+    """One measurement: a system at one concurrency."""
+    system: str
+    clients: int
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stops: int = 0
+    """answers that ended on EOS (or a stop string) rather than on max_tokens"""
+    note: str = ""
+
+    @property
+    def tok_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds and self.requests else None
+
+
+def load_prompts() -> list[str]:
+    lines = (ROOT / "trainer" / "data" / "prompts.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env(**extra) -> dict[str, str]:
+    """The environment for child processes: offline, no proxies for loopback."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+# --- the checkpoint -------------------------------------------------------------------------
+
+def ensure_policy(path: Path) -> Path:
+    if (path / "config.json").exists():
+        return path.resolve()
+    print(f"building the bootstrap policy at {path} (once) …", flush=True)
+    subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--no-register", "--out", str(path)],
+                   check=True, cwd=ROOT, env=loopback_env())
+    return path.resolve()
+
+
+# --- a scratch database ---------------------------------------------------------------------
+
+class ScratchDatabase:
+    """A fresh database on the given server (dropped on close), or an embedded pgserver when that
+    server cannot be reached."""
+
+    def __init__(self, admin_url: str, home: Path):
+        import psycopg
+
+        self.name, self.pgserver = f"feedloop_bench_{uuid.uuid4().hex[:10]}", None
+        try:
+            with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+                conn.execute(f'CREATE DATABASE "{self.name}"')
+            self.admin_url, self.where = admin_url, "local postgres"
+        except psycopg.OperationalError as e:
+            import pgserver
+
+            print(f"postgres at {admin_url} not reachable ({str(e).strip().splitlines()[0]}); "
+                  "using an embedded pgserver", flush=True)
+            self.pgserver = pgserver.get_server(home / "pg", cleanup_mode="stop")
+            self.admin_url, self.where = self.pgserver.get_uri(), "embedded pgserver"
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = str(psycopg.conninfo.make_conninfo(self.admin_url, dbname=self.name))
+
+    def close(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        if self.pgserver is not None:
+            self.pgserver.cleanup()
+
+
+# --- server processes -----------------------------------------------------------------------
+
+class Process:
+    """A server subprocess on a loopback port, its output in a log file; ready when `ready_path`
+    answers 200."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path,
+                 ready_path: str):
+        self.name, self.port, self.log = name, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=open(log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.ready_path = ready_path
+
+    def wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=1, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.tail()}")
+
+    def tail(self, lines: int = 3) -> str:
+        text = self.log.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: it and its children only
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# --- load over HTTP -------------------------------------------------------------------------
+
+async def closed_loop(client, model: str, prompts: list[str], clients: int, seconds: float,
+                      max_tokens: int, extra_body: dict | None) -> tuple[int, int, int, float]:
+    """`clients` workers, each sending its next request when the last returns, until `seconds`;
+    returns (requests, completion tokens, answers ended by `stop`, seconds until the last returned)."""
+    order = itertools.count()
+    done = {"requests": 0, "tokens": 0, "stops": 0}
+    start = time.perf_counter()
+
+    async def worker():
+        while time.perf_counter() - start < seconds:
+            prompt = prompts[next(order) % len(prompts)]
+            r = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=1.0, top_p=1.0, extra_body=extra_body)
+            done["requests"] += 1
+            done["tokens"] += r.usage.completion_tokens
+            done["stops"] += r.choices[0].finish_reason == "stop"
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return done["requests"], done["tokens"], done["stops"], time.perf_counter() - start
+
+
+def measure_http(system: str, base_url: str, key: str, model: str, prompts: list[str], args,
+                 extra_body: dict | None = None, metrics_url: str | None = None,
+                 counts_eos: bool = False) -> list[Cell]:
+    import openai
+
+    async def run() -> list[Cell]:
+        http = openai.DefaultAsyncHttpxClient(trust_env=False)
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300,
+                                    http_client=http)
+        cells = []
+        try:
+            # warm-up: the first request (and first batch) pays one-off costs on every server
+            for n in (1, max(args.clients)):
+                await asyncio.gather(*(client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": p}], max_tokens=4,
+                    temperature=1.0, top_p=1.0, extra_body=extra_body) for p in prompts[:n]))
+            for n in args.clients:
+                before = await batch_rows(http, metrics_url)
+                requests, tokens, stops, seconds = await closed_loop(client, model, prompts, n, args.seconds,
+                                                                     args.max_tokens, extra_body)
+                cell = Cell(system, n, requests, tokens, seconds, stops)
+                after = await batch_rows(http, metrics_url)
+                if before and after and after[1] > before[1]:
+                    cell.note = f"mean batch {(after[0] - before[0]) / (after[1] - before[1]):.1f} rows"
+                if counts_eos:
+                    cell.note = f"usage counts EOS: {fmt((tokens - stops) / seconds)} tok/s without it"
+                cells.append(cell)
+                print(f"  {system:<9} {n:>3} clients: {fmt(cell.tok_s)} tok/s", flush=True)
+        finally:
+            await client.close()
+        return cells
+
+    return asyncio.run(run())
+
+
+async def batch_rows(http, metrics_url: str | None) -> tuple[float, float] | None:
+    """(sum, count) of the API's batch-size histogram, to show how well requests were batched."""
+    if not metrics_url:
+        return None
+    text = (await http.get(metrics_url)).text
+    found = {m.group(1): float(m.group(2))
+             for m in re.finditer(r"^feedloop_batch_rows_(sum|count) (\S+)$", text, re.M)}
+    return (found["sum"], found["count"]) if len(found) == 2 else None
+
+
+# --- (a) this API ---------------------------------------------------------------------------
+
+def bench_api(policy: Path, prompts: list[str], args, work: Path) -> list[Cell]:
+    key = f"fl-bench-{uuid.uuid4().hex}"
+    db = ScratchDatabase(args.admin_url, work)
+    print(f"api: scratch database {db.name} on {db.where}", flush=True)
+    port, server = free_port(), None
+    try:
+        server = Process("feedloop serve", [sys.executable, "-m", "service", "serve"],
+                         loopback_env(DATABASE_URL=db.url, FEEDLOOP_HOME=work / "home", FEEDLOOP_HOST="127.0.0.1",
+                                      FEEDLOOP_PORT=port, FEEDLOOP_INIT_API_KEY=key, FEEDLOOP_POLICY_PATH=policy,
+                                      FEEDLOOP_TORCH_THREADS=args.threads),
+                         port, work / "api.log", "/ready")
+        server.wait_ready(120)
+        return measure_http("api", server.url + "/v1", key, "feedloop", prompts, args,
+                            metrics_url=server.url + "/metrics")
+    finally:
+        if server is not None:
+            server.stop()
+        db.close()
+
+
+# --- (b) raw batched model.generate ---------------------------------------------------------
+
+def bench_generate(policy: Path, prompts: list[str], args) -> list[Cell]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(policy)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    encoded = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       tokenize=True)["input_ids"] for p in prompts]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+
+    @torch.inference_mode()
+    def one_batch(rows: list[list[int]], max_tokens: int) -> int:
+        batch = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=pad)
+        new = out[:, batch["input_ids"].shape[1]:]  # (B, T_new)
+        # completion tokens as the servers count them: those before each row's first EOS
+        ended = (new == eos).int().cumsum(-1) > 0
+        return int((~ended).sum())
+
+    order = itertools.count()
+    one_batch([encoded[0]], 4)  # warm-up
+    one_batch([encoded[i % len(encoded)] for i in range(max(args.clients))], 4)
+    cells = []
+    for n in args.clients:
+        cell, start = Cell("generate", n), time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            cell.tokens += one_batch([encoded[next(order) % len(encoded)] for _ in range(n)], args.max_tokens)
+            cell.requests += n
+        cell.seconds = time.perf_counter() - start
+        cell.note = f"batch {n}"
+        cells.append(cell)
+        print(f"  {'generate':<9} {n:>3} batch:   {fmt(cell.tok_s)} tok/s", flush=True)
+    del model
+    return cells
+
+
+# --- (c) transformers serve --continuous-batching -------------------------------------------
+
+def bench_transformers_serve(policy: Path, prompts: list[str], args, work: Path) -> list[Cell]:
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if exe is None:
+        raise RuntimeError("no `transformers` CLI next to this python (pip install 'transformers[serving]')")
+    missing = [m for m in ("fastapi", "uvicorn", "openai", "rich") if not _importable(m)]
+    if missing:
+        raise RuntimeError(f"transformers serve needs {', '.join(missing)}: pip install 'transformers[serving]'")
+    from transformers import GenerationConfig
+
+    # CB takes its sampling settings from the first request's generation config (one config for
+    # the whole manager); without one the checkpoint's config means greedy. Send ours every time.
+    gen = GenerationConfig.from_pretrained(policy).to_diff_dict()
+    gen.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_tokens)
+    gen = {k: v for k, v in gen.items() if not k.startswith("_") and k != "transformers_version"}
+    port = free_port()
+    server = Process("transformers serve",
+                     [exe, "serve", str(policy), "--continuous-batching", "--device", "cpu",
+                      "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                     loopback_env(OMP_NUM_THREADS=args.threads), port, work / "transformers-serve.log",
+                     "/health")
+    try:
+        server.wait_ready(120)
+        # Its usage counts the EOS token of an answer that stopped (this API and `generate` here
+        # count the tokens before it), so the ratios are also given without it.
+        return measure_http("ts-cb", server.url + "/v1", "unused", str(policy), prompts, args,
+                            extra_body={"generation_config": json.dumps(gen)}, counts_eos=True)
+    finally:
+        server.stop()
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run_system(name: str, clients: list[int], fn) -> list[Cell]:
+    """A reference that cannot run here gets its reason in its rows instead of failing the bench."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        reason = f"did not run: {type(e).__name__}: {e}".replace("\n", " ")[:200]
+        print(f"  {name}: {reason}", flush=True)
+        return [Cell(name, n, note=reason) for n in clients]
+
+
+def report(cells: list[Cell], args, policy: Path) -> None:
+    print(f"\ncompletion tokens/s — checkpoint {policy}, max_tokens {args.max_tokens}, temperature 1.0, "
+          f"{args.seconds:.0f}s per cell, {args.threads} torch threads\n")
+    header = f"{'system':<10} {'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>7} {'tok/s':>8} " \
+             f"{'tok/req':>7}  note"
+    print(header)
+    print("-" * len(header))
+    for c in cells:
+        per_req = c.tokens / c.requests if c.requests else None
+        print(f"{c.system:<10} {c.clients:>7} {c.requests:>8} {c.tokens:>7} {fmt(c.seconds):>7} "
+              f"{fmt(c.tok_s):>8} {fmt(per_req):>7}  {c.note}")
+    by = {(c.system, c.clients): c for c in cells}
+    print("\nratios of tokens/s (this API / reference; >1 means the API is faster):")
+    for ref, label in (("generate", "generate"), ("ts-cb", "ts-cb"), ("ts-cb", "ts-cb, EOS not counted")):
+        for n in args.clients:
+            api, other = by.get(("api", n)), by.get((ref, n))
+            ratio = "-"
+            if api and other and api.tok_s and other.tok_s:
+                other_rate = (other.tokens - other.stops) / other.seconds if "EOS" in label else other.tok_s
+                ratio = fmt(api.tok_s / other_rate, ".2f")
+            print(f"  api / {label:<22} at {n:>2} clients: {ratio}")
+
+
+def main() -> None:
+    args = parse_args()
+    policy = ensure_policy(args.policy)
+    prompts = load_prompts()
+    work = Path(tempfile.mkdtemp(prefix="feedloop-bench-"))
+    print(f"bench: {len(prompts)} prompts, logs in {work}", flush=True)
+    cells = run_system("api", args.clients, lambda: bench_api(policy, prompts, args, work))
+    cells += run_system("generate", args.clients, lambda: bench_generate(policy, prompts, args))
+    cells += run_system("ts-cb", args.clients, lambda: bench_transformers_serve(policy, prompts, args, work))
+    report(cells, args, policy)
+
+
+if __name__ == "__main__":
+    main()
