@@ -2,7 +2,7 @@
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 Role = Literal["user", "operator"]
 T = TypeVar("T")
@@ -52,10 +52,38 @@ class ModelVersion(BaseModel):
     promoted_at: datetime | None
     promoted_by: str | None
 
+    @computed_field
     @property
     def name(self) -> str:
         """What clients see as `system_fingerprint` and may name as `model`."""
         return f"v{self.id}"
+
+
+class Promotion(BaseModel):
+    """One entry of the registry's audit log."""
+    id: int
+    version_id: int
+    action: Literal["register", "promote", "rollback", "canary", "reject", "fail"]
+    actor: str
+    reason: str | None
+    created_at: datetime
+
+
+class TrainingRun(BaseModel):
+    id: int
+    kind: str
+    status: Literal["queued", "running", "succeeded", "skipped", "failed"]
+    trigger: str
+    requested_by: str | None
+    watermark: int | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    curves: dict[str, Any]
+    error: str | None
+    produced_version_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 class CompletionRecord(BaseModel):
@@ -109,3 +137,24 @@ class Demonstration(BaseModel):
     completion: str
     source: str
     origin: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- registry and training runs over HTTP -----------------------------------------------------
+
+class ModelAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=2000)
+
+
+class CanaryAction(ModelAction):
+    fraction: float = Field(gt=0, lt=1, description="share of `feedloop` requests this version takes")
+
+
+class ModelVersionPublic(ModelVersion):
+    requests: int = Field(0, description="chat requests this version answered")
+
+
+class TrainingRunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["round"] = "round"
+    config: dict[str, Any] = Field(default_factory=dict, description="overrides of the round's config")

@@ -11,7 +11,7 @@ from psycopg.types.json import Jsonb
 
 from schemas.db import load_queries
 from schemas.records import (ApiKeyCreated, ApiKeyPublic, CompletionRecord, ExchangeRecord,
-                             ModelVersion)
+                             ModelVersion, Promotion, TrainingRun)
 
 Q = load_queries()
 
@@ -122,23 +122,80 @@ async def set_version_status(conn, *, id: int, status: str, actor: str,
 
 
 async def insert_promotion(conn, *, version_id: int, action: str, actor: str,
-                           reason: str | None = None) -> dict:
-    return await _one(conn, "insert_promotion", version_id=version_id, action=action, actor=actor,
-                      reason=reason)
+                           reason: str | None = None) -> Promotion:
+    return Promotion(**await _one(conn, "insert_promotion", version_id=version_id, action=action,
+                                  actor=actor, reason=reason))
+
+
+async def list_promotions(conn, *, limit: int = 200) -> list[Promotion]:
+    return [Promotion(**r) for r in await _all(conn, "list_promotions", limit=limit)]
+
+
+async def list_activations(conn, *, kind: str, limit: int = 2) -> list[dict]:
+    """Versions in the order they became active, newest first."""
+    return await _all(conn, "list_activations", kind=kind, limit=limit)
+
+
+async def lock_version(conn, *, id: int) -> ModelVersion:
+    row = await _one(conn, "lock_version", id=id)
+    if row is None:
+        raise NotFound(f"no model version {id}")
+    return ModelVersion(**row)
+
+
+async def archive_active(conn, *, kind: str) -> ModelVersion | None:
+    row = await _one(conn, "archive_active", kind=kind)
+    return ModelVersion(**row) if row else None
 
 
 # --- training runs --------------------------------------------------------------------------
 
-async def insert_training_run(conn, *, kind: str, config: dict, status: str = "running") -> dict:
-    return await _one(conn, "insert_training_run", kind=kind, status=status, config=Jsonb(config))
+async def start_training_run(conn, *, kind: str, config: dict, trigger: str,
+                             requested_by: str | None = None) -> TrainingRun:
+    return TrainingRun(**await _one(conn, "start_training_run", kind=kind, config=Jsonb(config),
+                                    trigger=trigger, requested_by=requested_by))
+
+
+async def queue_training_run(conn, *, kind: str, config: dict, requested_by: str) -> TrainingRun:
+    return TrainingRun(**await _one(conn, "queue_training_run", kind=kind, config=Jsonb(config),
+                                    trigger="operator", requested_by=requested_by))
+
+
+async def claim_queued_run(conn) -> TrainingRun | None:
+    row = await _one(conn, "claim_queued_run")
+    return TrainingRun(**row) if row else None
 
 
 async def finish_training_run(conn, *, id: int, status: str, metrics: dict | None = None,
                               curves: dict | None = None, error: str | None = None,
-                              watermark: int | None = None) -> dict:
-    return await _one(conn, "finish_training_run", id=id, status=status,
-                      metrics=Jsonb(metrics or {}), curves=Jsonb(curves or {}), error=error,
-                      watermark=watermark)
+                              watermark: int | None = None) -> TrainingRun:
+    return TrainingRun(**await _one(conn, "finish_training_run", id=id, status=status,
+                                    metrics=Jsonb(metrics or {}), curves=Jsonb(curves or {}),
+                                    error=error, watermark=watermark))
+
+
+async def set_run_version(conn, *, id: int, version_id: int) -> None:
+    await conn.execute(Q["set_run_version"], {"id": id, "version_id": version_id})
+
+
+async def fail_abandoned_runs(conn) -> list[int]:
+    return [r["id"] for r in await _all(conn, "fail_abandoned_runs")]
+
+
+async def last_round_watermark(conn) -> int:
+    row = await _one(conn, "last_round_watermark")
+    return row["watermark"] if row else 0
+
+
+async def list_training_runs(conn, *, limit: int = 100) -> list[TrainingRun]:
+    return [TrainingRun(**r) for r in await _all(conn, "list_training_runs", limit=limit)]
+
+
+async def get_training_run(conn, *, id: int) -> TrainingRun:
+    row = await _one(conn, "get_training_run", id=id)
+    if row is None:
+        raise NotFound(f"no training run {id}")
+    return TrainingRun(**row)
 
 
 # --- exchanges ------------------------------------------------------------------------------
@@ -178,3 +235,7 @@ async def create_api_key(conn, *, name: str, role: str, rate_limit: int | None =
     key = key or new_api_key()
     row = await insert_api_key(conn, key=key, name=name, role=role, rate_limit=rate_limit)
     return ApiKeyCreated(**row.model_dump(), key=key) if row else None
+
+
+async def requests_per_version(conn) -> dict[int, int]:
+    return {r["id"]: r["requests"] for r in await _all(conn, "requests_per_version")}

@@ -13,8 +13,8 @@ from schemas.settings import Settings, get_settings
 from service import errors
 from service.middleware import RequestGuard
 from service.recording import Recorder
-from service.routes import admin_exchanges, admin_keys, chat, health
-from service.serving import Serving
+from service.routes import admin_exchanges, admin_keys, admin_models, admin_training, chat, health
+from service.serving import Serving, follow_registry, sync_with_registry
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +26,6 @@ async def ensure_init_key(pool: AsyncConnectionPool, settings: Settings) -> None
     async with pool.connection() as conn, conn.transaction():
         if await store.create_api_key(conn, name="init", role="operator", key=settings.init_api_key):
             log.info("created the operator key from FEEDLOOP_INIT_API_KEY")
-
-
-async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
-    """Serve whatever the registry says is active: load on start, and again when it changes."""
-    while True:
-        try:
-            async with pool.connection() as conn:
-                active = await store.get_active_version(conn, kind="policy")
-            if active and (serving.active is None or serving.active.version.id != active.id):
-                await serving.load_active(active)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("registry check failed; serving stays as it is")
-        await asyncio.sleep(serving.settings.poll_seconds)
 
 
 @asynccontextmanager
@@ -60,11 +45,8 @@ async def lifespan(app: FastAPI):
     if settings.policy_path:
         async with pool.connection() as conn:
             await ensure_initial_policy(conn, path=settings.policy_path, actor="FEEDLOOP_POLICY_PATH")
-    async with pool.connection() as conn:
-        active = await store.get_active_version(conn, kind="policy")
-    if active:
-        await serving.load_active(active)  # ready when start-up completes
-    else:
+    await sync_with_registry(pool, serving)  # ready when start-up completes, if a policy exists
+    if not serving.ready:
         log.warning("no active policy yet: /ready answers 503 until one is registered")
     follower = asyncio.create_task(follow_registry(pool, serving))
     try:
@@ -80,7 +62,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="feedloop", version="0.1.0", lifespan=lifespan,
                   description="A chat model that learns from the people who use it.")
     errors.install(app)
-    for module in (chat, admin_keys, admin_exchanges, health):
+    for module in (chat, admin_keys, admin_exchanges, admin_models, admin_training, health):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
     return app

@@ -40,10 +40,15 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     temps = torch.tensor([r.temperature for r in rows], device=logits.device)
     top_ps = torch.tensor([r.top_p for r in rows], device=logits.device)
     greedy = logits.argmax(-1)
+    if all(r.temperature == 0 for r in rows):
+        return greedy.tolist()
     probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)  # (B, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_p.cumsum(-1) - sorted_p > top_ps[:, None]  # beyond the top_p nucleus
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    if all(r.top_p >= 1.0 for r in rows):  # no nucleus to cut: skip the sort
+        sorted_p, order = probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_ps[:, None]  # beyond the top_p nucleus
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
     out = []
     for i, r in enumerate(rows):
         if r.temperature == 0:
@@ -140,7 +145,7 @@ class LocalEngine:
         past = None
         while True:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             cache=past, use_cache=True)
+                             cache=past, use_cache=True, logits_to_keep=1)
             past = out.cache
             next_ids = sample(out.logits[:, -1, :].float(), rows)  # (B,)
             self._advance(rows, next_ids)
@@ -153,6 +158,7 @@ class LocalEngine:
     def _advance(self, rows: list[Row], next_ids: list[int]) -> None:
         """Append each open row's token, decide whether it finished, push new text per request."""
         pushed: dict[Generation, list[Piece]] = {}
+        generated = 0
         for r, tok in zip(rows, next_ids):
             if r.finish:
                 continue
@@ -162,6 +168,7 @@ class LocalEngine:
                 r.finish = "stop"
             else:
                 r.tokens.append(tok)
+                generated += 1
                 if len(r.tokens) >= r.max_tokens:
                     r.finish = "length"
             text, stopped = self._visible_text(r)
@@ -171,7 +178,7 @@ class LocalEngine:
             r.sent = len(text)
             if piece.text or piece.finish_reason:
                 pushed.setdefault(r.gen, []).append(piece)
-        GENERATED_TOKENS.inc(sum(1 for r, t in zip(rows, next_ids) if t != self.eos_id))
+        GENERATED_TOKENS.inc(generated)
         for gen, pieces in pushed.items():
             gen.push(pieces)
 

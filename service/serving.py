@@ -1,14 +1,25 @@
-"""Which engine answers a request: the active version's, or a canary's for its share of traffic.
-Engines are built off the event loop; the choice itself is a dictionary read."""
+"""Which engine answers a request, and how engines change without failing one.
+
+The registry is the truth: every replica follows it (LISTEN/NOTIFY, polling as the fallback).
+A new active version is loaded and warmed beside the old engine, then one assignment switches
+new requests to it; requests already submitted finish on the old engine (and are recorded with
+its version, which they hold), and only then is the old engine closed. A version that fails to
+load or warm is marked `failed` and serving stays where it was."""
 import asyncio
 import logging
 import random
+import socket
 
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from schemas import registry, store
 from schemas.records import ModelVersion
 from schemas.settings import Settings, resolve_device
 from service.engine import Engine
 
 log = logging.getLogger(__name__)
+REPLICA = f"replica {socket.gethostname()}"
 
 
 def build_engine(version: ModelVersion, settings: Settings) -> Engine:
@@ -17,7 +28,9 @@ def build_engine(version: ModelVersion, settings: Settings) -> Engine:
         from service.remote_engine import RemoteEngine
         engine = RemoteEngine(version, url=version.endpoint or settings.remote_url)
     else:
+        from schemas.checkpoint import read_manifest
         from service.local_engine import LocalEngine
+        read_manifest(version.path)  # refuse files that no longer match what was registered
         engine = LocalEngine(version, device=resolve_device(settings.device),
                              max_batch_rows=settings.max_batch_rows)
     engine.warm()
@@ -29,6 +42,7 @@ class Serving:
         self.settings = settings
         self.active: Engine | None = None
         self.canaries: dict[int, Engine] = {}
+        self.swaps = 0
 
     @property
     def ready(self) -> bool:
@@ -41,20 +55,80 @@ class Serving:
         """The engine for a request naming `model`: the served name routes to the active
         version (or a canary, by its fraction); a version name (`v3`) pins that version."""
         if model == self.settings.model_name:
+            draw = random.random()
             for engine in self.canaries.values():
-                if random.random() < (engine.version.canary_fraction or 0.0):
+                draw -= engine.version.canary_fraction or 0.0
+                if draw < 0:
                     return engine
             return self.active
         return next((e for e in self.engines() if e.version.name == model), None)
 
-    async def load_active(self, version: ModelVersion) -> None:
-        engine = await asyncio.to_thread(build_engine, version, self.settings)
-        old, self.active = self.active, engine
-        log.info("serving %s from %s", version.name, version.path)
+    async def _load(self, version: ModelVersion) -> Engine:
+        return await asyncio.to_thread(build_engine, version, self.settings)
+
+    async def set_active(self, version: ModelVersion) -> None:
+        """Switch to `version` (a loaded canary is taken over as it is); raises if it cannot load."""
+        engine = self.canaries.pop(version.id, None) or await self._load(version)
+        engine.version = version
+        old, self.active = self.active, engine  # the switch: new requests go to `engine` now
+        self.swaps += 1
+        log.info("serving %s (was %s)", version.name, old.version.name if old else "nothing")
         if old is not None:
-            await asyncio.to_thread(old.close)
+            await asyncio.to_thread(old.close)  # finishes what was submitted to it, then frees it
+
+    async def set_canaries(self, versions: list[ModelVersion]) -> list[tuple[ModelVersion, Exception]]:
+        """Serve exactly these canaries; returns the ones that failed to load."""
+        failed = []
+        wanted = {v.id: v for v in versions}
+        for vid in [v for v in self.canaries if v not in wanted]:
+            await asyncio.to_thread(self.canaries.pop(vid).close)
+        for v in versions:
+            if v.id in self.canaries:
+                self.canaries[v.id].version = v  # fraction may have changed
+                continue
+            try:
+                self.canaries[v.id] = await self._load(v)
+            except Exception as e:
+                failed.append((v, e))
+        return failed
 
     async def close(self) -> None:
         for engine in self.engines():
             await asyncio.to_thread(engine.close)
         self.active, self.canaries = None, {}
+
+
+async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
+    """Bring this replica to what the registry says serves; mark what cannot load as failed."""
+    async with pool.connection() as conn:
+        versions = await store.list_serving_versions(conn)
+    active = next((v for v in versions if v.status == "active"), None)
+    failures = await serving.set_canaries([v for v in versions if v.status == "canary"])
+    if active and (serving.active is None or serving.active.version.id != active.id):
+        try:
+            await serving.set_active(active)
+        except Exception as e:
+            failures.append((active, e))
+    for version, error in failures:
+        log.error("%s failed to load; serving stays on %s: %s", version.name,
+                  serving.active.version.name if serving.active else "nothing", error)
+        async with pool.connection() as conn:
+            await registry.mark_failed(conn, id=version.id, actor=REPLICA, reason=f"load failed: {error}",
+                                       restore=serving.active.version.id if serving.active else None)
+
+
+async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
+    """Sync on every NOTIFY, and every `poll_seconds` in case a notification was missed."""
+    while True:
+        try:
+            async with await AsyncConnection.connect(pool.conninfo, autocommit=True) as listener:
+                await listener.execute(f"LISTEN {registry.CHANNEL}")
+                while True:
+                    await sync_with_registry(pool, serving)
+                    async for _ in listener.notifies(timeout=serving.settings.poll_seconds, stop_after=1):
+                        pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("registry follower lost its connection; retrying")
+            await asyncio.sleep(serving.settings.poll_seconds)

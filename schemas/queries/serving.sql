@@ -66,19 +66,6 @@ INSERT INTO promotions (version_id, action, actor, reason)
 VALUES (%(version_id)s, %(action)s, %(actor)s, %(reason)s)
 RETURNING *;
 
--- name: insert_training_run
--- Open a training run.
-INSERT INTO training_runs (kind, status, config) VALUES (%(kind)s, %(status)s, %(config)s)
-RETURNING *;
-
--- name: finish_training_run
--- Close a training run with its outcome.
-UPDATE training_runs
-SET status = %(status)s, metrics = %(metrics)s, curves = %(curves)s, error = %(error)s,
-    watermark = %(watermark)s, finished_at = now()
-WHERE id = %(id)s
-RETURNING *;
-
 -- name: insert_chat_request
 -- Record one chat request with what was used to answer it.
 INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt_hash, params,

@@ -1,0 +1,71 @@
+"""The model registry: list versions, promote, roll back, canary, reject."""
+from fastapi import APIRouter
+
+from schemas import registry, store
+from schemas.records import CanaryAction, ListPublic, ModelAction, ModelVersionPublic, Promotion
+from service.deps import ConnDep, OperatorKey
+from service.errors import ERROR_RESPONSES, ApiError
+
+router = APIRouter(prefix="/v1/admin/models", tags=["admin"],
+                   responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]})
+
+
+def actor(key) -> str:
+    return f"key:{key.id}:{key.name}"
+
+
+async def public(conn, version) -> ModelVersionPublic:
+    counts = await store.requests_per_version(conn)
+    return ModelVersionPublic(**version.model_dump(exclude={"name"}), requests=counts.get(version.id, 0))
+
+
+@router.get("", response_model=ListPublic[ModelVersionPublic])
+async def list_models(conn: ConnDep, operator: OperatorKey) -> ListPublic[ModelVersionPublic]:
+    """Every version, newest first: status, lineage, metrics, requests served."""
+    counts = await store.requests_per_version(conn)
+    data = [ModelVersionPublic(**v.model_dump(exclude={"name"}), requests=counts.get(v.id, 0))
+            for v in await store.list_model_versions(conn)]
+    return ListPublic(data=data, count=len(data))
+
+
+@router.get("/history", response_model=ListPublic[Promotion])
+async def history(conn: ConnDep, operator: OperatorKey) -> ListPublic[Promotion]:
+    """The audit log: what was registered, promoted, rolled back, rejected or failed, by whom."""
+    entries = await store.list_promotions(conn)
+    return ListPublic(data=entries, count=len(entries))
+
+
+@router.post("/{version_id}/promote", response_model=ModelVersionPublic)
+async def promote(version_id: int, conn: ConnDep, operator: OperatorKey,
+                  body: ModelAction | None = None) -> ModelVersionPublic:
+    """Make this version the active one; every replica switches to it without failing a request."""
+    version = await registry.promote(conn, id=version_id, actor=actor(operator), reason=body and body.reason)
+    return await public(conn, version)
+
+
+@router.post("/{version_id}/rollback", response_model=ModelVersionPublic)
+async def rollback(version_id: int, conn: ConnDep, operator: OperatorKey,
+                   body: ModelAction | None = None) -> ModelVersionPublic:
+    """Roll the active version `version_id` back to the version active before it."""
+    active = await store.get_active_version(conn, kind=(await store.get_model_version(conn, id=version_id)).kind)
+    if active is None or active.id != version_id:
+        raise ApiError(409, f"version {version_id} is not the active version", code="not_active")
+    version = await registry.rollback(conn, kind=active.kind, actor=actor(operator), reason=body and body.reason)
+    return await public(conn, version)
+
+
+@router.post("/{version_id}/canary", response_model=ModelVersionPublic)
+async def canary(version_id: int, body: CanaryAction, conn: ConnDep,
+                 operator: OperatorKey) -> ModelVersionPublic:
+    """Let this version answer `fraction` of the requests for the served model."""
+    version = await registry.canary(conn, id=version_id, fraction=body.fraction, actor=actor(operator),
+                                    reason=body.reason)
+    return await public(conn, version)
+
+
+@router.post("/{version_id}/reject", response_model=ModelVersionPublic)
+async def reject(version_id: int, conn: ConnDep, operator: OperatorKey,
+                 body: ModelAction | None = None) -> ModelVersionPublic:
+    """Take a candidate or canary out of consideration."""
+    version = await registry.reject(conn, id=version_id, actor=actor(operator), reason=body and body.reason)
+    return await public(conn, version)
