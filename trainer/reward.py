@@ -81,6 +81,8 @@ def split_pairs(pairs: list[TrainingPair], heldout_frac: float, seed: int = 0
     held = {h for h in hashes if u(h) < heldout_frac}
     if not held and heldout_frac > 0 and len(hashes) >= 2:
         held = {hashes[0]}  # too few prompts for the fraction to catch one: hold out the lowest
+    if hashes and len(held) == len(hashes):
+        held.discard(hashes[-1])  # and never all of them
     return ([p for p in pairs if p.prompt_hash not in held], [p for p in pairs if p.prompt_hash in held])
 
 
@@ -293,9 +295,10 @@ def rewards(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                  use_cache=False).logits.squeeze(-1).float()  # (B, 1) -> (B,)
 
 
-def load_for_training(path: str | Path):
-    """(model, tokenizer) to train: a policy checkpoint gets a new scalar head on its backbone; a
-    previous reward model continues as it is (its old normalisation is replaced after training)."""
+def load_for_training(path: str | Path, seed: int = 0):
+    """(model, tokenizer) to train: a policy checkpoint gets a new scalar head (drawn from `seed`)
+    on its backbone; a previous reward model continues as it is (its old normalisation is
+    replaced after training)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
                                                                      output_loading_info=True)
@@ -303,7 +306,8 @@ def load_for_training(path: str | Path):
     if "score.weight" in info["missing_keys"]:
         # A fresh head: std 1/sqrt(d+1) as in lm-human-preferences' reward head, so initial
         # rewards are O(1) rather than O(0.02) and the loss starts from a useful gradient.
-        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1),
+                              generator=torch.Generator().manual_seed(seed))
     return model, tokenizer
 
 

@@ -89,6 +89,7 @@ def test_split_keeps_each_prompt_on_one_side_and_is_stable():
     few = [pair("only a", "x", "y"), pair("only b", "x", "y")]
     assert [len(s) for s in R.split_pairs(few, 0.1)] == [1, 1]
     assert R.split_pairs(few, 0.0)[1] == []
+    assert R.split_pairs(few[:1], 0.99) == (few[:1], [])  # one prompt: trained on, not held out
 
 
 def test_groups_stay_in_one_batch(policy_dir):
