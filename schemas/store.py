@@ -239,3 +239,8 @@ async def create_api_key(conn, *, name: str, role: str, rate_limit: int | None =
 
 async def requests_per_version(conn) -> dict[int, int]:
     return {r["id"]: r["requests"] for r in await _all(conn, "requests_per_version")}
+
+
+async def recent_conversations(conn, *, limit: int = 1000) -> list[list[dict]]:
+    """Distinct recorded prompts (conversations), newest first."""
+    return [r["messages"] for r in await _all(conn, "recent_conversations", limit=limit)]

@@ -54,7 +54,8 @@ def serve() -> None:
 
 
 def cmd_up(args) -> None:
-    """The whole loop on one machine: database, a policy (bootstrapped on first run), the API."""
+    """The whole loop on one machine: database, a policy (bootstrapped on first run), the API,
+    and the trainer service beside it."""
     settings = get_settings()
     url = database_url(settings)  # starts the embedded server when DATABASE_URL is unset
     os.environ["DATABASE_URL"] = url  # children share this server
@@ -68,7 +69,21 @@ def cmd_up(args) -> None:
     base = f"http://{settings.host}:{settings.port}"
     print(f"\nfeedloop is starting at {base}  (OpenAI base_url: {base}/v1, model: {settings.model_name})\n"
           f"{key_hint}\n", flush=True)
-    serve()
+    trainer = start_trainer()
+    try:
+        serve()
+    finally:
+        trainer.terminate()
+        trainer.wait(30)
+
+
+def start_trainer() -> subprocess.Popen:
+    """The trainer service as its own process at a lower CPU priority, so training never starves
+    serving; on a CPU-only machine it also gets one torch thread unless told otherwise."""
+    env = dict(os.environ)
+    env.setdefault("FEEDLOOP_TORCH_THREADS", "1")
+    return subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], env=env,
+                            preexec_fn=lambda: os.nice(10))
 
 
 def _operator_key_hint(settings) -> str:

@@ -1,7 +1,9 @@
 """`python -m trainer …` — the offline side's entry; `feedloop` hands trainer commands here."""
 import argparse
 import asyncio
+import json
 import logging
+import sys
 from pathlib import Path
 
 import psycopg
@@ -38,6 +40,27 @@ def bootstrap(args) -> None:
     log.info("active policy is %s at %s", version.name, version.path)
 
 
+def trainer_service(args) -> None:
+    from trainer.scheduler import serve
+    serve(get_settings())
+
+
+def train(args) -> None:
+    """`train --once` (or `train round`): one round now, under the round lock."""
+    from trainer.round import run_round
+    settings = get_settings()
+    url = database_url(settings)
+    migrate(url)
+    overrides = json.loads(args.config) if args.config else None
+    run = asyncio.run(run_round(url, settings, trigger="cli", overrides=overrides))
+    if run is None:
+        sys.exit("another round is running")
+    print(json.dumps({"run": run.id, "status": run.status, "version": run.produced_version_id,
+                      "error": (run.error or "").splitlines()[-1:] or None,
+                      "gates": run.metrics.get("gates/reasons")}, indent=2))
+    sys.exit(0 if run.status in ("succeeded", "skipped") else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, help="SFT epochs (default: the bootstrap config's)")
     p.add_argument("--no-register", action="store_true", help="only build the checkpoint")
     p.set_defaults(run=bootstrap)
+    p = sub.add_parser("trainer", help="the trainer service: scheduled and requested rounds")
+    p.set_defaults(run=trainer_service)
+    p = sub.add_parser("train", help="one training round now")
+    p.add_argument("what", nargs="?", default="round", choices=["round"], help="what to train")
+    p.add_argument("--once", action="store_true", help="run one round and exit (the default)")
+    p.add_argument("--config", help='JSON overrides of the round config, e.g. \'{"ppo": {"steps": 8}}\'')
+    p.set_defaults(run=train)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -16,3 +16,15 @@ def bundled_demonstrations() -> list[dict]:
 def bundled_prompts() -> list[str]:
     """User prompts that are not in the demonstrations: PPO top-up and held-out evaluation."""
     return [r["prompt"] for r in _jsonl("prompts.jsonl")]
+
+
+def heldout_prompts() -> list[str]:
+    """A fixed quarter of the bundled prompts: gates and the simulator measure on these, and
+    training never uses them."""
+    return bundled_prompts()[::4]
+
+
+def training_prompts() -> list[str]:
+    """The bundled prompts that are not held out: PPO's top-up when users asked little."""
+    held = set(heldout_prompts())
+    return [p for p in bundled_prompts() if p not in held]

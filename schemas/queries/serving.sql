@@ -91,3 +91,10 @@ SELECT * FROM chat_requests WHERE response_id = %(response_id)s;
 -- The choices of one recorded request, in index order.
 SELECT choice_index, text, finish_reason, completion_tokens, model_version_id
 FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
+
+-- name: recent_conversations
+-- What users asked lately: each distinct prompt once, newest first (PPO's prompts).
+SELECT messages FROM (
+    SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, created_at
+    FROM chat_requests ORDER BY prompt_hash, created_at DESC
+) latest ORDER BY created_at DESC LIMIT %(limit)s;

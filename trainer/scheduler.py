@@ -1,0 +1,54 @@
+"""`feedloop trainer`: the trainer service. APScheduler tries a round on an interval or cron
+schedule and takes rounds operators queued through the API; the round lock makes any number of
+replicas safe. At start-up, rounds a killed trainer left `running` are marked failed."""
+import asyncio
+import logging
+
+import psycopg
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from schemas.db import database_url, migrate
+from schemas.settings import Settings
+from trainer.round import recover, run_round
+
+log = logging.getLogger(__name__)
+
+
+async def _recover(url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await recover(conn)
+
+
+def scheduled_round(url: str, settings: Settings) -> None:
+    run = asyncio.run(run_round(url, settings, trigger="schedule"))
+    if run:
+        log.info("scheduled round %d: %s", run.id, run.status)
+
+
+def queued_rounds(url: str, settings: Settings) -> None:
+    """Take operator-requested rounds, oldest first, until none is waiting."""
+    while run := asyncio.run(run_round(url, settings, trigger="operator", queued=True)):
+        log.info("requested round %d: %s", run.id, run.status)
+
+
+def serve(settings: Settings) -> None:
+    url = database_url(settings)
+    migrate(url)
+    asyncio.run(_recover(url))
+    trigger = (CronTrigger.from_crontab(settings.train_cron, timezone="UTC") if settings.train_cron
+               else IntervalTrigger(seconds=settings.train_interval_seconds, timezone="UTC"))
+    scheduler = BlockingScheduler(timezone="UTC")
+    # max_instances=1 + coalesce: a round that overruns its slot is not started twice or replayed
+    scheduler.add_job(scheduled_round, trigger, args=(url, settings), max_instances=1, coalesce=True,
+                      id="round")
+    scheduler.add_job(queued_rounds, IntervalTrigger(seconds=settings.queue_poll_seconds, timezone="UTC"),
+                      args=(url, settings), max_instances=1, coalesce=True, id="queued")
+    log.info("trainer up: rounds %s, min %d new pairs, promotion %s",
+             settings.train_cron or f"every {settings.train_interval_seconds:g}s", settings.min_new_pairs,
+             settings.promotion)
+    try:
+        scheduler.start()
+    except (KeyboardInterrupt, SystemExit):
+        pass
