@@ -2,7 +2,7 @@
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
 
 Role = Literal["user", "operator"]
 T = TypeVar("T")
@@ -112,6 +112,10 @@ class ExchangeRecord(BaseModel):
     total_ms: float
     created_at: datetime
     choices: list[CompletionRecord]
+    feedback: list["FeedbackPublic"] = Field(default_factory=list, description="on its choices, current values")
+    rankings: list["RankingPublic"] = Field(default_factory=list)
+    preferences: list["PreferencePublic"] = Field(default_factory=list,
+                                                  description="with one of its choices on either side")
 
 
 # --- training data: what the feedback derivation yields and the trainer consumes ------------
@@ -158,3 +162,208 @@ class TrainingRunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["round"] = "round"
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the round's config")
+
+
+# --- feedback: what users send and get back, imports, exports, stats ---------------------------
+
+FeedbackKind = Literal["thumbs", "rating", "comment", "correction"]
+RATING_RANGE = (1, 7)  # InstructGPT's Likert scale
+
+
+class CompletionRef(BaseModel):
+    """One completion: a response's id and the index of one of its choices."""
+    model_config = ConfigDict(extra="forbid")
+    response_id: str = Field(min_length=1, max_length=200, description="the chat completion's id, chatcmpl-…")
+    choice_index: int = Field(0, ge=0, description="which of its choices")
+
+
+class FeedbackCreate(CompletionRef):
+    kind: FeedbackKind
+    value: int | None = Field(None, validate_default=True, description="thumbs: +1 or -1; rating: 1 to 7")
+    text: str | None = Field(None, validate_default=True, max_length=100_000,
+                             description="comment: the remark; correction: the answer it should have given")
+
+    @field_validator("value")
+    @classmethod
+    def check_value(cls, v: int | None, info: ValidationInfo) -> int | None:
+        kind = info.data.get("kind")
+        if kind == "thumbs" and v not in (-1, 1):
+            raise ValueError("a thumbs value is 1 (up) or -1 (down)")
+        if kind == "rating" and (v is None or not RATING_RANGE[0] <= v <= RATING_RANGE[1]):
+            raise ValueError(f"a rating is an integer from {RATING_RANGE[0]} to {RATING_RANGE[1]}")
+        if kind in ("comment", "correction") and v is not None:
+            raise ValueError(f"a {kind} carries `text`, not `value`")
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def check_text(cls, v: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if kind in ("comment", "correction") and (v is None or not v.strip()):
+            raise ValueError(f"a {kind} needs a non-empty `text`")
+        if kind in ("thumbs", "rating") and v is not None:
+            raise ValueError(f"a {kind} carries `value`, not `text`; send a comment separately")
+        return v
+
+
+class FeedbackPublic(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    response_id: str
+    choice_index: int
+    kind: FeedbackKind
+    value: int | None
+    text: str | None
+    author_key_id: int
+    created_at: datetime
+    updated_at: datetime
+
+
+RankingOrder = list[int | list[int]]
+
+
+def ranking_tiers(order: RankingOrder) -> list[list[int]]:
+    """[[2, 0], 1] -> [[2, 0], [1]]: groups of tied choices, best first."""
+    return [list(t) if isinstance(t, list) else [t] for t in order]
+
+
+def ranking_pair_count(order: RankingOrder) -> int:
+    """Pairs a ranking yields: every two choices in different tiers (K(K-1)/2 without ties)."""
+    sizes = [len(t) for t in ranking_tiers(order)]
+    return (sum(sizes) ** 2 - sum(s * s for s in sizes)) // 2
+
+
+class RankingCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    response_id: str = Field(min_length=1, max_length=200, description="a response with n >= 2 choices")
+    order: RankingOrder = Field(min_length=1, max_length=128,
+                                description="every choice index once, best first; an inner list is a tie")
+
+    @field_validator("order")
+    @classmethod
+    def check_order(cls, v: RankingOrder) -> RankingOrder:
+        flat = [i for tier in ranking_tiers(v) for i in tier]
+        if any(isinstance(t, list) and not t for t in v):
+            raise ValueError("a tie lists at least one choice index")
+        if any(i < 0 for i in flat):
+            raise ValueError("choice indices are >= 0")
+        if len(set(flat)) != len(flat):
+            raise ValueError("each choice appears once: the order must be a permutation of the choices")
+        # one canonical form: a tie of one is that choice
+        return [t[0] if isinstance(t, list) and len(t) == 1 else t for t in v]
+
+    def tiers(self) -> list[list[int]]:
+        return ranking_tiers(self.order)
+
+
+class RankingPublic(BaseModel):
+    id: str
+    object: Literal["ranking"] = "ranking"
+    response_id: str
+    order: RankingOrder
+    author_key_id: int
+    created_at: datetime
+    updated_at: datetime
+
+    @computed_field
+    @property
+    def pairs(self) -> int:
+        """comparisons this ranking yields for training"""
+        return ranking_pair_count(self.order)
+
+
+class PreferenceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    chosen: CompletionRef
+    rejected: CompletionRef = Field(description="a different completion of the same prompt")
+    strength: float = Field(1.0, ge=0, le=1, description="how clearly chosen is better: 0 barely, 1 clearly; "
+                                                         "the pair's Bradley-Terry margin")
+
+    @field_validator("rejected")
+    @classmethod
+    def check_distinct(cls, v: CompletionRef, info: ValidationInfo) -> CompletionRef:
+        if v == info.data.get("chosen"):
+            raise ValueError("chosen and rejected are the same completion")
+        return v
+
+
+class PreferencePublic(BaseModel):
+    id: str
+    object: Literal["preference"] = "preference"
+    chosen: CompletionRef
+    rejected: CompletionRef
+    strength: float | None
+    margin: float
+    source: Literal["pairwise", "import"]
+    author_key_id: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class PreferenceImport(BaseModel):
+    """One imported pair, normalised: the prompt as a conversation, the answers as text."""
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+
+
+class DemonstrationImport(BaseModel):
+    """One imported demonstration, normalised."""
+    prompt: list[dict[str, str]]
+    completion: str
+
+
+class ImportLineError(BaseModel):
+    line: int = Field(description="1-based line number in the file")
+    param: str | None = Field(description="the field at fault, when one is")
+    message: str
+
+
+class ImportResult(BaseModel):
+    object: Literal["import"] = "import"
+    kind: Literal["preferences", "demonstrations"]
+    lines: int = Field(description="non-blank lines read")
+    imported: int = Field(description="new rows committed")
+    duplicates: int = Field(description="valid rows already imported before, skipped")
+    errors: list[ImportLineError] = Field(description="invalid lines (only with partial=true: the rest was committed)")
+
+
+class KtoExample(BaseModel):
+    """One unpaired judgement (KTO): a completion users' thumbs found desirable or not."""
+    prompt: list[dict[str, str]]
+    completion: str
+    label: bool
+    prompt_hash: str
+    origin: dict[str, Any] = Field(default_factory=dict)
+
+
+ExportFormat = Literal["preference", "kto", "sft"]
+
+
+class VersionStats(BaseModel):
+    model_version: str = Field(description="the version's name, as in system_fingerprint")
+    model_version_id: int
+    status: str
+    requests: int
+    completions: int
+    feedback: dict[str, int] = Field(description="counts by kind: thumbs, rating, comment, correction, "
+                                                 "ranking, preference")
+    thumbs_up: int
+    thumbs_down: int
+    thumbs_up_rate: float | None = Field(description="up / (up + down); null without thumbs")
+    mean_rating: float | None
+    pairs_since_last_round: int = Field(description="new training pairs with a completion of this version "
+                                                    "on either side")
+
+
+class StatsPublic(BaseModel):
+    object: Literal["stats"] = "stats"
+    watermark: int = Field(description="the highest feedback event so far")
+    last_round_watermark: int = Field(description="where the last training round stopped reading (0: none yet)")
+    pairs_since_last_round: int
+    demonstrations_since_last_round: int
+    data: list[VersionStats]
+
+
+ExchangeRecord.model_rebuild()

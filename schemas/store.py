@@ -11,7 +11,8 @@ from psycopg.types.json import Jsonb
 
 from schemas.db import load_queries
 from schemas.records import (ApiKeyCreated, ApiKeyPublic, CompletionRecord, ExchangeRecord,
-                             ModelVersion, Promotion, TrainingRun)
+                             FeedbackPublic, ModelVersion, PreferencePublic, Promotion, RankingPublic,
+                             TrainingRun)
 
 Q = load_queries()
 
@@ -222,7 +223,12 @@ async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:
     if req is None:
         raise NotFound(f"no exchange {response_id}")
     choices = [CompletionRecord(**r) for r in await _all(conn, "list_completions", request_id=req["id"])]
-    return ExchangeRecord(**req, user=req["user_field"], choices=choices)
+    on = dict(request_id=req["id"])  # what users said about it (queries in feedback.sql)
+    return ExchangeRecord(
+        **req, user=req["user_field"], choices=choices,
+        feedback=[FeedbackPublic(**r) for r in await _all(conn, "list_feedback_on_request", **on)],
+        rankings=[RankingPublic(**r) for r in await _all(conn, "list_rankings_on_request", **on)],
+        preferences=[PreferencePublic(**r) for r in await _all(conn, "list_preferences_on_request", **on)])
 
 
 def new_api_key() -> str:
