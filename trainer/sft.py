@@ -33,11 +33,16 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """The chat-formatted prompt up to the assistant's turn, as the policy sees it when serving."""
+    return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
+                                         tokenize=True)["input_ids"]
+
+
 def encode_demonstration(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels): the chat-formatted prompt, then the answer and EOS; only the answer
     and EOS are learned, so the model learns to answer and to stop, not to parrot users."""
-    prompt_ids = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
-                                               tokenize=True)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt)
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 

@@ -1,0 +1,250 @@
+"""Seconds per PPO update (rollout + scoring + all epochs) of feedloop's trainer against TRL 1.12's
+`trl.experimental.ppo.PPOTrainer`, on the same models, prompts and settings, in one run.
+
+    python bench/ppo.py [--updates 5] [--threads 1] [--repeats 2]
+
+Setup, identical for both sides: GPT-2 policies of 2x128 and 4x256 (random init, built here, never
+downloaded), a tokenizer trained on the bundled demonstrations, a reward model of the same shape
+(`GPT2ForSequenceClassification`, one label) that also initialises the value model, a frozen copy
+of the policy as reference; batch 16 bundled prompts, 32-token answers at temperature 0.7,
+4 epochs of 4 minibatches, fp32, no gradient checkpointing, dropout off. An untrained policy
+rarely emits EOS, so nearly every answer runs the full 32 tokens on both sides.
+
+Each (side, model) runs in its own subprocess, so peak memory is that process's peak RSS (and
+peak CUDA allocation on a GPU). Per-update time is the median over `--updates` updates after
+one warm-up update; each pair is run `--repeats` times alternating sides and the fastest median
+kept (the machine is shared). TRL's side is timed between its `on_step_end` callbacks;
+its per-step extras are turned off (sample generations, reporting, saving).
+
+TRL 1.12 (the last release with PPO) is looked for, in order: in this interpreter; in the
+interpreter named by `FEEDLOOP_TRL_PYTHON`; in a side venv at `FEEDLOOP_TRL_VENV` (default
+`/tmp/feedloop-trl-venv`), which is created when missing: a venv that sees this interpreter's
+packages (torch, transformers) through a `.pth` and holds only `trl==1.12.0` and what it adds
+(datasets, pandas...). Both sides thus run the same torch and transformers.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"gpt2-2x128": dict(n_layer=2, n_embd=128, n_head=4), "gpt2-4x256": dict(n_layer=4, n_embd=256, n_head=4)}
+TRL_VERSION = "1.12.0"
+SETTINGS = dict(batch_size=16, max_new_tokens=32, ppo_epochs=4, num_minibatches=4, temperature=0.7, lr=1e-5,
+                missing_eos_penalty=1.0, kl_coef=0.05)
+
+
+# --- setup (parent) ------------------------------------------------------------------------------
+
+def build_models(out: Path) -> None:
+    """Tokenizer, then per model config: policy and reward model, saved as HF directories."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from trainer.data import bundled_demonstrations, bundled_prompts
+    from trainer.sft import encode_prompt
+    from trainer.tokenizer import build_tokenizer
+
+    demos = bundled_demonstrations()
+    tok = build_tokenizer([d["prompt"] for d in demos] + [d["completion"] for d in demos])
+    for name, shape in MODELS.items():
+        config = GPT2Config(vocab_size=len(tok), n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, num_labels=1, **shape)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(config).save_pretrained(out / name / "policy")
+        GPT2ForSequenceClassification(config).save_pretrained(out / name / "reward")
+        tok.save_pretrained(out / name / "policy")
+        tok.save_pretrained(out / name / "reward")
+    prompts = bundled_prompts()
+    (out / "prompts.json").write_text(json.dumps({
+        "prompts": prompts, "ids": [encode_prompt(tok, p) for p in prompts]}))
+
+
+def trl_python() -> str:
+    """An interpreter with TRL 1.12 beside this one's torch and transformers (created if need be)."""
+    probe = "import trl, sys; sys.exit(0 if trl.__version__ == %r else 1)" % TRL_VERSION
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
+        return sys.executable
+    if os.environ.get("FEEDLOOP_TRL_PYTHON"):
+        return os.environ["FEEDLOOP_TRL_PYTHON"]
+    venv = Path(os.environ.get("FEEDLOOP_TRL_VENV", "/tmp/feedloop-trl-venv"))
+    python = venv / "bin" / "python"
+    if not python.exists() or subprocess.run([str(python), "-c", probe], capture_output=True).returncode:
+        print(f"creating {venv} with trl=={TRL_VERSION} (once)", file=sys.stderr)
+        base = Path(getattr(sys, "_base_executable", sys.executable))
+        subprocess.run([str(base), "-m", "venv", str(venv)], check=True)
+        site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        # A .pth line starting with `import` runs: this interpreter's site-packages (and their own
+        # .pth files, editable installs included) come after the venv's own.
+        Path(site_dir, "_feedloop_base.pth").write_text(
+            f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"trl=={TRL_VERSION}"], check=True)
+    return str(python)
+
+
+# --- workers (one process per side and model) -------------------------------------------------
+
+def _peak_memory() -> dict:
+    import torch
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainer import ppo
+    from trainer.sft import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir / "policy")
+    policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
+    value = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rm.to(device)
+
+    @torch.no_grad()
+    def reward_fn(convs, answers):
+        # The round's reward function: chat-formatted prompt + answer + EOS, score at the last token.
+        seqs = [encode_prompt(tok, c) + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                for c, a in zip(convs, answers)]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+        return rm(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
+
+    cfg = ppo.PPOConfig(steps=updates + 1, device=device, adaptive_kl=False, anneal_lr=False, warmup_steps=0,
+                        max_prompt_tokens=128, **SETTINGS)
+    metrics = ppo.train(cfg, policy, ref, value, tok, [[{"role": "user", "content": p}] for p in prompts["prompts"]],
+                        reward_fn)
+    times = metrics["ppo/curves"]["time/update_seconds"][1:]
+    return {"seconds_per_update": statistics.median(times), "times": times,
+            "answer_tokens": statistics.mean(metrics["ppo/curves"]["rollout/response_length"]), **_peak_memory()}
+
+
+def run_trl(model_dir: Path, prompts: dict, updates: int, out_dir: Path) -> dict:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              TrainerCallback)
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir / "policy")
+    tok.padding_side = "left"  # TRL generates after the prompts: left padding
+    policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
+    value = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
+    data = Dataset.from_dict({"input_ids": prompts["ids"]})
+    s = SETTINGS
+    args = PPOConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=s["batch_size"], gradient_accumulation_steps=1,
+        num_mini_batches=s["num_minibatches"], num_ppo_epochs=s["ppo_epochs"], response_length=s["max_new_tokens"],
+        temperature=s["temperature"], learning_rate=s["lr"], kl_coef=s["kl_coef"], stop_token="eos",
+        missing_eos_penalty=s["missing_eos_penalty"], total_episodes=s["batch_size"] * (updates + 1),
+        num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+        gradient_checkpointing=False, bf16=False, fp16=False, seed=0, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0)
+
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                         value_model=value, train_dataset=data, eval_dataset=data, callbacks=[Clock()])
+    trainer.train()
+    times = [b - a for a, b in zip(stamps, stamps[1:])][1:]
+    return {"seconds_per_update": statistics.median(times), "times": times, **_peak_memory()}
+
+
+def worker(args) -> None:
+    import torch
+    torch.set_num_threads(args.threads)
+    prompts = json.loads((args.work / "prompts.json").read_text())
+    model_dir = args.work / args.model
+    if args.worker == "ours":
+        result = run_ours(model_dir, prompts, args.updates)
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            result = run_trl(model_dir, prompts, args.updates, Path(out))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- parent ---------------------------------------------------------------------------------------
+
+def run_side(python: str, side: str, model: str, work: Path, args) -> dict:
+    cmd = [python, __file__, "--worker", side, "--model", model, "--work", str(work),
+           "--updates", str(args.updates), "--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{side} on {model} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--updates", type=int, default=5, help="timed updates per run (after one warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side and model; fastest median kept")
+    p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    trl_py = trl_python()
+    import torch
+    print(f"bench/ppo.py: torch {torch.__version__}, {args.threads} thread(s), "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; TRL {TRL_VERSION} via {trl_py}")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items()))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        work = Path(tmp)
+        build_models(work)
+        for model in args.models:
+            best = {}
+            for _ in range(args.repeats):
+                for side, python in (("ours", sys.executable), ("trl", trl_py)):
+                    r = run_side(python, side, model, work, args)
+                    if side not in best or r["seconds_per_update"] < best[side]["seconds_per_update"]:
+                        best[side] = r
+            rows.append((model, best["ours"], best["trl"]))
+
+    print(f"\n{'model':<12} {'ours s/update':>14} {'TRL s/update':>13} {'ratio':>7} "
+          f"{'ours peak MB':>13} {'TRL peak MB':>12}")
+    for model, ours, trl in rows:
+        ratio = ours["seconds_per_update"] / trl["seconds_per_update"]
+        mem = "peak_cuda_mb" if "peak_cuda_mb" in ours else "peak_rss_mb"
+        print(f"{model:<12} {ours['seconds_per_update']:>14.3f} {trl['seconds_per_update']:>13.3f} {ratio:>7.2f} "
+              f"{ours[mem]:>13.0f} {trl[mem]:>12.0f}")
+    print(f"(ratio = ours / TRL, goal <= 0.50; peak memory is the worker process's "
+          f"{'CUDA allocation' if 'peak_cuda_mb' in rows[0][1] else 'RSS'}; mean answer length ours "
+          + ", ".join(f"{r[1]['answer_tokens']:.1f}" for r in rows) + " tokens)")
+
+
+if __name__ == "__main__":
+    main()

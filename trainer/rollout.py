@@ -1,0 +1,137 @@
+"""Batched sampling and re-scoring for PPO and evaluation: left-padded prompts, one KV-cached
+forward per new token, answers cut at EOS; then log-probs and values of those answers in one
+forward each. Works for any causal LM (and `*ForSequenceClassification` value model) that takes
+`position_ids`, `attention_mask`, `cache` and `logits_to_keep`.
+
+Layout shared by every function here: a batch is `prompt_ids (B, P)` left-padded, followed by
+`responses (B, R)` right-padded after EOS; `response_mask (B, R)` is 1 on answer tokens up to and
+including EOS. Position ids count real tokens only, so left padding does not shift them.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (B, P): left padding, so every row's next token is at column P."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of real tokens counted from 0; padding gets 0 (it is masked anyway). (B, T)"""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@dataclass
+class Samples:
+    responses: torch.Tensor
+    """(B, R) sampled answer tokens; pad after EOS"""
+    logprobs: torch.Tensor
+    """(B, R) log-prob of each sampled token under the temperature-scaled sampling distribution"""
+    response_mask: torch.Tensor
+    """(B, R) 1 on answer tokens up to and including EOS"""
+    has_eos: torch.Tensor
+    """(B,) whether the answer ended with EOS within the length limit"""
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+           temperature: float, eos_id: int, pad_id: int,
+           generator: torch.Generator | None = None) -> Samples:
+    """Sample answers token by token with a KV cache; temperature 0 is greedy. Stops when every
+    row has emitted EOS. Log-probs are those of the distribution sampled from (logits / T)."""
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    mask, pos = prompt_mask, position_ids(prompt_mask)
+    # Prefill: the LM head only at the last column, where the first answer token is predicted.
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V)
+        if temperature > 0:
+            logp = F.log_softmax(logits / temperature, dim=-1)
+            token = _draw(logp.exp(), generator)  # (B,)
+        else:
+            logp = F.log_softmax(logits, dim=-1)
+            token = logits.argmax(-1)
+        lp = logp.gather(1, token[:, None]).squeeze(1)
+        token = token.masked_fill(done, pad_id)  # finished rows only pad
+        tokens.append(token)
+        logprobs.append(lp.masked_fill(done, 0.0))
+        done = done | (token == eos_id)
+        if bool(done.all()) or len(tokens) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                    cache=out.cache, use_cache=True)
+        next_pos = next_pos + 1
+    responses = torch.stack(tokens, 1)  # (B, R)
+    response_mask = _mask_through_eos(responses, eos_id)
+    return Samples(responses, torch.stack(logprobs, 1) * response_mask, response_mask,
+                   (responses == eos_id).any(1))
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inverse CDF: exact, and on CPU ~10x cheaper than torch.multinomial."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def _mask_through_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, R) 1 up to and including the first EOS (everywhere when there is none)."""
+    is_eos = (responses == eos_id).long()
+    before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before this column
+    return (before == 0).long()
+
+
+def join(prompt_ids, prompt_mask, responses, response_mask):
+    """The full sequences the policy, reference and value model score: (ids, mask, pos), (B, P + R)."""
+    ids = torch.cat([prompt_ids, responses], 1)
+    mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)
+    return ids, mask, position_ids(mask)
+
+
+def response_logits(model, ids, mask, pos, R: int, temperature: float) -> torch.Tensor:
+    """(B, R, V) logits / T predicting each answer token; the LM head runs only on those columns."""
+    # Column P - 1 + t predicts answer token t: keep the last R + 1 columns and drop the very last.
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=R + 1,
+                   use_cache=False).logits  # no KV cache to build: this forward is the last
+    # N-details "scale the logits by sampling temperature": log-probs of the distribution that
+    # was sampled from, else the KL and ratios compare different distributions.
+    return logits[:, :-1].float() / max(temperature, 1e-7)
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of `tokens`, entropy), each (B, R), from logits (B, R, V)."""
+    logp = F.log_softmax(logits, dim=-1)  # (B, R, V)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), entropy
+
+
+def response_values(value_model, ids, mask, pos, R: int) -> torch.Tensor:
+    """(B, R) value of the state before each answer token: the value head on every hidden state,
+    not only the last one a `*ForSequenceClassification` model pools."""
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    return value_model.score(hidden[:, -R - 1:-1]).squeeze(-1).float()
+
+
+def decode(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Answer texts without EOS or padding, as the reward model and users see them."""
+    out = []
+    for row, m in zip(responses.tolist(), response_mask.tolist()):
+        ids = [t for t, keep in zip(row, m) if keep and t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
