@@ -46,12 +46,15 @@ def trainer_service(args) -> None:
 
 
 def train(args) -> None:
-    """`train --once` (or `train round`): one round now, under the round lock."""
+    """`train --once` / `train round`: one round now, under the round lock; `train reward|sft|ppo`:
+    that one stage on all the data so far (`ppo` against the active reward model)."""
     from trainer.round import run_round
     settings = get_settings()
     url = database_url(settings)
     migrate(url)
-    overrides = json.loads(args.config) if args.config else None
+    overrides = json.loads(args.config) if args.config else {}
+    if args.what != "round":
+        overrides["stages"] = [args.what]
     run = asyncio.run(run_round(url, settings, trigger="cli", overrides=overrides))
     if run is None:
         sys.exit("another round is running")
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("trainer", help="the trainer service: scheduled and requested rounds")
     p.set_defaults(run=trainer_service)
     p = sub.add_parser("train", help="one training round now")
-    p.add_argument("what", nargs="?", default="round", choices=["round"], help="what to train")
+    p.add_argument("what", nargs="?", default="round", choices=["round", "sft", "reward", "ppo"],
+                   help="a whole round (default) or one stage")
     p.add_argument("--once", action="store_true", help="run one round and exit (the default)")
     p.add_argument("--config", help='JSON overrides of the round config, e.g. \'{"ppo": {"steps": 8}}\'')
     p.set_defaults(run=train)

@@ -24,6 +24,8 @@ from schemas import feedback, registry, store
 from schemas.records import ModelVersion, TrainingRun
 from schemas.settings import Settings, resolve_device
 from trainer import ppo, reward
+from trainer.ppo import PPOConfig
+from trainer.reward import RewardConfig
 from trainer.data import heldout_prompts
 from trainer.sft import SFTConfig, train as sft_train
 
@@ -47,8 +49,13 @@ class GateConfig:
     """held-out prompts the gates sample on"""
 
 
+STAGES = ("sft", "reward", "ppo")
+
+
 @dataclass
 class RoundConfig:
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """which steps run: a round runs all; `feedloop train reward|sft|ppo` one"""
     min_new_pairs: int = 16
     """fewer new pairs since the last round's watermark: skip"""
     promotion: str = "manual"
@@ -56,8 +63,8 @@ class RoundConfig:
     seed: int = 0
     device: str = "auto"
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=3, lr=3e-4))
-    reward: reward.RewardConfig = field(default_factory=reward.RewardConfig)
-    ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     gates: GateConfig = field(default_factory=GateConfig)
 
 
@@ -72,7 +79,7 @@ def with_overrides(cfg, overrides: dict):
         if dataclasses.is_dataclass(current):
             value = with_overrides(current, value)
         setattr(cfg, key, value)
-    if isinstance(cfg, ppo.PPOConfig):
+    if isinstance(cfg, PPOConfig):
         cfg.__post_init__()  # derived sizes follow the overrides
     return cfg
 
@@ -125,52 +132,77 @@ def check_gates(cfg: GateConfig, new: dict, old: dict, rm_accuracy: float | None
 
 
 def train_models(cfg: RoundConfig, inp: Inputs) -> dict:
-    """SFT -> reward model -> PPO -> gate evaluation. Publishes the reward model and the policy
-    under `inp.out`; returns metrics, curves and the gate verdict. Registers nothing."""
+    """The round's stages in order (`cfg.stages`): SFT -> reward model -> PPO -> gates. Publishes
+    what it trains under `inp.out`; returns metrics, curves and the gates' verdict. Registers
+    nothing: that is one transaction afterwards."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(inp.policy.path)
     load_policy = lambda path: AutoModelForCausalLM.from_pretrained(path).to(cfg.device)
     policy, reference = load_policy(inp.policy.path), load_policy(inp.reference.path).eval()
-    metrics, curves = {}, {}
+    metrics, curves, out = {}, {}, {"reward": None, "policy": None}
 
-    if inp.demonstrations:  # 1) SFT on what users corrected or operators imported
+    def keep(stage_metrics: dict, curve_prefix: str) -> None:
+        curves.update({k: v for k, v in stage_metrics.items() if k.startswith(curve_prefix)})
+        metrics.update({k: v for k, v in stage_metrics.items()
+                        if not k.startswith(curve_prefix) and not k.endswith("/config")})
+
+    if "sft" in cfg.stages and inp.demonstrations:  # 1) what users corrected or operators imported
         demos = [{"prompt": d.prompt, "completion": d.completion} for d in inp.demonstrations]
-        sft_metrics = sft_train(cfg.sft, policy, tokenizer, demos)
-        curves["sft/loss"] = sft_metrics.pop("sft/curve")
-        metrics.update({k: v for k, v in sft_metrics.items() if k != "sft/config"})
+        keep(sft_train(cfg.sft, policy, tokenizer, demos), "sft/curve")
 
-    # 2) reward model: continued from the last one, else from the active policy's backbone
-    rm = reward.load_for_training(inp.previous_reward.path if inp.previous_reward else inp.policy.path,
-                                  seed=cfg.seed)
-    rm_metrics = reward.train(cfg.reward, rm, tokenizer, inp.pairs)
-    reward.save(rm, tokenizer, inp.out / "reward", cfg.reward, rm_metrics)
-    curves.update({k: v for k, v in rm_metrics.items() if k.startswith("reward/curve")})
-    metrics.update({k: v for k, v in rm_metrics.items()
-                    if not k.startswith("reward/curve") and k != "reward/config"})
-    scorer, _ = reward.load_reward_model(inp.out / "reward", cfg.device)
-    reward_fn = lambda convs, answers: reward.score(scorer, tokenizer, convs, answers)
+    reward_path = inp.previous_reward.path if inp.previous_reward else None
+    if "reward" in cfg.stages:  # 2) continued from the last reward model, else from the policy's backbone
+        rm, _ = reward.load_for_training(reward_path or inp.policy.path, seed=cfg.seed)
+        references = [(d.prompt, d.completion) for d in inp.demonstrations] or None  # InstructGPT normalises on these
+        rm_metrics = reward.train(cfg.reward, rm, tokenizer, inp.pairs, references=references)
+        reward.save(rm, tokenizer, inp.out / "reward", cfg.reward, rm_metrics)
+        keep(rm_metrics, "reward/curve")
+        reward_path = out["reward"] = inp.out / "reward"
+    if reward_path is None:
+        if "ppo" in cfg.stages:
+            raise RuntimeError("PPO needs a reward model: train one first (feedloop train reward)")
+        reward_fn = None
+    else:
+        scorer, _ = reward.load_reward_model(reward_path, cfg.device)
+        reward_fn = lambda convs, answers: reward.score(scorer, tokenizer, convs, answers)
 
-    # 3) PPO; the value model starts from the reward model (InstructGPT)
-    value_model = AutoModelForSequenceClassification.from_pretrained(inp.out / "reward").to(cfg.device)
-    ppo_metrics = ppo.train(cfg.ppo, policy, reference, value_model, tokenizer, inp.prompts, reward_fn)
-    curves.update(ppo_metrics.pop("ppo/curves", {}))
-    metrics.update({k: v for k, v in ppo_metrics.items() if k != "ppo/config"})
+    if "ppo" in cfg.stages:  # 3) the value model starts from the reward model (InstructGPT)
+        value_model = AutoModelForSequenceClassification.from_pretrained(reward_path).to(cfg.device)
+        ppo_metrics = ppo.train(cfg.ppo, policy, reference, value_model, tokenizer, inp.prompts, reward_fn)
+        curves.update(ppo_metrics.pop("ppo/curves", {}))
+        metrics.update({k: v for k, v in ppo_metrics.items() if k != "ppo/config"})
 
-    # 4) gates: the candidate against the active version, same held-out prompts, same scorer
+    reasons = []
+    if "ppo" in cfg.stages or ("sft" in cfg.stages and inp.demonstrations):  # 4) gates, then publish
+        reasons = gate(cfg, policy, reference, load_policy(inp.policy.path).eval(), tokenizer, reward_fn,
+                       metrics, ppo_ran="ppo" in cfg.stages)
+        ppo.save_policy(policy, tokenizer, inp.out / "policy", cfg.ppo, metrics,
+                        provenance={"parent_id": inp.policy.id, "reference_id": inp.reference.id})
+        out["policy"] = inp.out / "policy"
+    return {"metrics": metrics, "curves": curves, "passed": not reasons, "reasons": reasons, **out}
+
+
+def gate(cfg: RoundConfig, candidate, reference, active, tokenizer, reward_fn, metrics: dict, *,
+         ppo_ran: bool) -> list[str]:
+    """The candidate against the active version on the same held-out prompts and scorer; the
+    reward-gain and reward-model gates apply when PPO optimised for that reward."""
     held = heldout_prompts()[:cfg.gates.eval_prompts]
-    active = load_policy(inp.policy.path).eval()
+    score = reward_fn or (lambda convs, answers: [0.0] * len(answers))
     ev = dict(temperature=cfg.ppo.temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed)
-    new = ppo.evaluate(policy, reference, tokenizer, held, reward_fn, **ev)
-    old = ppo.evaluate(active, reference, tokenizer, held, reward_fn, **ev)
-    reasons = check_gates(cfg.gates, new, old, rm_metrics.get("reward/heldout_accuracy"))
+    new = ppo.evaluate(candidate, reference, tokenizer, held, score, **ev)
+    old = ppo.evaluate(active, reference, tokenizer, held, score, **ev)
+    if ppo_ran:
+        reasons = check_gates(cfg.gates, new, old, metrics.get("reward/heldout_accuracy"))
+    else:
+        reasons = degenerate(new["answers"], cfg.gates)
+        if new["kl"] > cfg.gates.kl_budget:
+            reasons.append(f"KL {new['kl']:.2f} to the reference over the budget {cfg.gates.kl_budget}")
     metrics.update({"gates/reward_new": new["reward"], "gates/reward_active": old["reward"],
                     "gates/reward_gain": new["reward"] - old["reward"], "gates/kl": new["kl"],
                     "gates/kl_active": old["kl"], "gates/passed": not reasons,
                     "gates/reasons": reasons, "gates/samples": new["answers"][:8]})
-    ppo.save_policy(policy, tokenizer, inp.out / "policy", cfg.ppo, metrics,
-                    provenance={"parent_id": inp.policy.id, "reference_id": inp.reference.id})
-    return {"metrics": metrics, "curves": curves, "passed": not reasons, "reasons": reasons}
+    return reasons
 
 
 # --- orchestration ----------------------------------------------------------------------------
@@ -207,47 +239,61 @@ async def run_round(url: str, settings: Settings, *, trigger: str, requested_by:
                 run = None
             cfg = round_config(settings, overrides)
             if run is None:
-                run = await store.start_training_run(conn, kind="round", config=_jsonable(cfg),
+                run = await store.start_training_run(conn, kind=run_kind(cfg), config=_jsonable(cfg),
                                                      trigger=trigger, requested_by=requested_by)
             return await _round(conn, settings, cfg, run)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (ROUND_LOCK,))
 
 
+def run_kind(cfg: RoundConfig) -> str:
+    """`round` when every stage runs, else the one stage (`feedloop train reward` …)."""
+    return "round" if set(cfg.stages) == set(STAGES) else "+".join(cfg.stages)
+
+
 async def _round(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -> TrainingRun:
     try:
-        after = await store.last_round_watermark(conn)
+        full = run_kind(cfg) == "round"
+        after = await store.last_round_watermark(conn) if full else 0  # one stage: all data so far
         upto = await feedback.current_watermark(conn)
-        new_pairs = await feedback.count_new_pairs(conn, after=after)
-        if new_pairs < cfg.min_new_pairs:
-            log.info("round %d skipped: %d new pairs (< %d)", run.id, new_pairs, cfg.min_new_pairs)
-            return await store.finish_training_run(
-                conn, id=run.id, status="skipped", watermark=after,
-                metrics={"data/new_pairs": new_pairs, "skip_reason": f"{new_pairs} new pairs < {cfg.min_new_pairs}"})
+        pairs = await feedback.derive_pairs(conn, upto=upto)
+        demos = await feedback.derive_demonstrations(conn, after=after, upto=upto)
+        new_pairs = await feedback.count_new_pairs(conn, after=after) if full else len(pairs)
+        data = {"data/new_pairs": new_pairs, "data/pairs": len(pairs), "data/demonstrations": len(demos)}
+        skip = skip_reason(cfg, new_pairs, len(demos))
+        if skip:
+            log.info("run %d skipped: %s", run.id, skip)
+            return await store.finish_training_run(conn, id=run.id, status="skipped", watermark=after,
+                                                   metrics=dict(data, skip_reason=skip))
         policy = await store.get_active_version(conn, kind="policy")
         if policy is None:
             raise RuntimeError("no active policy to improve")
-        reference = await store.get_model_version(conn, id=policy.reference_id or policy.id)
-        tokenizer_path = policy.path
-        inp = Inputs(
-            pairs=await feedback.derive_pairs(conn, upto=upto),
-            demonstrations=await feedback.derive_demonstrations(conn, after=after, upto=upto),
-            prompts=await _ppo_prompts(conn, tokenizer_path, cfg),
-            policy=policy, reference=reference,
-            previous_reward=await store.get_active_version(conn, kind="reward"),
-            out=settings.checkpoint_dir / f"round-{run.id}")
-        log.info("round %d: %d pairs (%d new), %d demonstrations, %d prompts", run.id, len(inp.pairs),
-                 new_pairs, len(inp.demonstrations), len(inp.prompts))
+        inp = Inputs(pairs=pairs, demonstrations=demos,
+                     prompts=await _ppo_prompts(conn, policy.path, cfg) if "ppo" in cfg.stages else [],
+                     policy=policy,
+                     reference=await store.get_model_version(conn, id=policy.reference_id or policy.id),
+                     previous_reward=await store.get_active_version(conn, kind="reward"),
+                     out=settings.checkpoint_dir / f"run-{run.id}")
+        log.info("run %d (%s): %d pairs (%d new), %d demonstrations, %d prompts", run.id, run_kind(cfg),
+                 len(pairs), new_pairs, len(demos), len(inp.prompts))
         result = await asyncio.to_thread(train_models, cfg, inp)
-        version = await _register(conn, run, cfg, inp, result)
-        metrics = dict(result["metrics"], **{"data/new_pairs": new_pairs, "data/pairs": len(inp.pairs),
-                                             "data/demonstrations": len(inp.demonstrations)})
+        await _register(conn, run, cfg, inp, result)
         return await store.finish_training_run(conn, id=run.id, status="succeeded", watermark=upto,
-                                               metrics=_jsonable(metrics), curves=result["curves"])
+                                               metrics=_jsonable(dict(result["metrics"], **data)),
+                                               curves=_jsonable(result["curves"]))
     except Exception as e:
-        log.exception("round %d failed", run.id)
+        log.exception("run %d failed", run.id)
         return await store.finish_training_run(conn, id=run.id, status="failed",
                                                error="".join(traceback.format_exception(e))[-8000:])
+
+
+def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int) -> str | None:
+    """Why there is nothing worth training, or None."""
+    if ("reward" in cfg.stages or "ppo" in cfg.stages) and new_pairs < cfg.min_new_pairs:
+        return f"{new_pairs} new pairs, fewer than the minimum {cfg.min_new_pairs}"
+    if cfg.stages == ["sft"] and not demonstrations:
+        return "no demonstrations"
+    return None
 
 
 async def _ppo_prompts(conn, tokenizer_path: str, cfg: RoundConfig) -> list[list[dict]]:
@@ -259,27 +305,30 @@ async def _ppo_prompts(conn, tokenizer_path: str, cfg: RoundConfig) -> list[list
     return ppo.prompts_for_ppo(recorded, tokenizer, cfg.ppo.max_prompt_tokens, cfg.ppo.batch_size * cfg.ppo.steps)
 
 
-async def _register(conn, run: TrainingRun, cfg: RoundConfig, inp: Inputs, result: dict) -> ModelVersion:
-    """One transaction: the reward model (active for its kind), the policy (candidate or
+async def _register(conn, run: TrainingRun, cfg: RoundConfig, inp: Inputs, result: dict) -> None:
+    """One transaction: the reward model (the active one of its kind), the policy (candidate or
     rejected, with the gates' reasons), their audit entries; then auto-promotion."""
     actor = f"training run {run.id}"
+    rm = inp.previous_reward
     async with conn.transaction():
-        await store.archive_active(conn, kind="reward")  # one active reward model: the newest
-        rm = await registry.register_checkpoint(conn, path=inp.out / "reward", kind="reward", status="active",
-                                                actor=actor, reason="trained this round",
-                                                parent_id=inp.previous_reward.id if inp.previous_reward else None,
-                                                training_run_id=run.id)
+        if result["reward"]:
+            await store.archive_active(conn, kind="reward")  # one active reward model: the newest
+            rm = await registry.register_checkpoint(conn, path=result["reward"], kind="reward", status="active",
+                                                    actor=actor, reason="trained", training_run_id=run.id,
+                                                    parent_id=inp.previous_reward.id if inp.previous_reward else None)
+            await store.set_run_version(conn, id=run.id, version_id=rm.id)
+        if not result["policy"]:
+            return
         status = "candidate" if result["passed"] else "rejected"
         reason = "passed the gates" if result["passed"] else "; ".join(result["reasons"])
-        policy = await registry.register_checkpoint(conn, path=inp.out / "policy", kind="policy", status=status,
+        policy = await registry.register_checkpoint(conn, path=result["policy"], kind="policy", status=status,
                                                     actor=actor, reason=reason, parent_id=inp.policy.id,
-                                                    reference_id=inp.reference.id, reward_model_id=rm.id,
+                                                    reference_id=inp.reference.id, reward_model_id=rm and rm.id,
                                                     training_run_id=run.id)
         await store.set_run_version(conn, id=run.id, version_id=policy.id)
     if result["passed"] and cfg.promotion == "auto":
         policy = await registry.promote(conn, id=policy.id, actor=actor, reason="auto: passed the gates")
-    log.info("round %d: %s is %s (%s)", run.id, policy.name, policy.status, reason)
-    return policy
+    log.info("run %d: %s is %s (%s)", run.id, policy.name, policy.status, reason)
 
 
 def _jsonable(value):

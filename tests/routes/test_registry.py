@@ -1,7 +1,10 @@
 """The registry over HTTP and hot swap in a real serving process: promote, roll back, canary,
 reject, a corrupt checkpoint, and zero failed requests while 16 clients chat through a swap."""
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import openai
@@ -11,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from schemas.checkpoint import publish, staging
 from schemas.registry import register_checkpoint
-from tests.conftest import Server
+from tests.conftest import ROOT, Server
 from trainer.sft import SFTConfig, train as sft_train
 
 V2_ANSWER = "I am the second version."
@@ -83,6 +86,22 @@ def test_promote_then_rollback(fresh_server, v2_path):
         assert log[:3] == [(1, "rollback"), (vid, "promote"), (vid, "register")]
         assert op.post(f"/v1/admin/models/{vid}/reject").status_code == 409  # archived, not a candidate
         assert op.post("/v1/admin/models/999/promote").status_code == 404
+
+
+def test_models_cli(fresh_server, v2_path):
+    s = fresh_server
+    vid = register(s.db_url, v2_path)
+    env = dict(os.environ, DATABASE_URL=s.db_url)
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "service", "models", *a], env=env, cwd=ROOT,
+                                    capture_output=True, text=True)
+    assert f"v{vid}  policy  candidate" in cli("list").stdout
+    assert cli("promote", str(vid), "--reason", "from the cli").stdout.strip() == f"v{vid} is active"
+    refused = cli("promote", str(vid))
+    assert refused.returncode == 1 and "active already" in refused.stderr
+    assert cli("rollback").stdout.strip() == "v1 is active"
+    with s.client() as op:
+        entry = op.get("/v1/admin/models/history").json()["data"][1]
+    assert entry["action"] == "promote" and entry["reason"] == "from the cli" and entry["actor"].startswith("cli:")
 
 
 def test_corrupt_checkpoint_is_marked_failed_and_serving_stays(fresh_server, v2_path, tmp_path):
