@@ -13,7 +13,8 @@ from schemas.settings import Settings, get_settings
 from service import errors
 from service.middleware import RequestGuard
 from service.recording import Recorder
-from service.routes import admin_exchanges, admin_keys, admin_models, admin_training, chat, health
+from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
+                            feedback, health)
 from service.serving import Serving, follow_registry, sync_with_registry
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="feedloop", version="0.1.0", lifespan=lifespan,
                   description="A chat model that learns from the people who use it.")
     errors.install(app)
-    for module in (chat, admin_keys, admin_exchanges, admin_models, admin_training, health):
+    for module in (chat, feedback, admin_keys, admin_exchanges, admin_data, admin_models, admin_training,
+                   health):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
     return app

@@ -1,0 +1,111 @@
+"""POST /v1/feedback, /v1/rankings, /v1/preferences: what users think of what was said.
+
+A user key may judge only what its own key produced (operators anything); someone else's
+completion gets exactly the answer an unknown one gets. With an `Idempotency-Key` header a
+retried POST returns the first answer and writes nothing; the same key with a different body is
+a 409. Each write commits before its 200 is sent."""
+import hashlib
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Header, Response
+from pydantic import BaseModel
+from psycopg import AsyncConnection
+
+from schemas import feedback
+from schemas.openai import ErrorResponse
+from schemas.records import (ApiKeyPublic, FeedbackCreate, FeedbackPublic, PreferenceCreate,
+                             PreferencePublic, RankingCreate, RankingPublic)
+from schemas.store import Conflict
+from service.deps import ConnDep, CurrentKey
+from service.errors import ERROR_RESPONSES, ApiError
+
+M = TypeVar("M", bound=BaseModel)
+RESPONSES = ERROR_RESPONSES | {409: {"model": ErrorResponse}}
+router = APIRouter(prefix="/v1", tags=["feedback"], responses=RESPONSES)
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255,
+    description="a retry with the same key returns the first answer without writing again")]
+
+
+def owned_by(key: ApiKeyPublic) -> int | None:
+    """Whose exchanges this key may judge: its own; an operator's, anyone's."""
+    return None if key.role == "operator" else key.id
+
+
+# Routes name the key before the connection: FastAPI resolves dependencies in that order, and
+# the key lookup borrows a pool connection of its own. Holding one while waiting for another
+# would deadlock the pool under load (64 clients, 16 connections: every holder waits).
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """Feedback's domain errors in OpenAI's shape (raised after the transaction rolled back)."""
+    try:
+        yield
+    except feedback.Invalid as e:
+        raise ApiError(400, str(e), param=e.param, code="invalid_value") from e
+    except feedback.UnknownCompletion as e:
+        raise ApiError(404, str(e), param=e.param, code="not_found") from e
+    except Conflict as e:
+        raise ApiError(409, str(e), param="Idempotency-Key", code="idempotency_key_reused") from e
+
+
+async def write_once(conn: AsyncConnection, *, key: ApiKeyPublic, idempotency_key: str | None,
+                     route: str, request: bytes, response: Response, model: type[M],
+                     write: Callable[[], Awaitable[M]]) -> M:
+    """Run `write` in one transaction, committed before returning. With an idempotency key the
+    key is claimed first (a concurrent retry waits on it), the answer stored with the write, and
+    a later retry with the same request gets that answer back (`Idempotent-Replayed: true`)."""
+    request_hash = hashlib.sha256(route.encode() + b"\n" + request).hexdigest()
+    with api_errors():
+        async with conn.transaction():
+            if idempotency_key is not None:
+                prior = await feedback.claim_idempotency_key(conn, author_key_id=key.id, key=idempotency_key,
+                                                             route=route, request_hash=request_hash)
+                if prior is not None:
+                    response.headers["Idempotent-Replayed"] = "true"
+                    return model.model_validate(prior)
+            result = await write()
+            if idempotency_key is not None:
+                await feedback.save_idempotent_response(conn, author_key_id=key.id, key=idempotency_key,
+                                                        response=result.model_dump(mode="json"))
+    return result
+
+
+@router.post("/feedback", response_model=FeedbackPublic)
+async def give_feedback(body: FeedbackCreate, key: CurrentKey, conn: ConnDep, response: Response,
+                        idempotency_key: IdempotencyKey = None) -> FeedbackPublic:
+    """Thumbs (+1/-1), a rating (1-7), a comment or a corrected answer on one completion; a
+    second one of the same kind by the same key replaces the first."""
+    return await write_once(
+        conn, key=key, idempotency_key=idempotency_key, route="POST /v1/feedback",
+        request=body.model_dump_json().encode(), response=response, model=FeedbackPublic,
+        write=lambda: feedback.record_feedback(conn, feedback=body, author_key_id=key.id,
+                                               owned_by=owned_by(key)))
+
+
+@router.post("/rankings", response_model=RankingPublic)
+async def rank_choices(body: RankingCreate, key: CurrentKey, conn: ConnDep, response: Response,
+                       idempotency_key: IdempotencyKey = None) -> RankingPublic:
+    """The choices of one response (n >= 2) best first, every choice once; an inner list is a tie.
+    A ranking of K choices yields K(K-1)/2 training pairs (fewer with ties)."""
+    return await write_once(
+        conn, key=key, idempotency_key=idempotency_key, route="POST /v1/rankings",
+        request=body.model_dump_json().encode(), response=response, model=RankingPublic,
+        write=lambda: feedback.record_ranking(conn, ranking=body, author_key_id=key.id,
+                                              owned_by=owned_by(key)))
+
+
+@router.post("/preferences", response_model=PreferencePublic)
+async def prefer(body: PreferenceCreate, key: CurrentKey, conn: ConnDep, response: Response,
+                 idempotency_key: IdempotencyKey = None) -> PreferencePublic:
+    """One completion preferred over another completion of the same prompt; `strength` (0-1) is
+    the pair's margin."""
+    return await write_once(
+        conn, key=key, idempotency_key=idempotency_key, route="POST /v1/preferences",
+        request=body.model_dump_json().encode(), response=response, model=PreferencePublic,
+        write=lambda: feedback.record_preference(conn, preference=body, author_key_id=key.id,
+                                                 owned_by=owned_by(key)))
