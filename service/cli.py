@@ -46,6 +46,26 @@ def cmd_keys(args) -> None:
         print(f"revoked key {key.id} ({key.name})")
 
 
+def cmd_export(args) -> None:
+    """The derived training data as JSONL in TRL's formats: the same rows as GET /v1/admin/export."""
+    from schemas import feedback
+    migrate(database_url(get_settings()))
+
+    async def rows(conn):
+        upto = await feedback.current_watermark(conn) if args.upto is None else args.upto
+        return upto, await feedback.export_rows(conn, format=args.format, after=args.after, upto=upto)
+
+    upto, data = asyncio.run(_with_conn(rows))
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        out.writelines(feedback.jsonl_line(r) for r in data)
+    finally:
+        if args.out:
+            out.close()
+    print(f"exported {len(data)} {args.format} rows, events ({args.after}, {upto}]; "
+          f"next time: --after {upto}", file=sys.stderr)
+
+
 def serve() -> None:
     import uvicorn
 
@@ -117,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("id", type=int)
     keys.set_defaults(run=cmd_keys)
+    export = sub.add_parser("export", help="training data as JSONL in TRL's formats")
+    export.add_argument("--format", choices=["preference", "kto", "sft"], default="preference")
+    export.add_argument("--out", help="file to write (default: standard output)")
+    export.add_argument("--after", type=int, default=0, help="only data newer than this watermark")
+    export.add_argument("--upto", type=int, help="up to this watermark (default: now)")
+    export.set_defaults(run=cmd_export)
     for name in TRAINER_COMMANDS:
         sub.add_parser(name, help="training (python -m trainer)")
     args = parser.parse_args(argv)
