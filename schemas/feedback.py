@@ -83,10 +83,12 @@ async def _join_event_writers(conn: AsyncConnection) -> None:
 
 async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
                           param: str | None = None) -> dict:
-    """The completion `ref` names when key `owned_by` produced it (any key's when None);
-    UnknownCompletion otherwise, with one message for unknown and someone else's."""
+    """The completion `ref` names when key `owned_by` produced it (any key's when None), to judge
+    in the caller's transaction (which this joins to the event writers); UnknownCompletion
+    otherwise, with one message for unknown and someone else's."""
+    _in_transaction(conn)
     row = await _one(conn, "find_completion", response_id=ref.response_id,
-                     choice_index=ref.choice_index, owner=owned_by)
+                     choice_index=ref.choice_index, owner=owned_by, lock=EVENTS_LOCK)
     if row is None:
         raise UnknownCompletion(f"No completion with response_id '{ref.response_id}' and choice_index "
                                 f"{ref.choice_index}.", param=param)
@@ -100,7 +102,6 @@ async def record_feedback(conn, *, feedback: FeedbackCreate, author_key_id: int,
     """Thumbs, rating, comment or correction on one completion; a repeat replaces the author's
     value of that kind (and is new data only when the value changed)."""
     completion = await find_completion(conn, ref=feedback, owned_by=owned_by)
-    await _join_event_writers(conn)
     key = dict(completion_id=completion["id"], author_key_id=author_key_id, kind=feedback.kind)
     row = await _one(conn, "upsert_feedback", **key, value=feedback.value, text=feedback.text)
     if row is None:  # the same value again: nothing changed
@@ -111,7 +112,9 @@ async def record_feedback(conn, *, feedback: FeedbackCreate, author_key_id: int,
 async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
                          owned_by: int | None) -> RankingPublic:
     """The choices of one response best first (ties allowed): every choice exactly once."""
-    request = await _one(conn, "find_request", response_id=ranking.response_id, owner=owned_by)
+    _in_transaction(conn)
+    request = await _one(conn, "find_request", response_id=ranking.response_id, owner=owned_by,
+                         lock=EVENTS_LOCK)
     if request is None:
         raise UnknownCompletion(f"No response with id '{ranking.response_id}'.", param="response_id")
     n = request["choices"]
@@ -122,7 +125,6 @@ async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
     if ranked != list(range(n)):
         raise Invalid("order", f"order must be a permutation of the response's {n} choices: each of "
                                f"0..{n - 1} exactly once (got {ranked}).")
-    await _join_event_writers(conn)
     key = dict(request_id=request["id"], author_key_id=author_key_id)
     row = await _one(conn, "upsert_ranking", **key, ordering=Jsonb(ranking.order))
     if row is None:
@@ -139,7 +141,6 @@ async def record_preference(conn, *, preference: PreferenceCreate, author_key_id
     if chosen["prompt_hash"] != rejected["prompt_hash"]:
         raise Invalid("rejected", "chosen and rejected answer different prompts; a preference compares "
                                   "two completions of the same conversation.")
-    await _join_event_writers(conn)
     key = dict(author_key_id=author_key_id, chosen_id=chosen["id"], rejected_id=rejected["id"])
     row = await _one(conn, "upsert_preference", **key, strength=preference.strength,
                      margin=preference.strength)

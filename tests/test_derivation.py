@@ -152,7 +152,7 @@ class World:
     """A database holding WORLD's exchanges, and the loop and connection the store runs on."""
 
     def __init__(self, url: str):
-        self.loop = asyncio.new_event_loop()
+        self.url, self.loop = url, asyncio.new_event_loop()
         self.conn = self.run(psycopg.AsyncConnection.connect(url, autocommit=True))
         self.run(self.setup())
 
@@ -260,3 +260,24 @@ def test_derivation_matches_the_reference(world, first, second):
     kto = world.run(feedback.derive_kto(world.conn))
     assert Counter((world.completion[k.origin["completion"]], k.label, k.origin["event_id"] > watermark)
                    for k in kto) == ref.kto()
+
+
+def test_the_watermark_waits_for_writers_in_flight(world):
+    """An event id drawn by a transaction still open is not below a watermark handed out: reading
+    the watermark waits for that writer, so a round never skips a row that commits late."""
+    async def scenario():
+        body = FeedbackCreate(response_id="chatcmpl-a1", choice_index=0, kind="thumbs", value=1)
+        async with await psycopg.AsyncConnection.connect(world.url, autocommit=True) as writer:
+            async with writer.transaction():
+                await feedback.record_feedback(writer, feedback=body, author_key_id=world.authors[1], owned_by=None)
+                drawn = (await (await writer.execute("SELECT max(event_id) FROM feedback")).fetchone())[0]
+                reading = asyncio.create_task(feedback.current_watermark(world.conn))
+                await asyncio.sleep(0.3)
+                assert not reading.done()  # the writer has not committed yet
+            watermark = await asyncio.wait_for(reading, 10)
+        assert watermark >= drawn
+        assert [p for p in await feedback.derive_kto(world.conn, upto=watermark)
+                if p.origin["event_id"] == drawn]  # committed, and inside the watermark
+
+    world.run(world.reset())
+    world.run(scenario())
