@@ -13,6 +13,7 @@ import psycopg
 from schemas import store
 from schemas.db import database_url, migrate
 from schemas.settings import get_settings
+from service import simulate as simulation
 
 log = logging.getLogger("feedloop")
 TRAINER_COMMANDS = ("bootstrap", "train", "trainer")
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--after", type=int, default=0, help="only data newer than this watermark")
     export.add_argument("--upto", type=int, help="up to this watermark (default: now)")
     export.set_defaults(run=cmd_export)
+    simulate = sub.add_parser("simulate", help="simulated users with hidden preferences drive the API; "
+                              "measure the served policy round after round")
+    simulation.add_arguments(simulate)
+    simulate.set_defaults(run=simulation.main)
     for name in TRAINER_COMMANDS:
         sub.add_parser(name, help="training (python -m trainer)")
     args = parser.parse_args(argv)

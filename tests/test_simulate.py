@@ -1,0 +1,133 @@
+"""`feedloop simulate`: simulated users with hidden preferences drive the real API and the real
+trainer service; within a few rounds the served policy wins against the first version on
+held-out prompts, within its KL budget, and every number the simulation reports is in the
+database as well as in its JSON."""
+import json
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from service import preferences, simulate
+from tests.conftest import OPERATOR_KEY, ROOT, Server
+
+
+# --- the pieces, fast ------------------------------------------------------------------------
+
+def test_heldout_prompts_are_the_trainers_and_users_never_ask_them():
+    from trainer.data import heldout_prompts, training_prompts
+    assert simulate.heldout_prompts() == heldout_prompts()
+    assert simulate.user_prompts() == training_prompts()
+    assert not set(simulate.user_prompts()) & set(simulate.heldout_prompts())
+
+
+def test_builtin_preferences():
+    assert preferences.brevity("Hi", "Hello.") > preferences.brevity("Hi", "Hello, how are you today?")
+    assert preferences.brevity("Hi", "  ") == 0.0  # no answer is not a short answer
+    assert preferences.politeness("Hi", "Thank you, please come again.") == 2.0
+    assert preferences.politeness("Hi", "Go away.") == 0.0
+    cases = {"What is 7 plus 5?": 12, "Subtract 6 from 10.": 4, "10 * 4 = ?": 40, "What is 20 - 11?": 9,
+             "What is the product of 7 and 6?": 42, "Please add 6 to 17.": 23, "Name three birds.": None}
+    assert {p: preferences.arithmetic_result(p) for p in cases} == cases
+    assert preferences.correct_arithmetic("What is 7 plus 5?", "7 plus 5 is 12.") == 1.0
+    assert preferences.correct_arithmetic("What is 7 plus 5?", "7 plus 5 is 13.") == 0.0
+    assert preferences.correct_arithmetic("Tell me a joke.", "7") == 0.0
+    assert preferences._arithmetic_correction("What is 7 plus 5?", "13") == "The answer is 12."
+
+
+def test_own_preference_by_module_and_function(tmp_path, monkeypatch):
+    (tmp_path / "mytaste.py").write_text("def likes_cats(prompt, answer):\n    return float('cat' in answer)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(tmp_path)
+    assert preferences.resolve("mytaste:likes_cats")("", "a cat") == 1.0
+    assert preferences.resolve("brevity") is preferences.brevity
+    with pytest.raises(ValueError, match="unknown preference"):
+        preferences.resolve("nonsense")
+
+
+def test_ranking_ties_and_win_rate():
+    assert simulate.ranking([0.1, 0.9, 0.5]) == [1, 2, 0]
+    assert simulate.ranking([0.5, 0.9, 0.5]) == [1, [0, 2]]
+    base = {"p": {"answers": ["aaaa", "aa"]}}
+    new = {"p": {"answers": ["a", "aa"]}}
+    # "a" beats both; "aa" loses to nothing shorter, ties "aa", beats "aaaa": (1 + 1 + 1 + 0.5) / 4
+    assert simulate.win_rate(preferences.brevity, new, base) == pytest.approx(3.5 / 4)
+    assert simulate.win_rate(preferences.brevity, base, base) == pytest.approx(0.5)
+
+
+# --- the loop learns, end to end ------------------------------------------------------------
+
+# Sized for two CPU cores: a round is a minute or so. The gates are the defaults but for the
+# number of held-out prompts they sample.
+ROUND = {
+    "reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2},
+    "ppo": {"steps": 20, "batch_size": 16, "num_minibatches": 2, "temperature": 1.0},
+    "gates": {"eval_prompts": 32},
+}
+SIMULATION = ["--users", "8", "--rounds", "5", "--requests", "200", "--choices", "4", "--noise", "0.1",
+              "--until-win-rate", "0.7", "--round-timeout", "600"]
+
+
+@pytest.fixture
+def loop(new_database, policy_path, tmp_path):
+    """The API and the trainer service on a schedule of seconds, promoting what passes the gates."""
+    server = Server(new_database(), tmp_path, FEEDLOOP_POLICY_PATH=policy_path).start()
+    env = dict(server.env, FEEDLOOP_TRAIN_INTERVAL_SECONDS="3", FEEDLOOP_PROMOTION="auto",
+               FEEDLOOP_MIN_NEW_PAIRS="100", FEEDLOOP_ROUND_CONFIG=json.dumps(ROUND), FEEDLOOP_TORCH_THREADS="1")
+    trainer = subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], cwd=ROOT, env=env,
+                               stdout=open(tmp_path / "trainer.log", "ab"), stderr=subprocess.STDOUT)
+    yield server
+    trainer.terminate()
+    trainer.wait(60)
+    server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preference", ["brevity", "politeness"])
+def test_simulated_users_teach_the_served_policy(loop, preference, tmp_path):
+    out, png = tmp_path / "simulation.json", tmp_path / "simulation.png"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "service", "simulate", "--url", loop.url, "--api-key", OPERATOR_KEY,
+                           "--preference", preference, "--json", str(out), "--png", str(png), *SIMULATION],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout, f"{time.time() - t0:.0f}s", sep="\n")
+    result = json.loads(out.read_text())
+    rounds = result["rounds"]
+    assert png.stat().st_size > 10_000 and result["baseline"]["version"] == "v1"
+    assert 2 <= len(rounds) <= 6 and [r["round"] for r in rounds] == list(range(len(rounds)))
+
+    # the served version wins against v1 on held-out prompts, within the KL budget
+    last = rounds[-1]
+    assert last["preferences"][preference]["win_rate"] >= 0.7, proc.stdout
+    assert last["served_version"] != "v1" and last["served_kl"] <= last["kl_budget"]
+
+    # every round's numbers are the database's
+    pref = preferences.resolve(preference)
+    with psycopg.connect(loop.db_url) as conn:
+        held = set(simulate.heldout_prompts())
+        for row in rounds:
+            texts = conn.execute(
+                "SELECT rq.response_id, rq.model_version_id, rq.messages, c.text FROM chat_requests rq "
+                "JOIN completions c ON c.request_id = rq.id WHERE rq.response_id = ANY(%s) "
+                "ORDER BY rq.id, c.choice_index", (row["eval_response_ids"],)).fetchall()
+            assert {t[1] for t in texts} == {row["served_version_id"]}
+            assert {t[2][-1]["content"] for t in texts} <= held
+            score = sum(pref(t[2][-1]["content"], t[3]) for t in texts) / len(texts)
+            assert score == pytest.approx(row["preferences"][preference]["score"])
+            if row["run"] is None:
+                continue
+            status, metrics = conn.execute("SELECT status, metrics FROM training_runs WHERE id = %s",
+                                           (row["run"]["id"],)).fetchone()
+            assert status == row["run"]["status"] == "succeeded"
+            assert metrics["gates/kl"] == pytest.approx(row["run"]["kl"])
+            assert metrics["reward/heldout_accuracy"] == pytest.approx(row["run"]["rm_accuracy"])
+            version = conn.execute("SELECT status, metrics FROM model_versions WHERE id = %s",
+                                   (row["served_version_id"],)).fetchone()
+            assert version[1].get("gates/kl", 0.0) == pytest.approx(row["served_kl"])
+        # no held-out prompt was ever asked by a simulated user, nor given feedback
+        asked = conn.execute("SELECT DISTINCT messages->-1->>'content' FROM chat_requests "
+                             "WHERE user_field IS DISTINCT FROM 'simulate-eval'").fetchall()
+        assert not {a[0] for a in asked} & held
