@@ -232,6 +232,15 @@ async def closed_loop(port: int, keys: list[str], completions: int, seconds: flo
         result.seconds = time.perf_counter() - start
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time a process has used (Linux /proc), to show where an API event's time goes."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def key_prefix(keys: list[str]) -> str:
     return keys[0].removesuffix("0")
 
@@ -242,8 +251,12 @@ def bench_api(url: str, keys: list[str], args, work: Path) -> Result:
         server.wait_ready()
         asyncio.run(closed_loop(server.port, keys, args.completions, 1.0, None))  # warm-up
         result = Result("api", args.clients)
+        before = cpu_seconds(server.proc.pid)
         asyncio.run(closed_loop(server.port, keys, args.completions, args.seconds, result))
+        used = cpu_seconds(server.proc.pid) - before if before is not None else None
         result.note = "POST /v1/feedback over HTTP: auth, ownership, upsert, commit"
+        if used is not None and result.events:
+            result.note += f"; server {used / result.seconds:.2f} cores, {1000 * used / result.events:.2f} ms CPU/event"
         print(f"  api      {fmt(result.rate)} events/s", flush=True)
         return result
     finally:

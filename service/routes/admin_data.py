@@ -52,11 +52,13 @@ async def import_jsonl(kind: Literal["preferences", "demonstrations"], request: 
                             response=response, model=ImportResult, write=write)
 
 
+JSONL_BODY = {"requestBody": {"required": True, "description": "one JSON object per line (UTF-8)",
+                              "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}}
 PARTIAL = Query(False, description="commit the valid lines and report the invalid ones, "
                                    "instead of refusing the whole file")
 
 
-@router.post("/imports/preferences", response_model=ImportResult)
+@router.post("/imports/preferences", response_model=ImportResult, openapi_extra=JSONL_BODY)
 async def import_preferences(request: Request, operator: OperatorKey, conn: ConnDep, response: Response,
                              partial: bool = PARTIAL,
                              idempotency_key: IdempotencyKey = None) -> ImportResult:
@@ -65,7 +67,7 @@ async def import_preferences(request: Request, operator: OperatorKey, conn: Conn
     return await import_jsonl("preferences", request, conn, operator, response, partial, idempotency_key)
 
 
-@router.post("/imports/demonstrations", response_model=ImportResult)
+@router.post("/imports/demonstrations", response_model=ImportResult, openapi_extra=JSONL_BODY)
 async def import_demonstrations(request: Request, operator: OperatorKey, conn: ConnDep, response: Response,
                                 partial: bool = PARTIAL,
                                 idempotency_key: IdempotencyKey = None) -> ImportResult:
