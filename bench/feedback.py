@@ -350,9 +350,10 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def report(results: list[Result], args, where: str) -> None:
+def report(results: list[Result], args, where: str, load: float) -> None:
     print(f"\nfeedback events/s — {args.clients} clients, {args.seconds:.0f}s each, {args.completions} "
-          f"completions, {where}, {os.cpu_count()} CPUs\n")
+          f"completions, {where}, {os.cpu_count()} CPUs, load average {load:.1f} before the run\n"
+          "(other work on a busy machine takes more CPU from the one server process than from pgbench's backends)\n")
     header = f"{'system':<11} {'clients':>7} {'events':>7} {'seconds':>7} {'events/s':>9} {'p50 ms':>7} " \
              f"{'p99 ms':>7} {'errors':>6}  note"
     print(header)
@@ -376,12 +377,13 @@ def main() -> None:
     print(f"bench: scratch database {db.name} on {db.where}, logs in {work}", flush=True)
     try:
         keys, key0 = seed(db.url, args.clients, args.completions)
+        load = os.getloadavg()[0]
         results = [bench_api(db.url, keys, args, work)]
         for system, files in scripts(work, key_prefix(keys)).items():
             results.append(bench_pgbench(system, files, db.url, key0, args, work))
         with psycopg.connect(db.url) as conn:
             rows = conn.execute("SELECT count(*), max(event_id) FROM feedback").fetchone()
-        report(results, args, db.where)
+        report(results, args, db.where, load)
         print(f"\nfeedback rows at the end: {rows[0]} (one per completion, author and kind); "
               f"events drawn: {rows[1]}")
     finally:
