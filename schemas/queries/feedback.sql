@@ -166,7 +166,8 @@ SELECT 'pf_' || p.id AS id, p.source, p.author_key_id, p.strength, p.margin, p.c
 FROM preferences p
 JOIN completions cc ON cc.id = p.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
 JOIN completions rc ON rc.id = p.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id
-WHERE cc.request_id = %(request_id)s OR rc.request_id = %(request_id)s
+WHERE p.chosen_completion_id = ANY (ARRAY(SELECT id FROM completions WHERE request_id = %(request_id)s))
+   OR p.rejected_completion_id = ANY (ARRAY(SELECT id FROM completions WHERE request_id = %(request_id)s))
 ORDER BY p.id;
 
 -- name: derive_explicit_pairs
