@@ -37,8 +37,9 @@ async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads)
     url = await asyncio.to_thread(database_url, settings)
     await asyncio.to_thread(migrate, url)
-    pool = AsyncConnectionPool(url, open=False, min_size=2, max_size=16,
-                               kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection)
+    # No per-borrow check: it costs a round trip on every request; a broken connection is
+    # discarded by the pool when it is returned in a bad state.
+    pool = AsyncConnectionPool(url, open=False, min_size=2, max_size=16, kwargs={"autocommit": True})
     await pool.open(wait=True, timeout=30)
     serving = Serving(settings)
     app.state.pool, app.state.serving, app.state.recorder = pool, serving, Recorder(pool)

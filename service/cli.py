@@ -47,6 +47,30 @@ def cmd_keys(args) -> None:
         print(f"revoked key {key.id} ({key.name})")
 
 
+def cmd_models(args) -> None:
+    """The registry from the command line: the same operations as /v1/admin/models."""
+    from schemas import registry
+    migrate(database_url(get_settings()))
+    actor = f"cli:{os.environ.get('USER', 'operator')}"
+    ops = {
+        "promote": lambda c: registry.promote(c, id=args.id, actor=actor, reason=args.reason),
+        "rollback": lambda c: registry.rollback(c, actor=actor, reason=args.reason),
+        "canary": lambda c: registry.canary(c, id=args.id, fraction=args.fraction, actor=actor, reason=args.reason),
+        "reject": lambda c: registry.reject(c, id=args.id, actor=actor, reason=args.reason),
+    }
+    if args.action == "list":
+        for v in asyncio.run(_with_conn(store.list_model_versions)):
+            lineage = f"parent {v.parent_id or '-'} ref {v.reference_id or '-'} rm {v.reward_model_id or '-'}"
+            extra = f" {v.canary_fraction:.0%}" if v.status == "canary" else ""
+            print(f"{v.name:>5}  {v.kind:<6}  {v.status + extra:<10}  {lineage:<24}  {v.path}")
+        return
+    try:
+        v = asyncio.run(_with_conn(ops[args.action]))
+    except (store.Conflict, store.NotFound) as e:
+        sys.exit(f"feedloop: {e}")
+    print(f"{v.name} is {v.status}")
+
+
 def cmd_export(args) -> None:
     """The derived training data as JSONL in TRL's formats: the same rows as GET /v1/admin/export."""
     from schemas import feedback
@@ -138,6 +162,17 @@ def main(argv: list[str] | None = None) -> None:
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("id", type=int)
     keys.set_defaults(run=cmd_keys)
+    models = sub.add_parser("models", help="the model registry")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    models_sub.add_parser("list")
+    for action in ("promote", "canary", "reject"):
+        p = models_sub.add_parser(action)
+        p.add_argument("id", type=int)
+        p.add_argument("--reason")
+        if action == "canary":
+            p.add_argument("--fraction", type=float, required=True)
+    models_sub.add_parser("rollback").add_argument("--reason")
+    models.set_defaults(run=cmd_models)
     export = sub.add_parser("export", help="training data as JSONL in TRL's formats")
     export.add_argument("--format", choices=["preference", "kto", "sft"], default="preference")
     export.add_argument("--out", help="file to write (default: standard output)")

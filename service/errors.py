@@ -35,13 +35,19 @@ class ApiError(Exception):
 ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404)}
 
 
+# Segments pydantic adds to a location for union members and validators, not field names.
+_TYPE_SEGMENTS = ("str", "int", "float", "bool", "list", "dict")
+
+
 def param_path(loc: tuple) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     path = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif not str(part).startswith(("function-", "tagged-union", "str", "list[")):
+        elif part in _TYPE_SEGMENTS or str(part).startswith(("function-", "tagged-union", "list[", "dict[")):
+            continue
+        else:
             path += f".{part}" if path else str(part)
     return path or None
 

@@ -28,11 +28,11 @@ class RequestGuard:
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
-        too_big = ApiError(413, f"Request body is larger than {self.max_body_bytes} bytes.",
-                           code="body_too_large")
+        too_big = lambda: ApiError(413, f"Request body is larger than {self.max_body_bytes} bytes.",
+                                   code="body_too_large")
         declared = headers.get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self._reject(too_big, send_with_id)
+            return await self._reject(too_big(), send_with_id)
 
         seen = 0
 
@@ -50,7 +50,7 @@ class RequestGuard:
             await self.app(scope, counted_receive, send_with_id)
             if overflow:
                 overflow = False
-                await self._reject(too_big, send_with_id)
+                await self._reject(too_big(), send_with_id)
         finally:
             if not route.startswith("/metrics"):
                 REQUESTS.labels(route=_route_label(scope), status=str(status[0])).inc()

@@ -26,7 +26,7 @@ TINY_ROUND = {
 
 
 def trainer_env(server: Server, **extra) -> dict:
-    return dict(server.env, FEEDLOOP_ROUND_CONFIG=json.dumps(TINY_ROUND), FEEDLOOP_MIN_NEW_PAIRS="8",
+    return dict(server.env, FEEDLOOP_ROUND_CONFIG=json.dumps(TINY_ROUND), FEEDLOOP_MIN_NEW_PAIRS="4",
                 FEEDLOOP_TORCH_THREADS="1", **{k: str(v) for k, v in extra.items()})
 
 
@@ -80,7 +80,7 @@ def test_feedback_to_round_to_promotion_and_back(loop_server):
         runs = op.get("/v1/admin/training/runs").json()["data"]
         assert [r["status"] for r in runs] == ["succeeded", "skipped"]
         assert runs[0]["produced_version_id"] == vid and runs[0]["watermark"] > 0
-        assert len(runs[0]["curves"]["ppo/reward"]) == TINY_ROUND["ppo"]["steps"]
+        assert len(runs[0]["curves"]["reward/score"]) == TINY_ROUND["ppo"]["steps"]
         assert op.post(f"/v1/admin/models/{vid}/promote").status_code == 200
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -151,7 +151,7 @@ def test_killed_round_registers_nothing_and_is_failed_on_restart(loop_server, tm
     with psycopg.connect(s.db_url, autocommit=True) as conn:
         while time.time() < deadline:  # wait until the reward model is published: PPO is under way
             if any((s_dir / "reward" / "feedloop.json").exists()
-                   for s_dir in (tmp_path / "checkpoints").glob("round-*")):
+                   for s_dir in (tmp_path / "checkpoints").glob("run-*")):
                 break
             time.sleep(0.5)
         proc.send_signal(signal.SIGKILL)

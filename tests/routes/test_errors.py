@@ -27,6 +27,7 @@ BAD_BODIES = [
     ({"model": "feedloop", "messages": msgs(), "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "feedloop", "messages": msgs(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "feedloop", "messages": msgs(), "stream_options": {"include_usage": True}}, 400, None),
+    ({"model": "feedloop", "messages": msgs(), "stream": "sometimes"}, 400, "stream"),
 ]
 
 

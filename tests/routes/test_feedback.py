@@ -195,10 +195,8 @@ BAD = [
     ("/v1/rankings", lambda ex: {"response_id": ex["one"], "order": [0]}, "response_id"),
     ("/v1/preferences", lambda ex: {"chosen": ref(ex["two"]), "rejected": ref(ex["two"])}, "rejected"),
     ("/v1/preferences", lambda ex: {"chosen": ref(ex["one"]), "rejected": ref(ex["other_prompt"])}, "rejected"),
-    pytest.param("/v1/preferences", lambda ex: {"chosen": ref(ex["two"]), "rejected": ref(ex["two"], 1),
-                                                "strength": 2}, "strength",
-                 marks=pytest.mark.xfail(strict=True, reason="service/errors.py param_path drops loc parts "
-                                                             "starting with 'str' (strength, stream): param is null")),
+    ("/v1/preferences", lambda ex: {"chosen": ref(ex["two"]), "rejected": ref(ex["two"], 1), "strength": 2},
+     "strength"),
     ("/v1/preferences", lambda ex: {"chosen": ref(ex["two"])}, "rejected"),
 ]
 
