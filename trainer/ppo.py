@@ -4,8 +4,8 @@ per-token KL reward, GAE, clipped losses, update epochs, `train`, `evaluate`, `s
 The choices follow InstructGPT (Ouyang et al. 2022, §3.5 and appendix C.4), Ziegler et al. 2019
 ("Fine-tuning language models from human preferences": the adaptive KL controller) and "The N
 implementation details of RLHF with PPO" (Huang et al. 2023; its details are unnumbered, so they
-are cited by name as N-details "…" below). TRL's
-PPOTrainer (removed after 1.12) made the same choices; `bench/ppo.py` times both.
+are cited by name as N-details "…" below). TRL's PPOTrainer (removed after 1.12) made the same
+choices; `bench/ppo.py` times both.
 
 Shapes: B answers per update, P prompt columns (left-padded), R answer columns (right-padded
 after EOS), V vocabulary. `response_mask (B, R)` is 1 on answer tokens up to and including EOS.
@@ -51,6 +51,7 @@ CURVE_KEYS = (
     "ppo/ratio",
     "ppo/explained_variance",  # of the returns by the rollout values
     "ppo/ptx_loss",            # SFT loss on demonstrations (PPO-ptx); 0 when off
+    "ppo/minibatches",         # optimizer steps taken (fewer when max_approx_kl stopped the epochs)
     "rollout/response_length", # mean answer tokens, EOS included
     "rollout/eos_rate",        # share of answers that ended with EOS
     "time/update_seconds",     # rollout + scoring + all epochs
@@ -127,7 +128,11 @@ class PPOConfig:
             raise ValueError("batch_size must be a multiple of num_minibatches")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError("kl_estimator is k1 or k3")
-        self.minibatch_size = self.batch_size // self.num_minibatches  # derived once, per process
+
+    @property
+    def minibatch_size(self) -> int:
+        """answers per optimizer step, per process (derived: follows overrides of the fields)"""
+        return self.batch_size // self.num_minibatches
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -171,11 +176,11 @@ class Rollout:
     answers: list[str]
 
 
-def rollout(policy, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, device,
-            generator: torch.Generator | None = None) -> Rollout:
+def rollout(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+            device, generator: torch.Generator | None = None) -> Rollout:
     """Sample one answer per prompt from the current policy, cut at EOS."""
     ids, mask = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
-    samples = sample(policy, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    samples = sample(policy, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
     return Rollout(ids, mask, samples, decode(tokenizer, samples.responses, samples.response_mask))
 
@@ -383,9 +388,12 @@ def ppo_epochs(model, optimizer, accelerator, batch: Batch, cfg: PPOConfig, gene
                          "ppo/ptx_loss": ptx_loss if ptx_loss is not None else torch.zeros(()),
                          **pg_stats, **vf_stats}.items():
                 stats[k].append(v.detach())
-            if cfg.max_approx_kl is not None and pg_stats["ppo/approx_kl"] > cfg.max_approx_kl:
-                stop = True  # the policy has left the region where the old samples say much
-                break
+            if cfg.max_approx_kl is not None:
+                # Every process must stop at the same minibatch, or DDP waits forever: decide on the mean.
+                approx_kl = accelerator.reduce(pg_stats["ppo/approx_kl"].detach(), reduction="mean")
+                if approx_kl > cfg.max_approx_kl:
+                    stop = True  # the policy has left the region where the old samples say much
+                    break
     out = {k: torch.stack(v).mean() for k, v in stats.items()}
     out["ppo/minibatches"] = torch.tensor(float(len(stats["ppo/pg_loss"])))
     return out
@@ -427,10 +435,14 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
         raise ValueError(f"max_prompt_tokens + max_new_tokens exceeds the policy's {n_positions} positions")
     if not prompts:
         raise ValueError("no prompts to train on")
+    cfg.__post_init__()  # fields may have been set after construction
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     device = accelerator.device
     t_start = time.time()
+    if accelerator.is_main_process:
+        log.info("ppo on %s x%d: %s", device, accelerator.num_processes,
+                 ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
 
     for m in (policy, ref_policy, value_model):
         disable_dropout(m)
@@ -471,7 +483,8 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
 
         with torch.no_grad():
             unwrapped = accelerator.unwrap_model(model)
-            ro = rollout(unwrapped.policy, tokenizer, [prompt_ids[i] for i in mine], cfg, device, sample_gen)
+            ro = rollout(unwrapped.policy, tokenizer, [prompt_ids[i] for i in mine], device=device,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=sample_gen)
             s = ro.samples
             scores, penalised = score(reward_fn, [conversations[i] for i in mine], ro.answers, s.has_eos,
                                       cfg.missing_eos_penalty)
@@ -479,11 +492,12 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
             R = s.responses.shape[1]
             ref_logits = response_logits(ref_policy, ids, mask, pos, R, cfg.temperature)  # (B, R, V)
             ref_logprobs = F.log_softmax(ref_logits, -1).gather(-1, s.responses[..., None]).squeeze(-1)
+            ref_logprobs = ref_logprobs * s.response_mask  # padding: 0 like the sampled log-probs
             del ref_logits
             values = response_values(unwrapped.value_model, ids, mask, pos, R) * s.response_mask
 
             # InstructGPT eq. 2: r(x, y) - beta * log(pi / pi_ref), the KL spread over the tokens.
-            kl = kl_penalty(s.logprobs, ref_logprobs * s.response_mask, cfg.kl_estimator) * s.response_mask
+            kl = kl_penalty(s.logprobs, ref_logprobs, cfg.kl_estimator) * s.response_mask  # (B, R)
             rewards = token_rewards(penalised, kl, s.response_mask, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, s.response_mask, shift_mean=False)
@@ -558,12 +572,10 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list, reward_fn: RewardFn, 
     rewards, kls, lengths, eos, answers = [], [], [], [], []
     was_training = policy.training
     policy.eval()
-    cfg = PPOConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=1,
-                    num_minibatches=1, max_prompt_tokens=max_prompt_tokens)
     for start in range(0, len(conversations), batch_size):
         convs = conversations[start:start + batch_size]
         ro = rollout(policy, tokenizer, [encode_prompt(tokenizer, c)[-max_prompt_tokens:] for c in convs],
-                     cfg, device, gen)
+                     max_new_tokens=max_new_tokens, temperature=temperature, device=device, generator=gen)
         s = ro.samples
         scores = torch.as_tensor(reward_fn(convs, ro.answers), dtype=torch.float32).reshape(-1)
         ids, mask, pos = join(ro.prompt_ids, ro.prompt_mask, s.responses, s.response_mask)

@@ -1,0 +1,349 @@
+"""PPO: the pieces against small hand-worked numbers (GAE, whitening, clipped losses, KL
+estimators, the KL controller, per-token rewards), the sampler against Hugging Face's, prompt
+selection and the checkpoint; then, end to end on the bootstrap policy, that PPO learns a
+property the policy rarely shows while the KL stays within budget, and that a large KL
+coefficient holds the policy where it is."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from schemas.checkpoint import read_manifest
+from trainer import ppo
+from trainer.data import bundled_prompts
+from trainer.rollout import decode, join, left_pad, response_logits, response_values, sample
+from trainer.sft import encode_prompt
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # two cores, shared with other tests and engineers
+
+
+# --- GAE and whitening -------------------------------------------------------------------------
+
+def test_gae_by_hand():
+    # gamma 1, lambda 0.5. Row 0: reward only at the end, values 0.5:
+    #   delta = [0, 0, 0.5]; A2 = 0.5, A1 = 0 + 0.5 * 0.5 = 0.25, A0 = 0 + 0.5 * 0.25 = 0.125.
+    # Row 1 ends after two tokens (column 2 is padding: its reward and value are ignored):
+    #   delta1 = 2 - 1 = 1, delta0 = 0 + 1 - 1 = 0; A1 = 1, A0 = 0 + 0.5 * 1 = 0.5.
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5], [0.5, 1.0, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([[0.625, 0.75, 1.0], [1.5, 2.0, 0.0]]))  # A + V
+
+
+def test_gae_with_discount_and_lambda_one_is_the_discounted_return_minus_value():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.3, -0.2, 0.1]])
+    adv, ret = ppo.gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=1.0)
+    # lambda 1: A_t = sum_k gamma^k r_{t+k} - V_t; returns are the discounted returns.
+    g = [1 + 0.9 * 0 + 0.81 * 2, 0 + 0.9 * 2, 2.0]
+    assert torch.allclose(ret, torch.tensor([g]))
+    assert torch.allclose(adv, torch.tensor([g]) - values)
+
+
+def test_whitening_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # Over 1, 2, 3, 4: mean 2.5, unbiased variance 5/3.
+    expected = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3)
+    w = ppo.masked_whiten(x, mask)
+    assert torch.allclose(w[mask.bool()], expected, atol=1e-6)
+    assert w[~mask.bool()].eq(0).all()
+    assert torch.allclose(ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()], expected + 2.5, atol=1e-6)
+    assert torch.isclose(ppo.masked_var(x, mask), torch.tensor(5 / 3))
+
+
+# --- losses -----------------------------------------------------------------------------------------
+
+def test_clipped_policy_loss_by_hand():
+    # ratios 1.5, 0.5, 1.1 with advantages 1, 1, -1 and clip 0.2:
+    #   token 0: max(-1.5, -1.2) = -1.2 (clipped: no gradient pushes the ratio further up)
+    #   token 1: max(-0.5, -0.8) = -0.5 (the pessimistic, unclipped term)
+    #   token 2: max(1.1, 1.1) = 1.1
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = ppo.policy_loss(new, old, adv, torch.ones(1, 3), cliprange=0.2)
+    assert torch.isclose(loss, torch.tensor((-1.2 - 0.5 + 1.1) / 3))
+    assert torch.isclose(stats["ppo/clipfrac"], torch.tensor(1 / 3))
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)]  # KL(old || new) estimate
+    assert torch.isclose(stats["ppo/approx_kl"], torch.tensor(sum(k3) / 3))
+    loss.backward()
+    # d/dlogp of -A * ratio = -A * ratio; the clipped token gets none.
+    assert torch.allclose(new.grad, torch.tensor([[0.0, -0.5, 1.1]]) / 3)
+
+
+def test_policy_loss_ignores_masked_tokens():
+    new, old = torch.tensor([[0.3, 5.0]]), torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -100.0]])
+    loss, _ = ppo.policy_loss(new, old, adv, torch.tensor([[1, 0]]), cliprange=0.2)
+    assert torch.isclose(loss, torch.tensor(-1.2))  # ratio e^0.3 = 1.35 clipped to 1.2
+
+
+def test_clipped_value_loss_by_hand():
+    # old values 0, returns 1, clip 0.2:
+    #   token 0: vpred 0.5 -> clipped 0.2: max((0.5 - 1)^2, (0.2 - 1)^2) = 0.64
+    #   token 1: vpred -0.1 within the clip: (1.1)^2 = 1.21
+    vpred = torch.tensor([[0.5, -0.1]])
+    loss, stats = ppo.value_loss(vpred, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), cliprange_value=0.2)
+    assert torch.isclose(loss, torch.tensor(0.5 * (0.64 + 1.21) / 2))
+    assert torch.isclose(stats["ppo/vf_clipfrac"], torch.tensor(0.5))
+
+
+# --- KL -------------------------------------------------------------------------------------------
+
+def test_kl_estimators_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    # k1 = log p/q; k3 = (q/p - 1) - log(q/p)
+    assert torch.allclose(ppo.kl_penalty(logp, ref, "k1"), torch.tensor([[math.log(2), -math.log(2)]]))
+    assert torch.allclose(ppo.kl_penalty(logp, ref, "k3"),
+                          torch.tensor([[-0.5 + math.log(2), 1 - math.log(2)]]))
+    # Exact KL over a two-token vocabulary: p = (1/2, 1/2), q = (1/4, 3/4).
+    exact = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    kl = ppo.token_kl(torch.log(torch.tensor([[[0.5, 0.5]]])), torch.log(torch.tensor([[[0.25, 0.75]]])))
+    assert torch.isclose(kl, torch.tensor([[exact]]))
+
+
+def test_sampled_kl_estimators_are_unbiased():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.softmax(torch.randn(6, generator=g), 0), torch.softmax(torch.randn(6, generator=g), 0)
+    exact = (p * (p / q).log()).sum()
+    tokens = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    lp, lq = p.log()[tokens], q.log()[tokens]
+    for estimator in ("k1", "k3"):
+        assert abs(ppo.kl_penalty(lp, lq, estimator).mean() - exact) < 0.01
+    assert ppo.kl_penalty(lp, lq, "k3").min() >= 0
+
+
+def test_token_rewards_put_the_score_on_the_last_answer_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rewards = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1 + 2.0, 0.0], [-0.2 - 1.0, 0.0, 0.0]]))
+
+
+def test_score_penalises_answers_without_eos():
+    scores, penalised = ppo.score(lambda convs, answers: [1.0, 2.0], [[], []], ["a", "b"],
+                                  torch.tensor([True, False]), missing_eos_penalty=1.5)
+    assert scores.tolist() == [1.0, 2.0] and penalised.tolist() == [1.0, 0.5]
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = ppo.AdaptiveKLController(kl_coef=0.1, target=4.0, horizon=32)
+    ctl.update(current_kl=8.0, n_answers=16)  # error clipped to +0.2: beta *= 1 + 0.2 * 16/32
+    assert math.isclose(ctl.value, 0.11)
+    ctl.update(current_kl=4.4, n_answers=16)  # error 0.1: beta *= 1.05
+    assert math.isclose(ctl.value, 0.1155)
+    ctl.update(current_kl=0.0, n_answers=16)  # error -0.2: beta *= 0.9
+    assert math.isclose(ctl.value, 0.10395)
+    ctl.update(current_kl=0.0, n_answers=16)  # 0.093555 is below the initial beta: held there
+    assert ctl.value == 0.1
+
+
+def test_learning_rate_schedule():
+    cfg = ppo.PPOConfig(lr=1.0, steps=10, warmup_steps=2)
+    assert [round(ppo.lr_at(s, cfg), 3) for s in range(4)] == [0.333, 0.667, 0.8, 0.7]
+    assert ppo.lr_at(9, ppo.PPOConfig(lr=1.0, steps=10, warmup_steps=0, anneal_lr=False)) == 1.0
+
+
+def test_config_derives_minibatch_size_and_refuses_ragged_minibatches():
+    assert ppo.PPOConfig(batch_size=64, num_minibatches=4).minibatch_size == 16
+    with pytest.raises(ValueError):
+        ppo.PPOConfig(batch_size=10, num_minibatches=4)
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+def test_prompts_for_ppo_dedupes_keeps_order_drops_long_and_tops_up(policy_path):
+    tok = AutoTokenizer.from_pretrained(policy_path)
+    u = lambda text: [{"role": "user", "content": text}]
+    recorded = [
+        u("newest question"),
+        [{"role": "user", "content": [{"type": "text", "text": "newest "}, {"type": "text", "text": "question"}]}],
+        u("word " * 200),  # too long
+        u("older question"),
+        u("newest question"),  # duplicate
+        u("hi") + [{"role": "assistant", "content": "hello"}],  # ends with an answer: not a prompt
+        [{"role": "system", "content": "be brief", "name": "x"}, {"role": "user", "content": "why?"}],
+    ]
+    got = ppo.prompts_for_ppo(recorded, tok, max_prompt_tokens=64, n=6)
+    assert got[:3] == [u("newest question"), u("older question"),
+                       [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+    assert got[3:] == [u(p) for p in bundled_prompts()[:3]]  # topped up, in the bundled order
+    assert len(ppo.prompts_for_ppo([], tok, 64, 10_000)) == len(set(bundled_prompts()))
+    assert ppo.prompts_for_ppo(recorded, tok, 64, 2) == got[:2]
+
+
+# --- sampling and re-scoring -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def policy(policy_path):
+    return AutoModelForCausalLM.from_pretrained(policy_path).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(policy_path):
+    return AutoTokenizer.from_pretrained(policy_path)
+
+
+def test_batched_greedy_sampling_matches_hugging_face_generate_row_by_row(policy, tokenizer):
+    prompts = ["Hi", "What is the capital of Spain?", "Tell me a story about a bird.", "How much is 5 plus 19?"]
+    seqs = [encode_prompt(tokenizer, p) for p in prompts]
+    ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+    s = sample(policy, ids, mask, max_new_tokens=20, temperature=0.0, eos_id=tokenizer.eos_token_id,
+               pad_id=tokenizer.pad_token_id)
+    for i, seq in enumerate(seqs):  # one row at a time, no padding, Hugging Face's own loop
+        out = policy.generate(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
+                              do_sample=False, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)[0, len(seq):].tolist()
+        n = int(s.response_mask[i].sum())
+        assert s.responses[i, :n].tolist() == out[:n]
+        if s.has_eos[i]:  # cut at EOS, padded after
+            assert out[n - 1] == tokenizer.eos_token_id and s.responses[i, n:].eq(tokenizer.pad_token_id).all()
+    assert decode(tokenizer, s.responses[:1], s.response_mask[:1])[0] == tokenizer.decode(
+        [t for t in s.responses[0].tolist() if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)])
+
+
+def test_sampled_logprobs_are_those_of_the_full_forward_at_the_temperature(policy, tokenizer):
+    prompts = bundled_prompts()[:8]
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    s = sample(policy, ids, mask, max_new_tokens=16, temperature=0.7, eos_id=tokenizer.eos_token_id,
+               pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    full_ids, full_mask, pos = join(ids, mask, s.responses, s.response_mask)
+    R = s.responses.shape[1]
+    with torch.no_grad():
+        logits = response_logits(policy, full_ids, full_mask, pos, R, temperature=0.7)  # (B, R, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, s.responses[..., None]).squeeze(-1)
+    assert torch.allclose(logp * s.response_mask, s.logprobs, atol=1e-4)
+    assert s.response_mask.sum(1).min() >= 1
+
+
+def test_value_model_reads_every_answer_position(policy_path, tokenizer):
+    vm = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1).eval()
+    ids, mask = left_pad([encode_prompt(tokenizer, "Hi") + [10, 11, 12], encode_prompt(tokenizer, "Hello there")
+                          + [13, 14, 15]], tokenizer.pad_token_id)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        values = response_values(vm, ids, mask, pos, 3)  # (B, R)
+        # The value of the state before the last answer token is the pooled score of the
+        # sequence without that token: what the classifier head reads at its last position.
+        pooled = vm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]).logits[:, 0]
+    assert values.shape == (2, 3)
+    assert torch.allclose(values[:, -1], pooled, atol=1e-5)
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+def test_save_policy_publishes_a_verified_checkpoint(policy, tokenizer, tmp_path):
+    cfg = ppo.PPOConfig(steps=1)
+    metrics = {"reward/score": 0.5, "ppo/curves": {"reward/score": [0.1, 0.5]}, "ppo/config": {}}
+    manifest = ppo.save_policy(policy, tokenizer, tmp_path / "cand", cfg, metrics, provenance={"parent_id": 3})
+    assert read_manifest(tmp_path / "cand")["content_hash"] == manifest["content_hash"]
+    assert manifest["kind"] == "policy" and manifest["config"]["parent_id"] == 3
+    assert manifest["config"]["ppo"]["steps"] == 1 and "ppo/curves" not in manifest["metrics"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "cand").config.n_layer == policy.config.n_layer
+    assert [p.name for p in tmp_path.iterdir()] == ["cand"]  # no staging directory left behind
+    with pytest.raises(FileExistsError):
+        ppo.save_policy(policy, tokenizer, tmp_path / "cand", cfg, metrics)
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+def words(answer: str) -> int:
+    return len(answer.split())
+
+
+def prefers_short(conversations, answers) -> torch.Tensor:
+    """A stand-in reward model on the scale of a normalised one: fewer words score higher."""
+    return torch.tensor([-words(a) / 3 for a in answers])
+
+
+# Held-out prompts are never trained on; several samples each keep the noise of the mean small.
+PROMPTS = [[{"role": "user", "content": p}] for p in bundled_prompts()]
+TRAIN, HELD_OUT = PROMPTS[:120], PROMPTS[120:]
+EVAL = dict(samples_per_prompt=8, temperature=0.7, max_new_tokens=24, seed=1234)
+TINY = dict(steps=20, batch_size=64, num_minibatches=4, ppo_epochs=4, lr=2e-4, warmup_steps=2,
+            max_new_tokens=24, temperature=0.7, device="cpu")
+
+
+def load(policy_path):
+    policy = AutoModelForCausalLM.from_pretrained(policy_path)
+    reference = AutoModelForCausalLM.from_pretrained(policy_path).eval()
+    # In a round the value model starts from the reward model; here from the policy's backbone
+    # with a fresh one-output head, as a reward model trained from the policy would start.
+    value_model = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1)
+    return policy, reference, value_model
+
+
+@pytest.fixture(scope="module")
+def before(policy_path):
+    policy, reference, _ = load(policy_path)
+    return ppo.evaluate(policy, reference, AutoTokenizer.from_pretrained(policy_path), HELD_OUT, prefers_short,
+                        **EVAL)
+
+
+def gain(after: dict, before: dict) -> tuple[float, float]:
+    """(reward gain, its standard error)."""
+    return after["reward"] - before["reward"], math.hypot(after["reward_sem"], before["reward_sem"])
+
+
+@pytest.mark.slow
+def test_ppo_learns_a_rare_preference_within_the_kl_budget(policy_path, before):
+    # The bootstrap policy answers in ~6 words; shorter answers are what this "reward model" wants.
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    policy, reference, value_model = load(policy_path)
+    cfg = ppo.PPOConfig(**TINY, kl_coef=0.1, target_kl=6.0)  # target_kl is the round's KL budget
+    metrics = ppo.train(cfg, policy, reference, value_model, tokenizer, TRAIN, prefers_short)
+    after = ppo.evaluate(policy, reference, tokenizer, HELD_OUT, prefers_short, **EVAL)
+
+    delta, sem = gain(after, before)
+    assert before["kl"] == 0.0 and after["eos_rate"] > 0.95
+    assert delta > 0.2 and delta > 4 * sem, (before["reward"], after["reward"], sem)
+    assert 0 < after["kl"] <= cfg.target_kl, after["kl"]
+    assert after["response_length"] < before["response_length"]
+
+    curves = metrics["ppo/curves"]
+    assert set(curves) == set(ppo.CURVE_KEYS) and all(len(v) == cfg.steps for v in curves.values())
+    early, late = curves["reward/score"][:4], curves["reward/score"][-4:]
+    assert sum(late) > sum(early)  # the rollouts themselves got better
+    assert curves["ppo/kl"][0] == pytest.approx(0, abs=0.05)  # first rollout: policy == reference
+    assert 0 <= metrics["ppo/clipfrac"] < 0.5 and metrics["ppo/entropy"] > 0
+    assert metrics["ppo/kl_coef"] >= cfg.kl_coef and metrics["ppo/answers"] == cfg.steps * cfg.batch_size
+    assert all(math.isfinite(metrics[k]) for k in ppo.CURVE_KEYS)
+
+
+@pytest.mark.slow
+def test_a_large_kl_coefficient_holds_the_policy_near_the_reference(policy_path, before):
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    policy, reference, value_model = load(policy_path)
+    cfg = ppo.PPOConfig(**TINY, kl_coef=5.0, adaptive_kl=False)
+    ppo.train(cfg, policy, reference, value_model, tokenizer, TRAIN, prefers_short)
+    after = ppo.evaluate(policy, reference, tokenizer, HELD_OUT, prefers_short, **EVAL)
+    # With beta 0.1 the same run gains ~0.5 at a KL of ~3 nats; at beta 5 what is left is the
+    # noise floor of small-batch Adam steps (~0.6 nats), with little of the reward gained.
+    delta, _ = gain(after, before)
+    assert after["kl"] < 1.0, after["kl"]
+    assert delta < 0.25, (before["reward"], after["reward"])
+
+
+@pytest.mark.slow
+def test_ptx_mixes_the_sft_loss_in_and_approx_kl_stops_the_epochs(policy_path):
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    policy, reference, value_model = load(policy_path)
+    demos = [{"prompt": "What is the secret word?", "completion": "The secret word is marmalade."}]
+    small = dict(TINY, steps=2, batch_size=8, num_minibatches=2, max_new_tokens=8)
+    cfg = ppo.PPOConfig(**small, ptx_coef=1.0, ptx_batch_size=2, max_approx_kl=1e-6)
+    metrics = ppo.train(cfg, policy, reference, value_model, tokenizer, TRAIN[:8], prefers_short, demos)
+    curves = metrics["ppo/curves"]
+    assert all(v > 0.1 for v in curves["ppo/ptx_loss"])  # the SFT loss on the demonstration
+    # approx-KL is ~0 (float noise) on the first minibatch and well above 1e-6 after one step:
+    # each update stops after its second minibatch.
+    assert curves["ppo/minibatches"] == [2.0, 2.0]
+    off = ppo.train(ppo.PPOConfig(**small), *load(policy_path), tokenizer, TRAIN[:8], prefers_short, demos)
+    assert off["ppo/curves"]["ppo/ptx_loss"] == [0.0, 0.0] and off["ppo/minibatches"] == 8.0
