@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     policy_path: Path | None = Field(None, description="checkpoint registered as version 1 instead of the bootstrap")
     engine: Literal["local", "remote"] = "local"
     remote_url: str | None = Field(None, description="TGI/OpenAI-protocol server for the remote engine")
+    remote_model: str | None = Field(None, description="model (or adapter) id the remote server is asked for")
+    remote_api_key: str | None = Field(None, description="bearer token for the remote server")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, mps")
     torch_threads: int = Field(0, description="torch intra-op threads; 0 leaves torch's default")
     max_batch_rows: int = Field(32, description="most sequences (choices) one generation batch holds")

@@ -84,8 +84,8 @@ class Engine(Protocol):
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
         """The chat-formatted prompt as token ids, ready for generation."""
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
-        """Queue a request; call from the event loop."""
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
+        """Queue a request (the prompt both tokenized and as messages); call from the event loop."""
 
     def warm(self) -> None:
         """Run one tiny generation so the first real request pays no start-up cost (blocking)."""

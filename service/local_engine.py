@@ -76,7 +76,7 @@ class LocalEngine:
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                                   tokenize=True)["input_ids"]
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         gen = Generation(prompt_ids, sampling)
         self._inbox.put(gen)
         return gen

@@ -26,7 +26,8 @@ def build_engine(version: ModelVersion, settings: Settings) -> Engine:
     """Load (blocking) the engine that serves `version`, warmed up."""
     if settings.engine == "remote" or version.endpoint:
         from service.remote_engine import RemoteEngine
-        engine = RemoteEngine(version, url=version.endpoint or settings.remote_url)
+        engine = RemoteEngine(version, url=version.endpoint or settings.remote_url,
+                              model=settings.remote_model, api_key=settings.remote_api_key)
     else:
         from schemas.checkpoint import read_manifest
         from service.local_engine import LocalEngine

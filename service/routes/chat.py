@@ -42,7 +42,7 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
                        code="context_length_exceeded")
     sampling = body.to_sampling(serving.settings.default_max_tokens)
     sampling.max_tokens = min(sampling.max_tokens, room)  # the answer ends at the context's edge
-    exchange = Exchange(completion_id(), body, key, engine, engine.submit(prompt_ids, sampling),
+    exchange = Exchange(completion_id(), body, key, engine, engine.submit(prompt_ids, sampling, conversation),
                         conversation)
     if body.stream:
         return StreamingResponse(stream(exchange, request), media_type="text/event-stream",
