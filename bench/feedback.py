@@ -25,11 +25,8 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -38,12 +35,10 @@ from pathlib import Path
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from schemas import feedback, store  # noqa: E402
-from schemas.db import migrate  # noqa: E402
+from common import ADMIN_URL, ScratchDatabase, feedloop_serve
+from schemas import feedback, store  # common put the repository on sys.path
+from schemas.db import migrate
 
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 PROMPTS = 16  # distinct prompts the recorded answers answer
 
 
@@ -52,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=8.0, help="measured time per system")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (and pgbench connections)")
     p.add_argument("--completions", type=int, default=16384, help="recorded answers to give feedback on")
-    p.add_argument("--admin-url", default=os.environ.get("DATABASE_URL") or LOCAL_POSTGRES,
+    p.add_argument("--admin-url", default=ADMIN_URL,
                    help="a Postgres where a scratch database may be created (else embedded pgserver)")
     return p.parse_args()
 
@@ -78,35 +73,6 @@ class Result:
 
 
 # --- a scratch database with answers to judge ------------------------------------------------
-
-class ScratchDatabase:
-    """A fresh database on the given server (dropped on close), or an embedded pgserver when that
-    server cannot be reached."""
-
-    def __init__(self, admin_url: str, home: Path):
-        self.name, self.pgserver = f"feedloop_bench_{uuid.uuid4().hex[:10]}", None
-        try:
-            with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
-                conn.execute(f'CREATE DATABASE "{self.name}"')
-            self.admin_url, self.where = admin_url, "local postgres"
-        except psycopg.OperationalError as e:
-            import pgserver
-
-            print(f"postgres at {admin_url} not reachable ({str(e).strip().splitlines()[0]}); "
-                  "using an embedded pgserver", flush=True)
-            home.chmod(0o755)  # pgserver runs postgres as its own user
-            self.pgserver = pgserver.get_server(home / "pg", cleanup_mode="stop")
-            self.admin_url, self.where = self.pgserver.get_uri(), "embedded pgserver"
-            with psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{self.name}"')
-        self.url = str(psycopg.conninfo.make_conninfo(self.admin_url, dbname=self.name))
-
-    def close(self) -> None:
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        if self.pgserver is not None:
-            self.pgserver.cleanup()
-
 
 def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
     """One user key per client, and `completions` recorded answers (one choice each) owned
@@ -141,48 +107,6 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
 
 
 # --- (a) the API ----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m service serve` on a loopback port, its own session so it is stopped whole."""
-
-    def __init__(self, url: str, work: Path):
-        self.port, self.log = free_port(), work / "api.log"
-        env = dict(os.environ, DATABASE_URL=url, FEEDLOOP_HOME=str(work / "home"), FEEDLOOP_HOST="127.0.0.1",
-                   FEEDLOOP_PORT=str(self.port), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-        env.pop("FEEDLOOP_POLICY_PATH", None)  # no model needed: feedback never touches the engine
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    if s.recv(64).startswith(b"HTTP/1.1 200"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server not ready: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
 
 async def post(reader, writer, path: str, key: str, body: dict) -> int:
     """One POST over a keep-alive connection; returns the status code."""
@@ -246,9 +170,8 @@ def key_prefix(keys: list[str]) -> str:
 
 
 def bench_api(url: str, keys: list[str], args, work: Path) -> Result:
-    server = Server(url, work)
-    try:
-        server.wait_ready()
+    # no model: feedback never touches the engine, so the server is ready when it answers /health
+    with feedloop_serve(url, work, policy=None, ready_path="/health", timeout=60) as server:
         asyncio.run(closed_loop(server.port, keys, args.completions, 1.0, None))  # warm-up
         result = Result("api", args.clients)
         before = cpu_seconds(server.proc.pid)
@@ -259,8 +182,6 @@ def bench_api(url: str, keys: list[str], args, work: Path) -> Result:
             result.note += f"; server {used / result.seconds:.2f} cores, {1000 * used / result.events:.2f} ms CPU/event"
         print(f"  api      {fmt(result.rate)} events/s", flush=True)
         return result
-    finally:
-        server.stop()
 
 
 # --- (b) pgbench on the same database --------------------------------------------------------

@@ -22,12 +22,8 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,14 +31,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+from common import (ADMIN_URL, BENCH_POLICY, Process, ScratchDatabase, ensure_policy, feedloop_serve, free_port,
+                    load_prompts, loopback_env)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", type=Path, default=ROOT / ".feedloop" / "bench" / "bootstrap",
+    p.add_argument("--policy", type=Path, default=BENCH_POLICY,
                    help="checkpoint directory; built by `python -m trainer bootstrap` when missing")
     p.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
     p.add_argument("--max-tokens", type=int, default=48, help="max completion tokens per request")
@@ -50,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     # One thread: a model this small gains nothing from intra-op parallelism, and on a busy
     # machine OpenMP workers waiting on each other make every step many times slower.
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system measured")
-    p.add_argument("--admin-url", default=os.environ.get("DATABASE_URL") or LOCAL_POSTGRES,
+    p.add_argument("--admin-url", default=ADMIN_URL,
                    help="a Postgres where a scratch database may be created (else embedded pgserver)")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -72,113 +68,6 @@ class Cell:
     @property
     def tok_s(self) -> float | None:
         return self.tokens / self.seconds if self.seconds and self.requests else None
-
-
-def load_prompts() -> list[str]:
-    lines = (ROOT / "trainer" / "data" / "prompts.jsonl").read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def loopback_env(**extra) -> dict[str, str]:
-    """The environment for child processes: offline, no proxies for loopback."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-# --- the checkpoint -------------------------------------------------------------------------
-
-def ensure_policy(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path.resolve()
-    print(f"building the bootstrap policy at {path} (once) …", flush=True)
-    subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--no-register", "--out", str(path)],
-                   check=True, cwd=ROOT, env=loopback_env())
-    return path.resolve()
-
-
-# --- a scratch database ---------------------------------------------------------------------
-
-class ScratchDatabase:
-    """A fresh database on the given server (dropped on close), or an embedded pgserver when that
-    server cannot be reached."""
-
-    def __init__(self, admin_url: str, home: Path):
-        import psycopg
-
-        self.name, self.pgserver = f"feedloop_bench_{uuid.uuid4().hex[:10]}", None
-        try:
-            with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
-                conn.execute(f'CREATE DATABASE "{self.name}"')
-            self.admin_url, self.where = admin_url, "local postgres"
-        except psycopg.OperationalError as e:
-            import pgserver
-
-            print(f"postgres at {admin_url} not reachable ({str(e).strip().splitlines()[0]}); "
-                  "using an embedded pgserver", flush=True)
-            self.pgserver = pgserver.get_server(home / "pg", cleanup_mode="stop")
-            self.admin_url, self.where = self.pgserver.get_uri(), "embedded pgserver"
-            with psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{self.name}"')
-        self.url = str(psycopg.conninfo.make_conninfo(self.admin_url, dbname=self.name))
-
-    def close(self) -> None:
-        import psycopg
-
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        if self.pgserver is not None:
-            self.pgserver.cleanup()
-
-
-# --- server processes -----------------------------------------------------------------------
-
-class Process:
-    """A server subprocess on a loopback port, its output in a log file; ready when `ready_path`
-    answers 200."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path,
-                 ready_path: str):
-        self.name, self.port, self.log = name, port, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=open(log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.ready_path = ready_path
-
-    def wait_ready(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=1, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.tail()}")
-
-    def tail(self, lines: int = 3) -> str:
-        text = self.log.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: it and its children only
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 # --- load over HTTP -------------------------------------------------------------------------
@@ -254,22 +143,11 @@ async def batch_rows(http, metrics_url: str | None) -> tuple[float, float] | Non
 
 def bench_api(policy: Path, prompts: list[str], args, work: Path) -> list[Cell]:
     key = f"fl-bench-{uuid.uuid4().hex}"
-    db = ScratchDatabase(args.admin_url, work)
-    print(f"api: scratch database {db.name} on {db.where}", flush=True)
-    port, server = free_port(), None
-    try:
-        server = Process("feedloop serve", [sys.executable, "-m", "service", "serve"],
-                         loopback_env(DATABASE_URL=db.url, FEEDLOOP_HOME=work / "home", FEEDLOOP_HOST="127.0.0.1",
-                                      FEEDLOOP_PORT=port, FEEDLOOP_INIT_API_KEY=key, FEEDLOOP_POLICY_PATH=policy,
-                                      FEEDLOOP_TORCH_THREADS=args.threads),
-                         port, work / "api.log", "/ready")
-        server.wait_ready(120)
-        return measure_http("api", server.url + "/v1", key, "feedloop", prompts, args,
-                            metrics_url=server.url + "/metrics")
-    finally:
-        if server is not None:
-            server.stop()
-        db.close()
+    with ScratchDatabase(args.admin_url, work) as db:
+        print(f"api: scratch database {db.name} on {db.where}", flush=True)
+        with feedloop_serve(db.url, work, policy=policy, key=key, FEEDLOOP_TORCH_THREADS=args.threads) as server:
+            return measure_http("api", server.url + "/v1", key, "feedloop", prompts, args,
+                                metrics_url=server.url + "/metrics")
 
 
 # --- (b) raw batched model.generate ---------------------------------------------------------
