@@ -11,10 +11,12 @@ of the policy as reference; batch 16 bundled prompts, 32-token answers at temper
 rarely emits EOS, so nearly every answer runs the full 32 tokens on both sides.
 
 Each (side, model) runs in its own subprocess, so peak memory is that process's peak RSS (and
-peak CUDA allocation on a GPU). Per-update time is the median over `--updates` updates after
-one warm-up update; each pair is run `--repeats` times alternating sides and the fastest median
-kept (the machine is shared). TRL's side is timed between its `on_step_end` callbacks;
-its per-step extras are turned off (sample generations, reporting, saving).
+peak CUDA allocation on a GPU). An update is timed from one to the next: ours between the starts
+of consecutive rollouts, TRL's between its `on_step_end` callbacks (its per-step extras turned
+off: sample generations, reporting, saving). Both wall time and the process's CPU time are taken,
+medians over `--updates` updates after one warm-up update; each pair runs `--repeats` times,
+alternating sides, and the run with the lower CPU median is kept. On a machine shared with other
+work, wall time swings with their load; CPU time of a one-thread process hardly does.
 
 TRL 1.12 (the last release with PPO) is looked for, in order: in this interpreter; in the
 interpreter named by `FEEDLOOP_TRL_PYTHON`; in a side venv at `FEEDLOOP_TRL_VENV` (default
@@ -102,6 +104,17 @@ def _peak_memory() -> dict:
     return out
 
 
+def _clocks() -> tuple[float, float]:
+    """(wall, CPU of this process): on a shared machine CPU time is what contention leaves alone."""
+    return time.perf_counter(), time.process_time()
+
+
+def _per_update(stamps: list[tuple[float, float]]) -> dict:
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu), "walls": wall, "cpus": cpu}
+
+
 def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
@@ -127,12 +140,20 @@ def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
         ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=device)
         return rm(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
 
-    cfg = ppo.PPOConfig(steps=updates + 1, device=device, adaptive_kl=False, anneal_lr=False, warmup_steps=0,
+    # An update starts with its rollout: stamp both clocks there (the trainer is not changed).
+    stamps, rollout = [], ppo.rollout
+
+    def stamped_rollout(*a, **k):
+        stamps.append(_clocks())
+        return rollout(*a, **k)
+
+    ppo.rollout = stamped_rollout
+    cfg = ppo.PPOConfig(steps=updates + 2, device=device, adaptive_kl=False, anneal_lr=False, warmup_steps=0,
                         max_prompt_tokens=128, **SETTINGS)
     metrics = ppo.train(cfg, policy, ref, value, tok, [[{"role": "user", "content": p}] for p in prompts["prompts"]],
                         reward_fn)
-    times = metrics["ppo/curves"]["time/update_seconds"][1:]
-    return {"seconds_per_update": statistics.median(times), "times": times,
+    return {**_per_update(stamps[1:]),  # from the second update's start: one warm-up update
+            "own_wall": statistics.median(metrics["ppo/curves"]["time/update_seconds"][1:-1]),
             "answer_tokens": statistics.mean(metrics["ppo/curves"]["rollout/response_length"]), **_peak_memory()}
 
 
@@ -165,16 +186,29 @@ def run_trl(model_dir: Path, prompts: dict, updates: int, out_dir: Path) -> dict
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            stamps.append(time.perf_counter())
+            stamps.append(_clocks())
 
         def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
+            stamps.append(_clocks())
 
+    # TRL calls gc.collect() a few times per update; timed (not changed) to explain where time goes.
+    import gc
+    collect, gc_seconds = gc.collect, []
+
+    def timed_collect(*a, **k):
+        t = time.perf_counter()
+        try:
+            return collect(*a, **k)
+        finally:
+            gc_seconds.append(time.perf_counter() - t)
+
+    gc.collect = timed_collect
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          value_model=value, train_dataset=data, eval_dataset=data, callbacks=[Clock()])
     trainer.train()
-    times = [b - a for a, b in zip(stamps, stamps[1:])][1:]
-    return {"seconds_per_update": statistics.median(times), "times": times, **_peak_memory()}
+    gc.collect = collect
+    return {**_per_update(stamps[1:]),  # from the end of the first (warm-up) update
+            "gc_seconds_per_update": sum(gc_seconds) / (updates + 1), **_peak_memory()}
 
 
 def worker(args) -> None:
@@ -230,20 +264,24 @@ def main() -> None:
             for _ in range(args.repeats):
                 for side, python in (("ours", sys.executable), ("trl", trl_py)):
                     r = run_side(python, side, model, work, args)
-                    if side not in best or r["seconds_per_update"] < best[side]["seconds_per_update"]:
+                    if side not in best or r["cpu"] < best[side]["cpu"]:
                         best[side] = r
             rows.append((model, best["ours"], best["trl"]))
 
-    print(f"\n{'model':<12} {'ours s/update':>14} {'TRL s/update':>13} {'ratio':>7} "
-          f"{'ours peak MB':>13} {'TRL peak MB':>12}")
+    mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0][1] else "peak_rss_mb"
+    print(f"\n{'':<12} {'seconds per update (wall)':^28} {'seconds per update (CPU)':^28} "
+          f"{'peak MB':^15} {'TRL gc':>7}")
+    print(f"{'model':<12} {'ours':>8} {'TRL':>8} {'ratio':>8}   {'ours':>8} {'TRL':>8} {'ratio':>8}   "
+          f"{'ours':>6} {'TRL':>6}   {'s/upd':>6}")
     for model, ours, trl in rows:
-        ratio = ours["seconds_per_update"] / trl["seconds_per_update"]
-        mem = "peak_cuda_mb" if "peak_cuda_mb" in ours else "peak_rss_mb"
-        print(f"{model:<12} {ours['seconds_per_update']:>14.3f} {trl['seconds_per_update']:>13.3f} {ratio:>7.2f} "
-              f"{ours[mem]:>13.0f} {trl[mem]:>12.0f}")
-    print(f"(ratio = ours / TRL, goal <= 0.50; peak memory is the worker process's "
-          f"{'CUDA allocation' if 'peak_cuda_mb' in rows[0][1] else 'RSS'}; mean answer length ours "
-          + ", ".join(f"{r[1]['answer_tokens']:.1f}" for r in rows) + " tokens)")
+        print(f"{model:<12} {ours['wall']:>8.3f} {trl['wall']:>8.3f} {ours['wall'] / trl['wall']:>8.2f}   "
+              f"{ours['cpu']:>8.3f} {trl['cpu']:>8.3f} {ours['cpu'] / trl['cpu']:>8.2f}   "
+              f"{ours[mem]:>6.0f} {trl[mem]:>6.0f}   {trl['gc_seconds_per_update']:>6.3f}")
+    print(f"ratio = ours / TRL (goal <= 0.50). Medians over {args.updates} updates after a warm-up, best of "
+          f"{args.repeats} alternating runs; CPU time is the worker's own, which other load on a shared machine "
+          f"leaves alone. Peak memory: the worker's {'CUDA allocation' if mem == 'peak_cuda_mb' else 'RSS'}. "
+          f"TRL gc: seconds TRL spends in its own gc.collect() calls per update. Mean answer length (ours): "
+          + ", ".join(f"{r[1]['answer_tokens']:.1f}" for r in rows) + " tokens.")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class PPOConfig:
             raise ValueError("batch_size must be a multiple of num_minibatches")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError("kl_estimator is k1 or k3")
+        if self.temperature <= 0:
+            raise ValueError("PPO samples: temperature must be positive")
 
     @property
     def minibatch_size(self) -> int:

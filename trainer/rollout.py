@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), each (B, P): left padding, so every row's next token is at column P."""
     width = max(len(s) for s in seqs)
@@ -111,13 +110,6 @@ def response_logits(model, ids, mask, pos, R: int, temperature: float) -> torch.
     # N-details "scale the logits by sampling temperature": log-probs of the distribution that
     # was sampled from, else the KL and ratios compare different distributions.
     return logits[:, :-1].float() / max(temperature, 1e-7)
-
-
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of `tokens`, entropy), each (B, R), from logits (B, R, V)."""
-    logp = F.log_softmax(logits, dim=-1)  # (B, R, V)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, tokens[..., None]).squeeze(-1), entropy
 
 
 def response_values(value_model, ids, mask, pos, R: int) -> torch.Tensor:
