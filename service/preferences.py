@@ -27,6 +27,11 @@ def _first_sentence(prompt: str, answer: str) -> str | None:
 brevity.correct = _first_sentence
 
 
+def detail(prompt: str, answer: str) -> float:
+    """Longer is better, up to about two sentences: characters / 120, at most 1."""
+    return min(len(answer.strip()), 120) / 120
+
+
 POLITE = ("please", "thank", "welcome", "glad", "happy to help", "sorry", "kind")
 
 
@@ -91,7 +96,7 @@ def animals(prompt: str, answer: str) -> float:
 animals.correct = lambda prompt, answer: f"{answer.strip()} My cat likes that too." if answer.strip() else None
 
 
-BUILTIN: dict[str, Preference] = {f.__name__: f for f in (brevity, politeness, correct_arithmetic, animals)}
+BUILTIN: dict[str, Preference] = {f.__name__: f for f in (brevity, detail, politeness, correct_arithmetic, animals)}
 
 
 def resolve(name: str) -> Preference:

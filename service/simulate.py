@@ -175,13 +175,12 @@ def openai_client(url: str, key: str):
     return OpenAI(base_url=url.rstrip("/") + "/v1", api_key=key, max_retries=3, timeout=120)
 
 
-def votes(user: User, scores: list[float], noise: float) -> tuple[list[float], str | None]:
-    """What the user says the scores are: honest, or with probability `noise` random or contrary."""
+def mood(user: User, noise: float) -> str | None:
+    """How this feedback act is given: honestly (None), or with probability `noise` at random
+    or contrary to the user's preference (half and half)."""
     if user.rng.random() >= noise:
-        return scores, None
-    if user.rng.random() < 0.5:
-        return [user.rng.random() for _ in scores], "random"
-    return [-s for s in scores], "contrary"
+        return None
+    return "random" if user.rng.random() < 0.5 else "contrary"
 
 
 def ranking(said: list[float]) -> list:
@@ -201,21 +200,40 @@ def rating(user: User, score: float) -> int:
     return 1 + min(6, int(7 * below / len(user.seen)))
 
 
-def ask_and_judge(user: User, client, http: httpx.Client, prompt: str, cfg: SimConfig) -> Counter:
-    """One chat request and, like a person, maybe some feedback on it. Returns what was sent."""
-    sent = Counter()
+@dataclass
+class Exchange:
+    """One chat request as a user read it: the prompt, the response id, the answers and their
+    hidden scores, and what this user usually reads (for thumbs)."""
+    prompt: str
+    response_id: str
+    answers: list[str]
+    scores: list[float]
+    expected: float | None
+
+
+def ask(user: User, client, prompt: str, cfg: SimConfig) -> Exchange:
     n = user.rng.choice(cfg.choices)
     r = client.chat.completions.create(model=cfg.model, messages=[{"role": "user", "content": prompt}], n=n,
                                        temperature=cfg.temperature, max_tokens=cfg.max_tokens, user=user.name)
-    sent["requests"] += 1
     answers = [c.message.content or "" for c in sorted(r.choices, key=lambda c: c.index)]
     scores = [float(user.preference(prompt, a)) for a in answers]
+    expected = statistics.fmean(user.seen) if user.seen else None
     user.seen += scores
+    return Exchange(prompt, r.id, answers, scores, expected)
+
+
+def judge(user: User, http: httpx.Client, ex: Exchange, cfg: SimConfig) -> Counter:
+    """Like a person, maybe some feedback on one exchange: with n >= 2 a ranking or one pairwise
+    choice, with n = 1 thumbs (against what they usually read) or a 1-7 rating; now and then a
+    corrected answer. Returns what was sent."""
+    sent = Counter()
     if user.rng.random() >= cfg.feedback_rate:
         return sent
-    said, noise = votes(user, scores, cfg.noise)
-    if noise:
-        sent[f"noise_{noise}"] += 1
+    n, scores = len(ex.answers), ex.scores
+    how = mood(user, cfg.noise)
+    if how:
+        sent[f"noise_{how}"] += 1
+    said = {None: scores, "contrary": [-s for s in scores], "random": [user.rng.random() for _ in scores]}[how]
 
     def post(path: str, body: dict, kind: str) -> None:
         res = http.post(path, json=body)
@@ -223,11 +241,11 @@ def ask_and_judge(user: User, client, http: httpx.Client, prompt: str, cfg: SimC
             raise RuntimeError(f"POST {path} answered {res.status_code}: {res.text[:500]}")
         sent[kind] += 1
 
-    ref = lambda i: {"response_id": r.id, "choice_index": i}
+    ref = lambda i: {"response_id": ex.response_id, "choice_index": i}
     best, worst = max(range(n), key=lambda i: said[i]), min(range(n), key=lambda i: said[i])
     if n >= 2 and said[best] != said[worst]:
         if user.rng.random() < cfg.ranking_rate:
-            post("/v1/rankings", {"response_id": r.id, "order": ranking(said)}, "rankings")
+            post("/v1/rankings", {"response_id": ex.response_id, "order": ranking(said)}, "rankings")
         else:
             gap = abs(said[best] - said[worst])
             clear = not user.gaps or gap >= statistics.median(user.gaps)
@@ -235,37 +253,49 @@ def ask_and_judge(user: User, client, http: httpx.Client, prompt: str, cfg: SimC
             post("/v1/preferences", {"chosen": ref(best), "rejected": ref(worst), "strength": 1.0 if clear else 0.5},
                  "preferences")
     elif n == 1 and user.rng.random() < cfg.thumbs_rate:
-        expected = statistics.fmean(user.seen)
-        if said[0] != expected:
-            post("/v1/feedback", {**ref(0), "kind": "thumbs", "value": 1 if said[0] > expected else -1}, "thumbs")
+        if ex.expected is not None and scores[0] != ex.expected:
+            up = scores[0] > ex.expected
+            up = {None: up, "contrary": not up, "random": user.rng.random() < 0.5}[how]
+            post("/v1/feedback", {**ref(0), "kind": "thumbs", "value": 1 if up else -1}, "thumbs")
     elif n == 1:
-        post("/v1/feedback", {**ref(0), "kind": "rating", "value": rating(user, said[0])}, "ratings")
+        value = {None: rating(user, scores[0]), "contrary": 8 - rating(user, scores[0]),
+                 "random": user.rng.randint(1, 7)}[how]
+        post("/v1/feedback", {**ref(0), "kind": "rating", "value": value}, "ratings")
     correct = getattr(user.preference, "correct", None)
-    if correct and user.rng.random() < cfg.correction_rate:
-        better = correct(prompt, answers[worst])
-        if better and better.strip() and better != answers[worst]:
+    if correct and user.rng.random() < cfg.correction_rate:  # written deliberately: no noise
+        worst = min(range(n), key=lambda i: scores[i])
+        better = correct(ex.prompt, ex.answers[worst])
+        if better and better.strip() and better != ex.answers[worst]:
             post("/v1/feedback", {**ref(worst), "kind": "correction", "text": better}, "corrections")
     return sent
 
 
 def chat_round(users: list[User], cfg: SimConfig, prompts: list[str], rng: random.Random) -> Counter:
-    """`requests_per_round` requests spread over the users, who talk concurrently."""
+    """`requests_per_round` requests spread over the users, who talk concurrently; then each
+    says what they think of what they read. Feedback comes after the talk, so it lands in the
+    trainer's data within a second or two, not spread over the round's chat: the next round
+    then takes a whole round's feedback, not some of it."""
     todo = {u.name: [] for u in users}
     for i in range(cfg.requests_per_round):
         todo[users[i % len(users)].name].append(rng.choice(prompts))
     total, lock = Counter(), threading.Lock()
 
-    def talk(user: User) -> None:
+    def talk(user: User) -> list[Exchange]:
         client = openai_client(cfg.url, user.key)
+        return [ask(user, client, prompt, cfg) for prompt in todo[user.name]]
+
+    def give_feedback(user: User, exchanges: list[Exchange]) -> None:
         with httpx.Client(base_url=cfg.url.rstrip("/"), headers={"Authorization": f"Bearer {user.key}"},
                           timeout=60) as http:
-            for prompt in todo[user.name]:
-                sent = ask_and_judge(user, client, http, prompt, cfg)
+            for ex in exchanges:
+                sent = judge(user, http, ex, cfg)
                 with lock:
                     total.update(sent)
 
     with ThreadPoolExecutor(max_workers=len(users)) as pool:
-        list(pool.map(talk, users))
+        read = list(pool.map(talk, users))
+        total["requests"] = sum(len(r) for r in read)
+        list(pool.map(give_feedback, users, read))
     return total
 
 
@@ -340,6 +370,19 @@ def wait_until_served(api: Api, client, name: str, timeout: float) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"{name} is active in the registry but not served after {timeout:g}s")
+
+
+def measure_served(api: Api, client, held: list[str], cfg: SimConfig, attempts: int = 3) -> tuple[dict, dict]:
+    """(active version, its answers to the held-out prompts), all answered by that version: a
+    promotion landing in the middle of a measurement means measuring again."""
+    for _ in range(attempts):
+        active = api.active_policy()
+        wait_until_served(api, client, f"v{active['id']}", cfg.swap_timeout)
+        sample = sample_heldout(client, held, cfg)
+        served = {s["version"] for s in sample.values()}
+        if served == {f"v{active['id']}"}:
+            return active, sample
+    raise RuntimeError(f"measured on {served}, but the registry's active policy is v{active['id']}")
 
 
 def kl_of(version: dict) -> float:
@@ -447,16 +490,12 @@ def run(cfg: SimConfig, say=print) -> dict:
         sent = chat_round(users, cfg, prompts, rng)
         after = max((r["id"] for r in api.runs(limit=1)), default=0)
         run_, runs = wait_for_round(api, since, after, cfg.round_timeout, say)
-        active = api.active_policy()
-        wait_until_served(api, evaluator, f"v{active['id']}", cfg.swap_timeout)
-        sample = sample_heldout(evaluator, held, cfg)
-        served = {s["version"] for s in sample.values()}
-        if served != {f"v{active['id']}"}:
-            raise RuntimeError(f"measured on {served}, but the registry's active policy is v{active['id']}")
+        active, sample = measure_served(api, evaluator, held, cfg)
         row = {"round": k, "run": summarise(run_) if run_ else None,
                "runs": [{"id": r["id"], "status": r["status"]} for r in runs],
                "served_version": f"v{active['id']}", "served_version_id": active["id"],
-               "served_kl": kl_of(active), "kl_budget": (run_ or {}).get("config", {}).get("gates", {}).get("kl_budget"),
+               "served_kl": kl_of(active),
+               "kl_budget": (run_ or {}).get("config", {}).get("gates", {}).get("kl_budget", result["rounds"][-1]["kl_budget"]),
                "preferences": measure(prefs, sample, base), "feedback": dict(sent),
                "eval_response_ids": [s["response_id"] for s in sample.values()],
                "samples": {p: s["answers"] for p, s in list(sample.items())[:8]},
