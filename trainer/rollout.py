@@ -104,20 +104,22 @@ def join(prompt_ids, prompt_mask, responses, response_mask):
 
 def response_logits(model, ids, mask, pos, R: int, temperature: float) -> torch.Tensor:
     """(B, R, V) logits / T predicting each answer token; the LM head runs only on those columns."""
-    # Column P - 1 + t predicts answer token t: keep the last R + 1 columns and drop the very last.
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=R + 1,
-                   use_cache=False).logits  # no KV cache to build: this forward is the last
+    # Column P - 1 + t predicts answer token t. The last column predicts nothing we need and, the
+    # attention being causal, no other column sees it: it is left out of the forward altogether.
+    logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                   logits_to_keep=R, use_cache=False).logits  # no KV cache to build: nothing follows
     # N-details "scale the logits by sampling temperature": log-probs of the distribution that
     # was sampled from, else the KL and ratios compare different distributions.
-    return logits[:, :-1].float() / max(temperature, 1e-7)
+    return logits.float() / max(temperature, 1e-7)
 
 
 def response_values(value_model, ids, mask, pos, R: int) -> torch.Tensor:
     """(B, R) value of the state before each answer token: the value head on every hidden state,
     not only the last one a `*ForSequenceClassification` model pools."""
     backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    return value_model.score(hidden[:, -R - 1:-1]).squeeze(-1).float()
+    hidden = backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                      use_cache=False).last_hidden_state  # the last column: as in response_logits
+    return value_model.score(hidden[:, -R:]).squeeze(-1).float()
 
 
 def decode(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
