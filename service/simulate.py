@@ -342,10 +342,10 @@ FINISHED = ("succeeded", "skipped", "failed")
 
 
 def wait_for_round(api: Api, since: int, after: int, timeout: float | None, say) -> tuple[dict | None, list[dict]]:
-    """Wait until a run newer than `after` (the newest when this round's feedback was complete)
-    has finished; return this round's run, the newest one that trained (not skipped) among those
-    newer than `since` (the newest before the round's chat began), and all of those. A run may
-    start while users still talk and take part of their feedback; the next one takes the rest."""
+    """Wait for the trainer's next round: one newer than `after` (the newest when this round's
+    feedback was in) to finish. Returns the newest round that trained (was not skipped) since
+    `since` (the newest before this round's talk began), or None, and every round finished since
+    then: one may have started while feedback was still arriving and taken part of it."""
     deadline = None if timeout is None else time.time() + timeout
     said = False
     while True:
@@ -398,7 +398,7 @@ def fmt(x, spec: str) -> str:
 
 def table_header(pref_names: list[str]) -> str:
     cols = "".join(f"  {n[:12]:>12} {'win':>5}" for n in pref_names)
-    return f"{'round':>5}  {'run':>4}  {'status':<9}  {'gates':<6}  {'served':>6}{cols}  {'KL':>6}  {'budget':>6}  {'RM acc':>6}  {'pairs':>5}  {'secs':>5}"
+    return f"{'round':>5}  {'runs':>5}  {'status':<9}  {'gates':<6}  {'served':>6}{cols}  {'KL':>6}  {'budget':>6}  {'RM acc':>6}  {'pairs':>5}  {'secs':>5}"
 
 
 def table_row(row: dict, pref_names: list[str]) -> str:
@@ -406,7 +406,8 @@ def table_row(row: dict, pref_names: list[str]) -> str:
     gates = {True: "pass", False: "reject", None: "-"}[run.get("gates_passed")]
     cols = "".join(f"  {row['preferences'][n]['score']:>12.3f} {row['preferences'][n]['win_rate']:>5.0%}"
                    for n in pref_names)
-    return (f"{row['round']:>5}  {fmt(run.get('id'), 'd'):>4}  {run.get('status', '-'):<9}  {gates:<6}  "
+    trained = ",".join(str(r["id"]) for r in row.get("runs", []) if r["status"] != "skipped") or "-"
+    return (f"{row['round']:>5}  {trained:>5}  {run.get('status', '-'):<9}  {gates:<6}  "
             f"{row['served_version']:>6}{cols}  {row['served_kl']:>6.2f}  {fmt(row.get('kl_budget'), '.1f'):>6}  "
             f"{fmt(run.get('rm_accuracy'), '.2f'):>6}  {fmt(run.get('pairs'), 'd'):>5}  {row['seconds']:>5.0f}")
 
@@ -480,6 +481,9 @@ def run(cfg: SimConfig, say=print) -> dict:
     say(f"simulating {cfg.users} users ({', '.join(f'{n}' for n in pref_names)}; noise {cfg.noise:.0%}), "
         f"{cfg.requests_per_round} requests a round, measured on {len(held)} held-out prompts "
         f"x {cfg.eval_samples} answers against {result['baseline']['version']}")
+    say("(score: mean hidden preference of the served version's answers; win: against "
+        f"{result['baseline']['version']}, ties half; KL: served version to its reference, nats; budget: the gates'; "
+        "RM acc: the round's reward model on held-out pairs; pairs: all it trained on)")
     say(table_header(pref_names))
     say(table_row(result["rounds"][0], pref_names))
     write_json(result, cfg.json_path)

@@ -64,21 +64,22 @@ def test_ranking_ties_and_win_rate():
 # v1, so a target far below the budget would pull later rounds back towards v1.
 ROUND = {
     "reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2},
-    "ppo": {"steps": 30, "batch_size": 16, "num_minibatches": 2, "temperature": 1.0, "target_kl": 5.0},
-    "gates": {"eval_prompts": 32},
+    "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 5.0},
+    "gates": {"eval_prompts": 43, "min_reward_gain": 0.0},
 }
 ROUNDS = 5
-SIMULATION = ["--users", "8", "--rounds", str(ROUNDS), "--requests", "200", "--choices", "4", "--noise", "0.1",
+SIMULATION = ["--users", "8", "--rounds", str(ROUNDS), "--requests", "300", "--choices", "1,2,4,4,4", "--noise", "0.1",
               "--until-win-rate", "0.7", "--round-timeout", "600"]
 
 
 @pytest.fixture
 def loop(new_database, policy_path, tmp_path):
     """The API and the trainer service trying a round every few seconds, promoting what passes
-    the gates; a round needs 200 new pairs (a simulated round brings about 500)."""
+    the gates; a round needs 400 new pairs (a simulated round brings about 600, so a round
+    that starts while feedback is still arriving leaves too few for a second one)."""
     server = Server(new_database(), tmp_path, FEEDLOOP_POLICY_PATH=policy_path).start()
     env = dict(server.env, FEEDLOOP_TRAIN_INTERVAL_SECONDS="3", FEEDLOOP_PROMOTION="auto",
-               FEEDLOOP_MIN_NEW_PAIRS="200", FEEDLOOP_ROUND_CONFIG=json.dumps(ROUND), FEEDLOOP_TORCH_THREADS="1")
+               FEEDLOOP_MIN_NEW_PAIRS="400", FEEDLOOP_ROUND_CONFIG=json.dumps(ROUND), FEEDLOOP_TORCH_THREADS="1")
     trainer = subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], cwd=ROOT, env=env,
                                stdout=open(tmp_path / "trainer.log", "ab"), stderr=subprocess.STDOUT)
     yield server
