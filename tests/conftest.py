@@ -97,8 +97,10 @@ def policy_path() -> Path:
     """The real bootstrap, built once by `python -m trainer bootstrap` (cached by its inputs)."""
     out = ROOT / ".feedloop" / "test-cache" / f"bootstrap-{_source_digest()}"
     if not out.exists():
-        subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--no-register", "--out", str(out)],
-                       check=True, cwd=ROOT, env=dict(os.environ, FEEDLOOP_TORCH_THREADS="2"))
+        built = subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--no-register", "--out", str(out)],
+                               cwd=ROOT, env=dict(os.environ, FEEDLOOP_TORCH_THREADS="2"))
+        if built.returncode and not out.exists():  # another session publishing the same one first is fine
+            raise RuntimeError("bootstrap failed")
     return out
 
 

@@ -2,7 +2,6 @@
 a candidate in the registry, promotion, the new fingerprint, rollback; and the trainer's safety:
 one round at a time across processes, nothing registered by a killed round."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 "the") give rankings, pairwise choices and thumbs through the real API; `feedloop train reward`
 trains on what the one derivation yields, and the registered version learned the rule."""
 import json
-import os
 import subprocess
 import sys
 

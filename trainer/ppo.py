@@ -28,6 +28,7 @@ from schemas.checkpoint import publish, staging
 from trainer.data import bundled_prompts
 from trainer.rollout import (Samples, decode, join, left_pad, response_logits, response_values,
                              sample)
+from trainer.common import disable_dropout, on_terminal
 from trainer.sft import answer_loss, as_messages, collate, encode_demonstration, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -414,13 +415,6 @@ def lr_at(step: int, cfg: PPOConfig) -> float:
     return cfg.lr
 
 
-def disable_dropout(model) -> None:
-    """N-details "disable dropout": ratios and KL must compare the very function that sampled."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
 # --- train ---------------------------------------------------------------------------------------
 
 def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: list[list[dict]],
@@ -472,7 +466,7 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
     order: list[int] = []
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     curves = {k: [] for k in CURVE_KEYS}
-    bar = tqdm(total=cfg.steps, desc="ppo", disable=not _tty() or not accelerator.is_main_process, leave=False)
+    bar = tqdm(total=cfg.steps, desc="ppo", disable=not on_terminal() or not accelerator.is_main_process, leave=False)
 
     for step in range(cfg.steps):
         t0 = time.time()
@@ -533,7 +527,7 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
             curves[k].append(round(float(step_stats.get(k, 0.0)), 5))
         bar.update(1)
         bar.set_postfix(reward=f"{step_stats['reward/score']:.3f}", kl=f"{step_stats['ppo/kl']:.2f}")
-        if not _tty() and accelerator.is_main_process and (step % 10 == 0 or step == cfg.steps - 1):
+        if not on_terminal() and accelerator.is_main_process and (step % 10 == 0 or step == cfg.steps - 1):
             log.info("ppo step %d/%d reward %.3f kl %.3f beta %.4f entropy %.3f clipfrac %.3f len %.1f",
                      step + 1, cfg.steps, step_stats["reward/score"], step_stats["ppo/kl"],
                      kl_ctl_value_used, step_stats["ppo/entropy"], step_stats["ppo/clipfrac"],
@@ -614,7 +608,3 @@ def save_policy(policy, tokenizer, out: Path, cfg: PPOConfig, metrics: dict, *,
         return publish(tmp, out, kind="policy", config={"ppo": asdict(cfg), **(provenance or {})},
                        metrics=summary)
 
-
-def _tty() -> bool:
-    import sys
-    return sys.stderr.isatty()

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from schemas.checkpoint import publish, staging
 from schemas.records import TrainingPair
 from schemas.settings import resolve_device
+from trainer.common import disable_dropout, on_terminal
 from trainer.sft import as_messages, lr_at
 
 log = logging.getLogger(__name__)
@@ -311,13 +311,6 @@ def load_for_training(path: str | Path, seed: int = 0):
     return model, tokenizer
 
 
-def no_dropout(model) -> None:
-    """Dropout off: the scores compared in one pair must come from the same function."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
 # --- loss -----------------------------------------------------------------------------------
 
 def preference_loss(r_chosen, r_rejected, margin, group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +379,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the reward model needs a pad token distinct from EOS to find the last real token")
-    no_dropout(model)
+    disable_dropout(model)
 
     train_pairs, heldout_pairs = split_pairs(pairs, cfg.heldout_frac, cfg.seed)
     if not train_pairs:
@@ -412,7 +405,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     steps_per_epoch = math.ceil(len(epoch_batches[0]) / world)
     total = cfg.epochs * steps_per_epoch
     curve, curve_acc, step, sequences, pairs_seen, tokens = [], [], 0, 0, 0, 0
-    bar = tqdm(total=total, desc="reward", disable=not _tty() or not accelerator.is_main_process,
+    bar = tqdm(total=total, desc="reward", disable=not on_terminal() or not accelerator.is_main_process,
                leave=False)
     for epoch, batches in enumerate(epoch_batches):
         epoch_loss = epoch_correct = epoch_pairs = epoch_center = 0.0
@@ -445,7 +438,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{curve[-1]:.3f}", acc=f"{epoch_correct / epoch_pairs:.2f}")
-        if not _tty() and accelerator.is_main_process:
+        if not on_terminal() and accelerator.is_main_process:
             log.info("reward epoch %d/%d loss %.4f accuracy %.3f", epoch + 1, cfg.epochs,
                      epoch_loss / epoch_pairs, epoch_correct / epoch_pairs)
     bar.close()
@@ -537,6 +530,3 @@ def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch
     r = raw_scores(model, encoder.seqs, encoder.prompt_lens, tokenizer.pad_token_id, batch_size, device)[idx]
     return (r - getattr(model.config, "reward_bias", 0.0)) / getattr(model.config, "reward_scale", 1.0)
 
-
-def _tty() -> bool:
-    return sys.stderr.isatty()

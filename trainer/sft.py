@@ -8,6 +8,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from trainer.common import on_terminal
+
 log = logging.getLogger(__name__)
 IGNORE = -100  # label value cross-entropy skips: prompt and padding positions
 
@@ -87,7 +89,7 @@ def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
     total = cfg.epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(cfg.seed)
     curve, step, t0 = [], 0, time.time()
-    bar = tqdm(total=total, desc="sft", disable=not _tty(), leave=False)
+    bar = tqdm(total=total, desc="sft", disable=not on_terminal(), leave=False)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         for start in range(0, len(order), cfg.batch_size):
@@ -105,7 +107,7 @@ def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{curve[-1]:.3f}")
-        if not _tty():
+        if not on_terminal():
             log.info("sft epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, curve[-1])
     bar.close()
     model = accelerator.unwrap_model(model)
@@ -114,7 +116,3 @@ def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
     return {"sft/loss": sum(tail) / len(tail), "sft/steps": step, "sft/examples": len(examples),
             "sft/seconds": round(time.time() - t0, 2), "sft/curve": curve, "sft/config": asdict(cfg)}
 
-
-def _tty() -> bool:
-    import sys
-    return sys.stderr.isatty()

@@ -9,7 +9,7 @@ import openai
 import psycopg
 import pytest
 
-from tests.conftest import OPERATOR_KEY, ROOT
+from tests.conftest import ROOT
 
 
 def test_missing_and_wrong_keys_are_401(server):
