@@ -413,25 +413,31 @@ def table_row(row: dict, pref_names: list[str]) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Score and win rate against the first version, by round, one line per preference."""
+    """Score and win rate against the first version by round, one line per preference; and the
+    served version's KL beside the gates' budget."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rounds"]
+    rows, names = result["rounds"], result["config"]["preferences"]
     x = [r["round"] for r in rows]
-    fig, (ax_score, ax_win) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in result["config"]["preferences"]:
+    fig, (ax_score, ax_win, ax_kl) = plt.subplots(1, 3, figsize=(15, 4))
+    for name in names:
         ax_score.plot(x, [r["preferences"][name]["score"] for r in rows], marker="o", label=name)
         ax_win.plot(x, [r["preferences"][name]["win_rate"] for r in rows], marker="o", label=name)
     for r in rows:  # which version served each measurement
-        ax_win.annotate(r["served_version"], (r["round"], r["preferences"][result["config"]["preferences"][0]]["win_rate"]),
+        ax_win.annotate(r["served_version"], (r["round"], r["preferences"][names[0]]["win_rate"]),
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax_kl.plot(x, [r["served_kl"] for r in rows], marker="o", color="tab:purple", label="served version")
+    budgets = [r["kl_budget"] for r in rows if r.get("kl_budget") is not None]
+    if budgets:
+        ax_kl.axhline(budgets[-1], color="tab:red", lw=1, ls="--", label="gates' budget")
     ax_score.set(title="hidden preference, served version (held-out prompts)", xlabel="round", ylabel="mean score")
     ax_win.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax_win.set(title=f"win rate against {result['baseline']['version']}", xlabel="round", ylabel="win rate",
-               ylim=(0, 1))
-    for ax in (ax_score, ax_win):
+    ax_win.set(title=f"win rate against {result['baseline']['version']} (ties half)", xlabel="round",
+               ylabel="win rate", ylim=(0, 1))
+    ax_kl.set(title="KL to the reference policy (nats)", xlabel="round", ylabel="KL", ylim=(0, None))
+    for ax in (ax_score, ax_win, ax_kl):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
         ax.legend()
