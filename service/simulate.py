@@ -56,14 +56,14 @@ class SimConfig:
     """share of feedback acts that are random (half of them) or contrary (the other half)"""
     rounds: int = 5
     """training rounds to wait for and measure"""
-    requests_per_round: int = 128
+    requests_per_round: int = 300
     """chat requests all users send between two rounds"""
     seed: int = 0
     json_path: Path = Path("simulation.json")
     png_path: Path = Path("simulation.png")
 
     # how users chat and judge
-    choices: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    choices: list[int] = field(default_factory=lambda: [1, 2, 4, 4, 4])
     """`n` a request asks for, drawn per request; n >= 2 is ranked or compared pairwise"""
     temperature: float = 1.0
     """sampling temperature of users' requests and of the measurement"""
@@ -579,7 +579,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 def main(args: argparse.Namespace) -> None:
     for name in ("httpx", "httpx2", "openai"):  # one line per request would bury the table
         logging.getLogger(name).setLevel(logging.WARNING)
+    from openai import APIError
     try:
         run(config_from_args(args), say=lambda s: print(s, flush=True))
-    except (ValueError, TimeoutError, RuntimeError, httpx.HTTPError) as e:
+    except (ValueError, TimeoutError, RuntimeError, httpx.HTTPError, APIError) as e:
         sys.exit(f"feedloop simulate: {e}")
