@@ -57,6 +57,14 @@ def test_ranking_ties_and_win_rate():
     assert simulate.win_rate(preferences.brevity, base, base) == pytest.approx(0.5)
 
 
+def test_simulate_is_a_feedloop_command():
+    out = subprocess.run([sys.executable, "-m", "service", "simulate", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    for option in ("--url", "--api-key", "--users", "--preference", "--noise", "--rounds", "--requests", "--seed",
+                   "--json", "--png"):
+        assert option in out
+
+
 # --- the loop learns, end to end ------------------------------------------------------------
 
 # Sized for two CPU cores: a round is well under a minute here. PPO's KL target sits below the
