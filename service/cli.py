@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -94,6 +95,9 @@ def cmd_export(args) -> None:
 def serve() -> None:
     import uvicorn
 
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it unwinds through our
+    # `finally` blocks and atexit (the trainer child, the embedded database) instead of killing us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = get_settings()
     uvicorn.run("service.app:app", host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=30)
 
@@ -127,8 +131,16 @@ def start_trainer() -> subprocess.Popen:
     serving; on a CPU-only machine it also gets one torch thread unless told otherwise."""
     env = dict(os.environ)
     env.setdefault("FEEDLOOP_TORCH_THREADS", "1")
-    return subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], env=env,
-                            preexec_fn=lambda: os.nice(10))
+    return subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], env=env, preexec_fn=_lower_priority)
+
+
+def _lower_priority() -> None:
+    """In the trainer child before exec: nice 10, and on Linux die with the parent however it dies."""
+    os.nice(10)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _operator_key_hint(settings) -> str:
@@ -187,4 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser(name, help="training (python -m trainer)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     args.run(args)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (every scheduler tick, every pg_ctl call) out of the operator's log."""
+    for name in ("apscheduler", "pgserver"):
+        logging.getLogger(name).setLevel(logging.WARNING)

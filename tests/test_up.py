@@ -41,8 +41,18 @@ def wait_ready(url: str, proc, log: Path, timeout: float = 120) -> float:
 
 
 def stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM to `feedloop up` alone: it must take its trainer child down with it."""
+    proc.send_signal(signal.SIGTERM)
     proc.wait(60)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in its process group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the trainer outlived feedloop up")
 
 
 def test_up_brings_the_loop_up_and_restarts_on_what_it_has(policy_path):

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("apscheduler", "pgserver"):  # no log line for every scheduler tick
+        logging.getLogger(name).setLevel(logging.WARNING)
     settings = get_settings()
     if settings.torch_threads:
         import torch
