@@ -31,6 +31,7 @@ from trainer.sft import SFTConfig, train as sft_train
 
 log = logging.getLogger(__name__)
 ROUND_LOCK = 0x726F756E64  # advisory lock key ("round")
+MIN_NORMALISING_DEMOS = 32  # fewer demonstrations: normalise rewards on the training answers instead
 
 
 @dataclass
@@ -154,7 +155,9 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> dict:
     reward_path = inp.previous_reward.path if inp.previous_reward else None
     if "reward" in cfg.stages:  # 2) continued from the last reward model, else from the policy's backbone
         rm, _ = reward.load_for_training(reward_path or inp.policy.path, seed=cfg.seed)
-        references = [(d.prompt, d.completion) for d in inp.demonstrations] or None  # InstructGPT normalises on these
+        # InstructGPT normalises on demonstrations; a handful would make the scale jump per round.
+        references = ([(d.prompt, d.completion) for d in inp.demonstrations]
+                      if len(inp.demonstrations) >= MIN_NORMALISING_DEMOS else None)
         rm_metrics = reward.train(cfg.reward, rm, tokenizer, inp.pairs, references=references)
         reward.save(rm, tokenizer, inp.out / "reward", cfg.reward, rm_metrics)
         keep(rm_metrics, "reward/curve")
