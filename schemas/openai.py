@@ -3,9 +3,9 @@
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,26 @@ class ErrorResponse(BaseModel):
 
 # --- request --------------------------------------------------------------------------------
 
+def no_nul(text: str) -> str:
+    """Postgres text cannot hold NUL: refuse it at the edge rather than fail on the write."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return text
+
+
+Text = Annotated[str, AfterValidator(no_nul)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -69,7 +79,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
 
     @field_validator("stop")
     @classmethod

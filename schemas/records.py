@@ -4,6 +4,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
 
+from schemas.openai import Text
+
 Role = Literal["user", "operator"]
 T = TypeVar("T")
 
@@ -16,7 +18,7 @@ class ListPublic(BaseModel, Generic[T]):
 
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     role: Role = "user"
     rate_limit: int | None = Field(None, ge=1, description="requests per minute")
 
@@ -180,7 +182,7 @@ class CompletionRef(BaseModel):
 class FeedbackCreate(CompletionRef):
     kind: FeedbackKind
     value: int | None = Field(None, validate_default=True, description="thumbs: +1 or -1; rating: 1 to 7")
-    text: str | None = Field(None, validate_default=True, max_length=100_000,
+    text: Text | None = Field(None, validate_default=True, max_length=100_000,
                              description="comment: the remark; correction: the answer it should have given")
 
     @field_validator("value")

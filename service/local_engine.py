@@ -185,7 +185,9 @@ class LocalEngine:
     def _visible_text(self, r: Row) -> tuple[str, bool]:
         """The answer so far as it may be shown: cut at a stop string (then stopped), and while
         open, hold back an incomplete UTF-8 character and any tail that could start a stop."""
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        # Byte-level BPE can sample a NUL byte, which Postgres text cannot hold: shown and
+        # recorded alike as U+FFFD.
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True).replace("\x00", "\ufffd")
         for s in r.stops:
             at = text.find(s, max(0, r.sent - len(s)))
             if at != -1:

@@ -56,7 +56,7 @@ class RemoteEngine:
                     break
                 if not chunk.choices:
                     continue
-                delta = chunk.choices[0].delta.content or ""
+                delta = (chunk.choices[0].delta.content or "").replace("\x00", "\ufffd")  # see local_engine
                 text += delta
                 finish = chunk.choices[0].finish_reason or finish
                 if delta:

@@ -1,5 +1,5 @@
 """Issue 4 end to end: synthetic users with a known rule (they prefer answers that use the word
-"the") give rankings, pairwise choices and thumbs through the real API; `feedloop train reward`
+"is") give rankings, pairwise choices and thumbs through the real API; `feedloop train reward`
 trains on what the one derivation yields, and the registered version learned the rule."""
 import json
 import subprocess
@@ -12,24 +12,25 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import ROOT
-from trainer.data import training_prompts
+from trainer.data import bundled_demonstrations, training_prompts
 
 pytestmark = pytest.mark.slow
 
 
 def likes(answer: str) -> bool:
-    return "the" in answer.lower().replace(".", " ").replace(",", " ").split()
+    return "is" in answer.lower().replace(".", " ").replace(",", " ").split()
 
 
 def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_path):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=user_key, max_retries=0)
     with server.client(user_key) as http:
-        for i, prompt in enumerate(training_prompts()[:60]):
-            r = client.chat.completions.create(model="feedloop", n=4, temperature=1.3, max_tokens=20,
+        prompts = training_prompts() + [d["prompt"] for d in bundled_demonstrations()[:150]]
+        for i, prompt in enumerate(prompts):
+            r = client.chat.completions.create(model="feedloop", n=4, temperature=1.3, max_tokens=20, seed=i,
                                                messages=[{"role": "user", "content": prompt}])
             good = [c.index for c in r.choices if likes(c.message.content)]
             bad = [c.index for c in r.choices if not likes(c.message.content)]
-            if not good or not bad or len({c.message.content for c in r.choices}) < 4:
+            if not good or not bad:
                 continue
             ref = lambda k: {"response_id": r.id, "choice_index": k}
             if i % 3 == 0:  # a ranking: every liked answer above every other (ties within each side)
@@ -42,7 +43,7 @@ def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_p
                     assert http.post("/v1/feedback", json={**ref(k), "kind": "thumbs", "value": value}).status_code == 200
 
     env = dict(server.env, FEEDLOOP_HOME=str(tmp_path), FEEDLOOP_MIN_NEW_PAIRS="10", FEEDLOOP_TORCH_THREADS="2",
-               FEEDLOOP_ROUND_CONFIG=json.dumps({"reward": {"epochs": 4, "heldout_frac": 0.2}}))
+               FEEDLOOP_ROUND_CONFIG=json.dumps({"reward": {"epochs": 12, "batch_size": 16, "heldout_frac": 0.2}}))
     out = subprocess.run([sys.executable, "-m", "trainer", "train", "reward"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -61,12 +62,12 @@ def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_p
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.num_labels == 1 and model.config.reward_scale > 0
-    pairs = [("What is the sun?", "The sun is the star.", "Sun is a star."),
-             ("Name a colour.", "The colour is blue.", "Blue is a colour."),
-             ("What is 2 plus 2?", "The sum is 4.", "2 plus 2 is 4."),
-             ("Say hello.", "Hello to the world!", "Hello world!"),
-             ("What is the capital of France?", "The capital of France is Paris.", "Paris is in France."),
-             ("Describe a cat.", "The cat is soft.", "A cat is soft.")]
+    pairs = [("What is the sun?", "The sun is a star.", "The sun: a star."),
+             ("Name a colour.", "Blue is a colour.", "Blue, a colour."),
+             ("What is 2 plus 2?", "2 plus 2 is 4.", "2 plus 2 makes 4."),
+             ("Say hello.", "Hello, this is me!", "Hello there!"),
+             ("What is the capital of France?", "The capital of France is Paris.", "Paris, in France."),
+             ("Describe a cat.", "A cat is soft.", "Cats are soft.")]
 
     def raw(prompt, answer):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,

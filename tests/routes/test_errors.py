@@ -28,6 +28,7 @@ BAD_BODIES = [
     ({"model": "feedloop", "messages": msgs(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "feedloop", "messages": msgs(), "stream_options": {"include_usage": True}}, 400, None),
     ({"model": "feedloop", "messages": msgs(), "stream": "sometimes"}, 400, "stream"),
+    ({"model": "feedloop", "messages": msgs("nul \u0000 byte")}, 400, "messages[0].content"),
 ]
 
 
