@@ -33,14 +33,15 @@ bench: $(STAMP)
 DEMO_HOME  ?= .feedloop/demo
 DEMO_PORT  ?= 8077
 DEMO_KEY   ?= fl-demo-operator-key
-DEMO_ROUND ?= {"reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2}, "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 5.0}, "gates": {"eval_prompts": 43, "min_reward_gain": 0.0}}
-DEMO_ARGS  ?= --preference brevity --users 8 --rounds 5 --requests 300 --choices 1,2,4,4,4 --noise 0.1
+DEMO_ROUND ?= {"reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2}, "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 4.0}, "gates": {"eval_prompts": 43, "min_reward_gain": 0.0}}
+DEMO_PREFERENCE ?= brevity
+DEMO_ARGS  ?= --preference $(DEMO_PREFERENCE) --users 8 --rounds 5 --requests 600 --choices 1,2,4,4,4 --noise 0.1
 
 demo: $(STAMP)
 	rm -rf $(DEMO_HOME)/pg $(DEMO_HOME)/checkpoints/run-* && mkdir -p $(DEMO_HOME)
 	@echo "feedloop up on port $(DEMO_PORT) (the first run bootstraps a policy: a minute or two); log: $(DEMO_HOME)/up.log"
 	env -u DATABASE_URL FEEDLOOP_HOME=$(DEMO_HOME) FEEDLOOP_PORT=$(DEMO_PORT) FEEDLOOP_INIT_API_KEY=$(DEMO_KEY) \
-	  FEEDLOOP_TRAIN_INTERVAL_SECONDS=5 FEEDLOOP_PROMOTION=auto FEEDLOOP_MIN_NEW_PAIRS=400 \
+	  FEEDLOOP_TRAIN_INTERVAL_SECONDS=5 FEEDLOOP_PROMOTION=auto FEEDLOOP_MIN_NEW_PAIRS=800 \
 	  FEEDLOOP_ROUND_CONFIG='$(DEMO_ROUND)' $(BIN)/feedloop up > $(DEMO_HOME)/up.log 2>&1 & up=$$!; \
 	trap 'kill $$up 2>/dev/null; wait $$up 2>/dev/null' EXIT INT TERM; \
 	until $(BIN)/python -c "import httpx; httpx.get('http://127.0.0.1:$(DEMO_PORT)/ready').raise_for_status()" 2>/dev/null; do \

@@ -106,7 +106,9 @@ class PPOConfig:
     vf_coef: float = 0.1
     """weight of the value loss"""
     kl_coef: float = 0.05
-    """initial beta of the per-token KL penalty to the reference policy"""
+    """initial beta of the per-token KL penalty to the reference policy, and its floor"""
+    initial_kl_coef: float | None = None
+    """beta to start from instead of `kl_coef`: a round continues its parent's final beta"""
     adaptive_kl: bool = True
     """steer beta towards `target_kl` (Ziegler et al. 2019); off: beta stays `kl_coef`"""
     target_kl: float = 6.0
@@ -226,12 +228,14 @@ def token_rewards(penalised: torch.Tensor, kl: torch.Tensor, response_mask: torc
 class AdaptiveKLController:
     """beta_{t+1} = beta_t * (1 + K * e_t), e_t = clip(KL_t / KL_target - 1, -0.2, 0.2),
     K = answers this update / horizon (Ziegler et al. 2019, §2.2). One change for short rounds
-    (tens of updates where Ziegler et al. ran thousands): beta never drops below its initial value.
-    Every round starts at KL 0, below any target; unbounded, beta would wind down over those first
-    updates and could not climb back before the policy had overshot the budget."""
+    (tens of updates where Ziegler et al. ran thousands): beta never drops below `kl_coef`. A first
+    round starts at KL 0, below any target; unbounded, beta would wind down over those first
+    updates and could not climb back before the policy had overshot the budget. A later round's
+    policy starts at its parent's KL, so its beta starts where the parent's stopped (`start`)."""
 
-    def __init__(self, kl_coef: float, target: float, horizon: int):
-        self.value, self.floor, self.target, self.horizon = kl_coef, kl_coef, target, horizon
+    def __init__(self, kl_coef: float, target: float, horizon: int, start: float | None = None):
+        self.floor, self.target, self.horizon = kl_coef, target, horizon
+        self.value = max(kl_coef, start or kl_coef)
 
     def update(self, current_kl: float, n_answers: int) -> None:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
@@ -464,7 +468,7 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * accelerator.process_index)
     global_batch = cfg.batch_size * accelerator.num_processes
     order: list[int] = []
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, start=cfg.initial_kl_coef)
     curves = {k: [] for k in CURVE_KEYS}
     bar = tqdm(total=cfg.steps, desc="ppo", disable=not on_terminal() or not accelerator.is_main_process, leave=False)
 

@@ -48,6 +48,9 @@ class GateConfig:
     """distinct answers / answers below which the candidate is degenerate (mode collapse)"""
     eval_prompts: int = 32
     """held-out prompts the gates sample on"""
+    samples_per_prompt: int = 4
+    """answers per held-out prompt and version: one answer each left the reward gain too noisy
+    to tell a small real gain from sampling luck"""
 
 
 STAGES = ("sft", "reward", "ppo")
@@ -171,6 +174,7 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> dict:
         reward_fn = lambda convs, answers: reward.score(scorer, tokenizer, convs, answers)
 
     if "ppo" in cfg.stages:  # 3) the value model starts from the reward model (InstructGPT)
+        cfg.ppo.initial_kl_coef = carried_kl_coef(inp)
         value_model = AutoModelForSequenceClassification.from_pretrained(reward_path).to(cfg.device)
         ppo_metrics = ppo.train(cfg.ppo, policy, reference, value_model, tokenizer, inp.prompts, reward_fn)
         curves.update(ppo_metrics.pop("ppo/curves", {}))
@@ -186,13 +190,21 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> dict:
     return {"metrics": metrics, "curves": curves, "passed": not reasons, "reasons": reasons, **out}
 
 
+def carried_kl_coef(inp: Inputs) -> float | None:
+    """The KL controller runs on across rounds, as over one long PPO run: the parent's final beta
+    (its reference is ours). Restarting at `kl_coef` each round let a policy already near the
+    budget overshoot it before beta caught up."""
+    return inp.policy.metrics.get("ppo/final_kl_coef")
+
+
 def gate(cfg: RoundConfig, candidate, reference, active, tokenizer, reward_fn, metrics: dict, *,
          ppo_ran: bool) -> list[str]:
     """The candidate against the active version on the same held-out prompts and scorer; the
     reward-gain and reward-model gates apply when PPO optimised for that reward."""
     held = heldout_prompts()[:cfg.gates.eval_prompts]
     score = reward_fn or (lambda convs, answers: [0.0] * len(answers))
-    ev = dict(temperature=cfg.ppo.temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed)
+    ev = dict(temperature=cfg.ppo.temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
+              samples_per_prompt=cfg.gates.samples_per_prompt)
     new = ppo.evaluate(candidate, reference, tokenizer, held, score, **ev)
     old = ppo.evaluate(active, reference, tokenizer, held, score, **ev)
     if ppo_ran:

@@ -146,6 +146,15 @@ def test_adaptive_kl_controller_by_hand():
     assert ctl.value == 0.1
 
 
+def test_adaptive_kl_controller_continues_from_a_parents_beta_down_to_its_floor():
+    ctl = ppo.AdaptiveKLController(kl_coef=0.1, target=4.0, horizon=32, start=0.3)
+    assert ctl.value == 0.3
+    for _ in range(20):
+        ctl.update(current_kl=0.0, n_answers=16)
+    assert ctl.value == 0.1
+    assert ppo.AdaptiveKLController(kl_coef=0.1, target=4.0, horizon=32, start=0.01).value == 0.1
+
+
 def test_learning_rate_schedule():
     cfg = ppo.PPOConfig(lr=1.0, steps=10, warmup_steps=2)
     assert [round(ppo.lr_at(s, cfg), 3) for s in range(4)] == [0.333, 0.667, 0.8, 0.7]
