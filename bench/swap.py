@@ -77,23 +77,11 @@ class Answer:
 # --- v2 -------------------------------------------------------------------------------------
 
 def derive_v2(base: Path, out: Path) -> Path:
-    """`base` fine-tuned by the project's SFT to answer "Hello!" with V2_ANSWER, published at `out`.
-    The same derivation as the `v2_path` fixture of tests/routes/test_registry.py (a fixture, which
-    a script cannot call)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from schemas.checkpoint import publish, staging
-    from trainer.sft import SFTConfig, train as sft_train
-
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    sft_train(SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"), model, tok,
-              [{"prompt": "Hello!", "completion": V2_ANSWER}])
-    with staging(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        publish(tmp, out, kind="policy", config={"bench": "swap v2"})
-    return out
+    """`base` fine-tuned by the project's SFT to answer "Hello!" with V2_ANSWER, published at `out`
+    (as the `v2_path` fixture of tests/routes/test_registry.py)."""
+    from trainer.sft import SFTConfig, fine_tune
+    return fine_tune(base, out, SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"),
+                     [{"prompt": "Hello!", "completion": V2_ANSWER}], config={"bench": "swap v2"})
 
 
 async def register(db_url: str, path: Path):

@@ -10,12 +10,10 @@ import time
 import openai
 import psycopg
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from schemas.checkpoint import publish, staging
 from schemas.registry import register_checkpoint
 from tests.conftest import ROOT, Server
-from trainer.sft import SFTConfig, train as sft_train
+from trainer.sft import SFTConfig, fine_tune
 
 V2_ANSWER = "I am the second version."
 
@@ -23,16 +21,9 @@ V2_ANSWER = "I am the second version."
 @pytest.fixture(scope="module")
 def v2_path(policy_path, tmp_path_factory):
     """A policy that answers 'Hello!' differently: the bootstrap fine-tuned by the real SFT."""
-    out = tmp_path_factory.mktemp("v2") / "policy"
-    tok = AutoTokenizer.from_pretrained(policy_path)
-    model = AutoModelForCausalLM.from_pretrained(policy_path)
-    sft_train(SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"), model, tok,
-              [{"prompt": "Hello!", "completion": V2_ANSWER}])
-    with staging(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        publish(tmp, out, kind="policy", config={"test": "v2"})
-    return out
+    return fine_tune(policy_path, tmp_path_factory.mktemp("v2") / "policy",
+                     SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"),
+                     [{"prompt": "Hello!", "completion": V2_ANSWER}], config={"test": "v2"})
 
 
 def register(db_url, path, status="candidate") -> int:
