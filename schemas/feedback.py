@@ -40,6 +40,7 @@ from psycopg import AsyncConnection, pq
 from psycopg.types.json import Jsonb
 
 from schemas import store
+from schemas.openai import no_nul
 from schemas.records import (CompletionRef, Demonstration, DemonstrationImport, ExportFormat,
                              FeedbackCreate, FeedbackPublic, ImportLineError, KtoExample,
                              PreferenceCreate, PreferenceImport, PreferencePublic, RankingCreate,
@@ -181,12 +182,19 @@ async def save_idempotent_response(conn, *, author_key_id: int, key: str, respon
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def _text(value: str, param: str) -> str:
+    try:
+        return no_nul(value)
+    except ValueError as e:
+        raise Invalid(param, str(e)) from None
+
+
 def _conversation(value: Any, param: str) -> list[dict[str, str]]:
     """A prompt: plain text (one user turn) or a list of {"role", "content"} messages."""
     if isinstance(value, str):
         if not value.strip():
             raise Invalid(param, "is empty")
-        return [{"role": "user", "content": value}]
+        return [{"role": "user", "content": _text(value, param)}]
     if not isinstance(value, list) or not value:
         raise Invalid(param, "must be a string or a non-empty list of messages")
     messages = []
@@ -194,14 +202,14 @@ def _conversation(value: Any, param: str) -> list[dict[str, str]]:
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise Invalid(f"{param}[{i}]", 'a message is {"role": "system" | "user" | "assistant", '
                                            '"content": string}')
-        messages.append({"role": ROLES[m["role"]], "content": m["content"]})
+        messages.append({"role": ROLES[m["role"]], "content": _text(m["content"], f"{param}[{i}]")})
     return messages
 
 
 def _answer(value: Any, param: str) -> str:
     """An answer: plain text, or TRL's conversational form, one assistant message."""
     if isinstance(value, str):
-        return value
+        return _text(value, param)
     messages = _conversation(value, param)
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise Invalid(param, 'a conversational answer is one assistant message: '

@@ -90,21 +90,22 @@ def test_a_bad_line_refuses_the_whole_file_unless_partial(server, operator):
              {"prompt": "Where is the rejected one?", "chosen": "Here."},
              "{not json",
              {"prompt": "Same twice?", "chosen": "yes", "rejected": "yes"},
-             {"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+             {"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"},
+             {"prompt": "Postgres text holds no NUL", "chosen": "a\u0000", "rejected": "b"}]
     before = count(server, "preferences")
     r = post_jsonl(operator, "preferences", lines)
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "invalid_import" and err["param"] == "lines[2].rejected"
-    assert all(f"line {n}:" in err["message"] for n in (2, 3, 4, 5)) and "line 1:" not in err["message"]
+    assert all(f"line {n}:" in err["message"] for n in (2, 3, 4, 5, 6)) and "line 1:" not in err["message"]
     assert count(server, "preferences") == before
 
     r = post_jsonl(operator, "preferences", lines, partial="true")
     assert r.status_code == 200, r.text
     result = r.json()
-    assert (result["lines"], result["imported"], result["duplicates"]) == (5, 1, 0)
+    assert (result["lines"], result["imported"], result["duplicates"]) == (6, 1, 0)
     assert [(e["line"], e["param"]) for e in result["errors"]] == \
-        [(2, "rejected"), (3, None), (4, "rejected"), (5, "prompt[0]")]
+        [(2, "rejected"), (3, None), (4, "rejected"), (5, "prompt[0]"), (6, "chosen")]
     assert count(server, "preferences") == before + 1
 
 
