@@ -64,6 +64,11 @@ async def get_api_key(conn, *, key: str) -> ApiKeyPublic | None:
     return ApiKeyPublic(**row) if row else None
 
 
+async def take_rate_limited_request(conn, *, key_id: int, rate_limit: int) -> bool:
+    """Count one request against the key's per-minute limit; False when this minute's is used up."""
+    return await _one(conn, "take_rate_limited_request", key_id=key_id, rate_limit=rate_limit) is not None
+
+
 async def list_api_keys(conn) -> list[ApiKeyPublic]:
     return [ApiKeyPublic(**r) for r in await _all(conn, "list_api_keys")]
 

@@ -34,10 +34,17 @@ def cmd_migrate(args) -> None:
     print(f"applied migrations: {applied}" if applied else "database is up to date")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def cmd_keys(args) -> None:
     migrate(database_url(get_settings()))
     if args.action == "create":
-        key = asyncio.run(_with_conn(lambda c: store.create_api_key(c, name=args.name, role=args.role)))
+        key = asyncio.run(_with_conn(lambda c: store.create_api_key(c, name=args.name, role=args.role,
+                                                                     rate_limit=args.rate_limit)))
         print(json.dumps(key.model_dump(mode="json"), indent=2))
     elif args.action == "list":
         for k in asyncio.run(_with_conn(store.list_api_keys)):
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     create = keys_sub.add_parser("create")
     create.add_argument("--name", default="cli")
     create.add_argument("--role", choices=["user", "operator"], default="user")
+    create.add_argument("--rate-limit", type=positive_int, default=None, help="requests per minute (default: none)")
     keys_sub.add_parser("list")
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("id", type=int)

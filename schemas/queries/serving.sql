@@ -98,3 +98,17 @@ SELECT messages FROM (
     SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, created_at
     FROM chat_requests ORDER BY prompt_hash, created_at DESC
 ) latest ORDER BY created_at DESC LIMIT %(limit)s;
+
+-- name: take_rate_limited_request
+-- Count one request in this minute's window unless the window is full (no row back then), and
+-- drop this key's windows older than an hour.
+WITH old AS (
+    DELETE FROM api_key_usage
+    WHERE key_id = %(key_id)s AND window_start < date_trunc('minute', now()) - interval '1 hour'
+)
+INSERT INTO api_key_usage AS u (key_id, window_start, requests)
+VALUES (%(key_id)s, date_trunc('minute', now()), 1)
+ON CONFLICT (key_id, window_start) DO UPDATE SET requests = u.requests + 1
+    WHERE u.requests < %(rate_limit)s
+RETURNING requests;
+
