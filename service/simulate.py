@@ -10,10 +10,9 @@ through POST /v1/feedback, /v1/rankings, /v1/preferences; an operator key to cre
 keys and to read GET /v1/admin/training/runs and /v1/admin/models. Rounds happen on the trainer's
 own schedule: the simulation never starts one, it waits for the next one to finish.
 
-Held-out prompts: the bundled prompt list of the trainer package, every fourth one (the rule of
-`trainer.data.heldout_prompts`, which the tests hold equal). They are read as data (the package's
-`data/prompts.jsonl`), never imported as code. Users never ask them; only the measurement does,
-and the trainer leaves them out of PPO.
+Held-out prompts: `trainer.data.heldout_prompts`, the same set the gates measure on (a data
+module: no torch, no models). Users never ask them; only the measurement does, and the trainer
+leaves them out of PPO.
 
 Win rate against the first version: at the start the simulation records the served version's
 (normally `v1`) answers to the held-out prompts, `eval_samples` per prompt; each round's served
@@ -22,7 +21,6 @@ judged by the hidden preference, ties counting half. (A pinned `model="v1"` only
 is loaded, and an archived version is not; recording its answers keeps serving untouched.)
 """
 import argparse
-import importlib.util
 import itertools
 import json
 import logging
@@ -40,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from service.preferences import BUILTIN, Preference, resolve
+from trainer.data import heldout_prompts, training_prompts as user_prompts
 
 
 @dataclass
@@ -93,29 +92,6 @@ class SimConfig:
     """stop early once every preference's win rate reaches this"""
     swap_timeout: float = 120.0
     """seconds to wait for serving to switch to a newly promoted version"""
-
-
-# --- prompts -----------------------------------------------------------------------------------
-
-def bundled_data(name: str) -> list[dict]:
-    """A JSONL file shipped in the trainer package's data directory, read as data: the package
-    is located, not imported (the service never imports trainer code)."""
-    spec = importlib.util.find_spec("trainer")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the trainer package's data is not installed beside the service")
-    text = (Path(list(spec.submodule_search_locations)[0]) / "data" / name).read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def heldout_prompts() -> list[str]:
-    """Every fourth bundled prompt: what the gates and the simulation measure on, never trained on."""
-    return [r["prompt"] for r in bundled_data("prompts.jsonl")][::4]
-
-
-def user_prompts() -> list[str]:
-    """What simulated users ask: the bundled prompts that are not held out."""
-    held = set(heldout_prompts())
-    return [p for p in (r["prompt"] for r in bundled_data("prompts.jsonl")) if p not in held]
 
 
 # --- users ----------------------------------------------------------------------------------------
