@@ -5,6 +5,7 @@ Benches run as `python bench/<name>.py`, which puts this folder first on `sys.pa
 `from common import …`. Importing this module also puts the repository root on `sys.path`, for
 `schemas`, `service` and `trainer`. It runs nothing by itself (`make bench` runs every file here).
 """
+import argparse
 import os
 import signal
 import socket
@@ -22,6 +23,17 @@ LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 ADMIN_URL = os.environ.get("DATABASE_URL") or LOCAL_POSTGRES
 """where scratch databases are created (an embedded pgserver when it cannot be reached)"""
 BENCH_POLICY = ROOT / ".feedloop" / "bench" / "bootstrap"
+
+
+def server_bench_parser(doc: str, *, policy: str | None = None) -> argparse.ArgumentParser:
+    """The options every bench that starts servers takes: --admin-url, and --policy (with this
+    help) for those that serve a checkpoint. The first paragraph of `doc` describes the script."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--admin-url", default=ADMIN_URL,
+                   help="a Postgres where a scratch database may be created (else embedded pgserver)")
+    if policy:
+        p.add_argument("--policy", type=Path, default=BENCH_POLICY, help=policy)
+    return p
 
 
 def free_port() -> int:

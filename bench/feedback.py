@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psycopg
 
-from common import ADMIN_URL, ScratchDatabase, feedloop_serve
+from common import ScratchDatabase, feedloop_serve, server_bench_parser
 from schemas import feedback, store  # common put the repository on sys.path
 from schemas.db import migrate
 
@@ -43,12 +43,10 @@ PROMPTS = 16  # distinct prompts the recorded answers answer
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = server_bench_parser(__doc__)
     p.add_argument("--seconds", type=float, default=8.0, help="measured time per system")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (and pgbench connections)")
     p.add_argument("--completions", type=int, default=16384, help="recorded answers to give feedback on")
-    p.add_argument("--admin-url", default=ADMIN_URL,
-                   help="a Postgres where a scratch database may be created (else embedded pgserver)")
     return p.parse_args()
 
 

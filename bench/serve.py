@@ -31,23 +31,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (ADMIN_URL, BENCH_POLICY, Process, ScratchDatabase, ensure_policy, feedloop_serve, free_port,
-                    load_prompts, loopback_env)
+from common import (Process, ScratchDatabase, ensure_policy, feedloop_serve, free_port, load_prompts, loopback_env,
+                    server_bench_parser)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", type=Path, default=BENCH_POLICY,
-                   help="checkpoint directory; built by `python -m trainer bootstrap` when missing")
+    p = server_bench_parser(__doc__, policy="checkpoint directory; built by `python -m trainer bootstrap` when missing")
     p.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
     p.add_argument("--max-tokens", type=int, default=48, help="max completion tokens per request")
     p.add_argument("--clients", default="1,16", help="concurrency levels (generate: batch sizes)")
     # One thread: a model this small gains nothing from intra-op parallelism, and on a busy
     # machine OpenMP workers waiting on each other make every step many times slower.
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system measured")
-    p.add_argument("--admin-url", default=ADMIN_URL,
-                   help="a Postgres where a scratch database may be created (else embedded pgserver)")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     return args

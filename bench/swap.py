@@ -39,16 +39,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from common import ADMIN_URL, BENCH_POLICY, ScratchDatabase, ensure_policy, feedloop_serve, load_prompts
+from common import ScratchDatabase, ensure_policy, feedloop_serve, load_prompts, server_bench_parser
 
 V2_ANSWER = "I am the second version."
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", type=Path, default=BENCH_POLICY,
-                   help="v1's checkpoint; built by `python -m trainer bootstrap` when missing")
+    p = server_bench_parser(__doc__, policy="v1's checkpoint; built by `python -m trainer bootstrap` when missing")
     p.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before steady state is measured")
     p.add_argument("--steady", type=float, default=8.0, help="seconds of steady state before the promotion")
@@ -57,8 +54,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8, help="max completion tokens per request")
     p.add_argument("--load-repeats", type=int, default=3, help="reference loads of v2 (the median is shown)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, for the server and the reference")
-    p.add_argument("--admin-url", default=ADMIN_URL,
-                   help="a Postgres where a scratch database may be created (else embedded pgserver)")
     return p.parse_args()
 
 
