@@ -33,14 +33,14 @@ async def current_key(request: Request, pool: PoolDep) -> ApiKeyPublic:
     # A short borrow of its own: a streamed chat must not hold a pool connection while it runs.
     async with pool.connection() as conn:
         key = await store.get_api_key(conn, key=token.strip())
-        allowed = key is None or key.rate_limit is None or await store.take_rate_limited_request(
-            conn, key_id=key.id, rate_limit=key.rate_limit)
-    if key is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    if not allowed:
-        # Fixed one-minute windows (the database's clock): the next one opens at the minute.
-        raise ApiError(429, f"Rate limit reached: {key.rate_limit} requests per minute for this key.",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(60 - time.gmtime().tm_sec)})
+        if key is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if key.rate_limit and not await store.take_rate_limited_request(conn, key_id=key.id,
+                                                                         rate_limit=key.rate_limit):
+            # The windows are the database's calendar minutes; this replica's clock says when
+            # the next one opens (equal up to clock skew).
+            raise ApiError(429, f"Rate limit reached: {key.rate_limit} requests per minute for this key.",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(60 - time.gmtime().tm_sec)})
     request.state.api_key = key
     return key
 
