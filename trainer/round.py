@@ -83,8 +83,8 @@ def with_overrides(cfg, overrides: dict):
         if dataclasses.is_dataclass(current):
             value = with_overrides(current, value)
         setattr(cfg, key, value)
-    if isinstance(cfg, PPOConfig):
-        cfg.__post_init__()  # derived sizes follow the overrides
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()  # the overridden fields are checked as the constructor checks them
     return cfg
 
 
@@ -271,15 +271,16 @@ async def _round(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
         full = run_kind(cfg) == "round"
         after = await store.last_round_watermark(conn) if full else 0  # one stage: all data so far
         upto = await feedback.current_watermark(conn)
+        if full:  # most scheduled ticks end here, on a count, before anything is derived
+            new_pairs = await feedback.count_new_pairs(conn, after=after)
+            if skip := skip_reason(cfg, new_pairs, None):
+                return await _skipped(conn, run, after, skip, {"data/new_pairs": new_pairs})
         pairs = await feedback.derive_pairs(conn, upto=upto)
         demos = await feedback.derive_demonstrations(conn, after=after, upto=upto)
-        new_pairs = await feedback.count_new_pairs(conn, after=after) if full else len(pairs)
+        new_pairs = new_pairs if full else len(pairs)
         data = {"data/new_pairs": new_pairs, "data/pairs": len(pairs), "data/demonstrations": len(demos)}
-        skip = skip_reason(cfg, new_pairs, len(demos))
-        if skip:
-            log.info("run %d skipped: %s", run.id, skip)
-            return await store.finish_training_run(conn, id=run.id, status="skipped", watermark=after,
-                                                   metrics=dict(data, skip_reason=skip))
+        if skip := skip_reason(cfg, new_pairs, len(demos)):
+            return await _skipped(conn, run, after, skip, data)
         policy = await store.get_active_version(conn, kind="policy")
         if policy is None:
             raise RuntimeError("no active policy to improve")
@@ -302,11 +303,17 @@ async def _round(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
                                                error="".join(traceback.format_exception(e))[-8000:])
 
 
-def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int) -> str | None:
-    """Why there is nothing worth training, or None."""
+async def _skipped(conn, run: TrainingRun, watermark: int, reason: str, data: dict) -> TrainingRun:
+    log.info("run %d skipped: %s", run.id, reason)
+    return await store.finish_training_run(conn, id=run.id, status="skipped", watermark=watermark,
+                                           metrics=dict(data, skip_reason=reason))
+
+
+def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int | None) -> str | None:
+    """Why there is nothing worth training, or None (`demonstrations` None: not counted yet)."""
     if ("reward" in cfg.stages or "ppo" in cfg.stages) and new_pairs < cfg.min_new_pairs:
         return f"{new_pairs} new pairs, fewer than the minimum {cfg.min_new_pairs}"
-    if cfg.stages == ["sft"] and not demonstrations:
+    if cfg.stages == ["sft"] and demonstrations == 0:
         return "no demonstrations"
     return None
 
