@@ -44,7 +44,7 @@ class RemoteEngine:
 
     async def _stream(self, gen: Generation, index: int, conversation: list[dict]) -> None:
         p = gen.sampling
-        text, finish = "", None
+        text, finish, streamed = "", None, 0
         try:
             chunks = await self._client.chat_completion(
                 conversation, model=self.model, stream=True, max_tokens=p.max_tokens,
@@ -59,8 +59,9 @@ class RemoteEngine:
                 delta = (chunk.choices[0].delta.content or "").replace("\x00", "\ufffd")  # see local_engine
                 text += delta
                 finish = chunk.choices[0].finish_reason or finish
-                if delta:
-                    gen.push([Piece(index, delta, None, self._count(text))])
+                if delta:  # a chunk is about a token; the last piece's count, which is recorded, is exact
+                    streamed += 1
+                    gen.push([Piece(index, delta, None, streamed)])
             gen.push([Piece(index, "", finish if finish in ("stop", "length", "cancelled") else "stop",
                             self._count(text))])
         except Exception as e:

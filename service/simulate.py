@@ -338,7 +338,7 @@ def wait_for_round(api: Api, since: int, after: int, timeout: float | None, say)
         time.sleep(1.0)
 
 
-def wait_until_served(api: Api, client, name: str, timeout: float) -> None:
+def wait_until_served(client, name: str, timeout: float) -> None:
     """Serving follows the registry by NOTIFY (and polling): wait until `name` answers."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -353,7 +353,7 @@ def measure_served(api: Api, client, held: list[str], cfg: SimConfig, attempts: 
     promotion landing in the middle of a measurement means measuring again."""
     for _ in range(attempts):
         active = api.active_policy()
-        wait_until_served(api, client, f"v{active['id']}", cfg.swap_timeout)
+        wait_until_served(client, f"v{active['id']}", cfg.swap_timeout)
         sample = sample_heldout(client, held, cfg)
         served = {s["version"] for s in sample.values()}
         if served == {f"v{active['id']}"}:
