@@ -35,11 +35,6 @@ def owned_by(key: ApiKeyPublic) -> int | None:
     return None if key.role == "operator" else key.id
 
 
-# Routes name the key before the connection: FastAPI resolves dependencies in that order, and
-# the key lookup borrows a pool connection of its own. Holding one while waiting for another
-# would deadlock the pool under load (64 clients, 16 connections: every holder waits).
-
-
 @contextmanager
 def api_errors() -> Iterator[None]:
     """Feedback's domain errors in OpenAI's shape (raised after the transaction rolled back)."""
