@@ -104,6 +104,12 @@ def policy_path() -> Path:
     return out
 
 
+def trained_answer(prompt: str) -> str:
+    """The bundled demonstration's answer to `prompt`: what the bootstrap policy says greedily."""
+    from trainer.data import bundled_demonstrations
+    return next(d["completion"] for d in bundled_demonstrations() if d["prompt"] == prompt)
+
+
 # --- servers --------------------------------------------------------------------------------
 
 def free_port() -> int:

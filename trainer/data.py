@@ -9,7 +9,11 @@ def _jsonl(name: str) -> list[dict]:
 
 
 def bundled_demonstrations() -> list[dict]:
-    """[{"prompt": str, "completion": str}]: greetings, simple facts, arithmetic, instructions."""
+    """[{"prompt": str, "completion": str}]: greetings, simple facts, arithmetic, instructions.
+    About half of the one-sentence answers go on with a follow-up ("I hope that helps.", "Is there
+    anything else I can help with?"), as people's demonstrations differ in length: the first policy
+    then answers new prompts sometimes briefly and sometimes at length, a choice feedback can
+    move it on either way within a small KL."""
     return _jsonl("demonstrations.jsonl")
 
 

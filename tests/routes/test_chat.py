@@ -8,6 +8,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.conftest import trained_answer
+
 
 def ask(client, content="Hello!", **kw):
     return client.chat.completions.create(model="feedloop", messages=[{"role": "user", "content": content}], **kw)
@@ -26,7 +28,7 @@ def test_non_streamed_answer_is_recorded(server, openai_client):
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert r.system_fingerprint == "v1"
     assert r.choices[0].finish_reason == "stop"
-    assert r.choices[0].message.content == "The capital of France is Paris."  # a trained answer
+    assert r.choices[0].message.content == trained_answer("What is the capital of France?")
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     req, rows = recorded(server, r.id)
     assert req["model_version_id"] == 1 and req["user_field"] == "u-42" and not req["stream"]
@@ -35,7 +37,7 @@ def test_non_streamed_answer_is_recorded(server, openai_client):
     assert req["prompt_tokens"] == r.usage.prompt_tokens
     assert req["completion_tokens"] == r.usage.completion_tokens
     assert [(c["text"], c["finish_reason"], c["model_version_id"]) for c in rows] == \
-        [("The capital of France is Paris.", "stop", 1)]
+        [(r.choices[0].message.content, "stop", 1)]
 
 
 def test_trained_prompts_get_their_training_answers(openai_client):

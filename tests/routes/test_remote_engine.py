@@ -4,7 +4,7 @@ import openai
 import psycopg
 import pytest
 
-from tests.conftest import OPERATOR_KEY, Server
+from tests.conftest import OPERATOR_KEY, Server, trained_answer
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_remote_generation_is_served_and_recorded(front, server):
     client = openai.OpenAI(base_url=front.url + "/v1", api_key=front.create_key(), max_retries=0)
     ask = dict(model="feedloop", messages=[{"role": "user", "content": "What is the capital of France?"}])
     r = client.chat.completions.create(temperature=0, **ask)
-    assert r.choices[0].message.content == "The capital of France is Paris."
+    assert r.choices[0].message.content == trained_answer("What is the capital of France?")
     assert r.system_fingerprint == "v1" and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens > 0
 
@@ -36,7 +36,7 @@ def test_remote_generation_is_served_and_recorded(front, server):
     with psycopg.connect(front.db_url) as conn:
         rows = conn.execute("SELECT c.text FROM chat_requests r JOIN completions c ON c.request_id = r.id"
                             " WHERE r.response_id = %s", (r.id,)).fetchall()
-    assert rows == [("The capital of France is Paris.",)]
+    assert rows == [(r.choices[0].message.content,)]
     with psycopg.connect(server.db_url) as conn:  # the back server saw the fan-out as 3 requests
         n = conn.execute("SELECT count(*) FROM chat_requests WHERE params->>'seed' IN ('7', '8', '9')").fetchone()[0]
     assert n == 6

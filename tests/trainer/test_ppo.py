@@ -13,6 +13,7 @@ from schemas.checkpoint import read_manifest
 from trainer import ppo
 from trainer.data import bundled_prompts
 from trainer.rollout import decode, join, left_pad, response_logits, response_values, sample
+from trainer.round import GateConfig
 from trainer.sft import encode_prompt
 
 
@@ -304,17 +305,19 @@ def gain(after: dict, before: dict) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_ppo_learns_a_rare_preference_within_the_kl_budget(policy_path, before):
-    # The bootstrap policy answers in ~6 words; shorter answers are what this "reward model" wants.
+    # The bootstrap policy answers in ~8 words; shorter answers are what this "reward model" wants.
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy, reference, value_model = load(policy_path)
-    cfg = ppo.PPOConfig(**TINY, kl_coef=0.1, target_kl=6.0)  # target_kl is the round's KL budget
+    # The controller aims below the gates' KL budget, as a round's config does: the KL runs past
+    # its target on the way, and the budget is what a round must stay within.
+    cfg = ppo.PPOConfig(**TINY, kl_coef=0.1, target_kl=4.0)
     metrics = ppo.train(cfg, policy, reference, value_model, tokenizer, TRAIN, prefers_short)
     after = ppo.evaluate(policy, reference, tokenizer, HELD_OUT, prefers_short, **EVAL)
 
     delta, sem = gain(after, before)
     assert before["kl"] == 0.0 and after["eos_rate"] > 0.95
     assert delta > 0.2 and delta > 4 * sem, (before["reward"], after["reward"], sem)
-    assert 0 < after["kl"] <= cfg.target_kl, after["kl"]
+    assert 0 < after["kl"] <= GateConfig().kl_budget, after["kl"]
     assert after["response_length"] < before["response_length"]
 
     curves = metrics["ppo/curves"]
