@@ -33,7 +33,7 @@ bench: $(STAMP)
 DEMO_HOME  ?= .feedloop/demo
 DEMO_PORT  ?= 8077
 DEMO_KEY   ?= fl-demo-operator-key
-DEMO_ROUND ?= {"reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2}, "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 4.0}, "gates": {"eval_prompts": 43, "min_reward_gain": 0.0}}
+DEMO_ROUND ?= {"reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2}, "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 4.0, "stop_kl": 4.5}, "gates": {"eval_prompts": 43, "min_reward_gain": 0.0}}
 DEMO_PREFERENCE ?= brevity
 DEMO_ARGS  ?= --preference $(DEMO_PREFERENCE) --users 8 --rounds 5 --requests 600 --choices 1,2,4,4,4 --noise 0.1
 

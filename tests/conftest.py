@@ -104,10 +104,10 @@ def policy_path() -> Path:
     return out
 
 
-def trained_answer(prompt: str) -> str:
-    """The bundled demonstration's answer to `prompt`: what the bootstrap policy says greedily."""
+def trained_answers(prompt: str) -> set[str]:
+    """The bundled demonstrations' answers to `prompt`: greedily, the bootstrap policy says one."""
     from trainer.data import bundled_demonstrations
-    return next(d["completion"] for d in bundled_demonstrations() if d["prompt"] == prompt)
+    return {d["completion"] for d in bundled_demonstrations() if d["prompt"] == prompt}
 
 
 # --- servers --------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ def likes(answer: str) -> bool:
 def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_path):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=user_key, max_retries=0)
     with server.client(user_key) as http:
-        prompts = training_prompts() + [d["prompt"] for d in bundled_demonstrations()[:150]]
+        prompts = training_prompts() + list(dict.fromkeys(d["prompt"] for d in bundled_demonstrations()))[:150]
         for i, prompt in enumerate(prompts):
-            r = client.chat.completions.create(model="feedloop", n=4, temperature=1.3, max_tokens=20, seed=i,
+            r = client.chat.completions.create(model="feedloop", n=8, temperature=1.3, max_tokens=20, seed=i,
                                                messages=[{"role": "user", "content": prompt}])
             good = [c.index for c in r.choices if likes(c.message.content)]
             bad = [c.index for c in r.choices if not likes(c.message.content)]

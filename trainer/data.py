@@ -10,10 +10,10 @@ def _jsonl(name: str) -> list[dict]:
 
 def bundled_demonstrations() -> list[dict]:
     """[{"prompt": str, "completion": str}]: greetings, simple facts, arithmetic, instructions.
-    About half of the one-sentence answers go on with a follow-up ("I hope that helps.", "Is there
-    anything else I can help with?"), as people's demonstrations differ in length: the first policy
-    then answers new prompts sometimes briefly and sometimes at length, a choice feedback can
-    move it on either way within a small KL."""
+    A one-sentence answer comes twice: as it is and followed by a follow-up ("I hope that helps.",
+    "Anything else I can help with?"). People's demonstrations differ in length like this, and the
+    first policy learns both: it answers a new prompt sometimes briefly and sometimes at length, a
+    choice that feedback can move either way within a small KL."""
     return _jsonl("demonstrations.jsonl")
 
 

@@ -115,6 +115,10 @@ class PPOConfig:
     """KL per answer (nats, summed over its tokens) the controller steers towards"""
     kl_horizon: int = 256
     """answers over which the controller corrects beta (Ziegler et al. use 10000 on longer runs)"""
+    stop_kl: float | None = None
+    """end the run once a rollout's KL to the reference reaches this (nats per answer); the update
+    on that rollout is the last. Beta moves a few percent per update, too slowly to hold the KL
+    in a round of tens of updates, and the gates reject a policy past their budget. None: every step"""
     kl_estimator: str = "k1"
     """per-token KL in the reward: k1 = log(p/q) as InstructGPT, k3 = (q/p - 1) - log(q/p)"""
     whiten_rewards: bool = False
@@ -133,6 +137,8 @@ class PPOConfig:
             raise ValueError("kl_estimator is k1 or k3")
         if self.temperature <= 0:
             raise ValueError("PPO samples: temperature must be positive")
+        if self.stop_kl is not None and self.stop_kl <= 0:
+            raise ValueError("stop_kl must be positive (or None)")
 
     @property
     def minibatch_size(self) -> int:
@@ -536,12 +542,17 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
                      step + 1, cfg.steps, step_stats["reward/score"], step_stats["ppo/kl"],
                      kl_ctl_value_used, step_stats["ppo/entropy"], step_stats["ppo/clipfrac"],
                      step_stats["rollout/response_length"])
+        if cfg.stop_kl is not None and step_stats["ppo/kl"] >= cfg.stop_kl:
+            log.info("ppo: KL %.2f reached stop_kl %g after %d of %d steps", step_stats["ppo/kl"], cfg.stop_kl,
+                     step + 1, cfg.steps)
+            break
     bar.close()
     model = accelerator.unwrap_model(model)
     model.policy.eval()
     model.value_model.eval()
     metrics = {k: v[-1] for k, v in curves.items()}
-    metrics.update({"ppo/steps": cfg.steps, "ppo/answers": cfg.steps * global_batch,
+    steps = len(curves["ppo/kl"])
+    metrics.update({"ppo/steps": steps, "ppo/answers": steps * global_batch,
                     "ppo/prompts": len(prompt_ids), "ppo/final_kl_coef": kl_ctl.value,
                     "ppo/seconds": round(time.time() - t_start, 2), "ppo/curves": curves,
                     "ppo/config": asdict(cfg)})

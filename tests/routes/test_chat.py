@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import trained_answer
+from tests.conftest import trained_answers
 
 
 def ask(client, content="Hello!", **kw):
@@ -28,7 +28,7 @@ def test_non_streamed_answer_is_recorded(server, openai_client):
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert r.system_fingerprint == "v1"
     assert r.choices[0].finish_reason == "stop"
-    assert r.choices[0].message.content == trained_answer("What is the capital of France?")
+    assert r.choices[0].message.content in trained_answers("What is the capital of France?")
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     req, rows = recorded(server, r.id)
     assert req["model_version_id"] == 1 and req["user_field"] == "u-42" and not req["stream"]
@@ -42,9 +42,9 @@ def test_non_streamed_answer_is_recorded(server, openai_client):
 
 def test_trained_prompts_get_their_training_answers(openai_client):
     from trainer.data import bundled_demonstrations
-    demos = bundled_demonstrations()[:20]
-    same = sum(ask(openai_client, d["prompt"], temperature=0).choices[0].message.content == d["completion"]
-               for d in demos)
+    prompts = list(dict.fromkeys(d["prompt"] for d in bundled_demonstrations()))[:20]
+    same = sum(ask(openai_client, p, temperature=0).choices[0].message.content in trained_answers(p)
+               for p in prompts)
     assert same >= 18
 
 

@@ -4,7 +4,7 @@ import openai
 import psycopg
 import pytest
 
-from tests.conftest import OPERATOR_KEY, Server, trained_answer
+from tests.conftest import OPERATOR_KEY, Server, trained_answers
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_remote_generation_is_served_and_recorded(front, server):
     client = openai.OpenAI(base_url=front.url + "/v1", api_key=front.create_key(), max_retries=0)
     ask = dict(model="feedloop", messages=[{"role": "user", "content": "What is the capital of France?"}])
     r = client.chat.completions.create(temperature=0, **ask)
-    assert r.choices[0].message.content == trained_answer("What is the capital of France?")
+    assert r.choices[0].message.content in trained_answers("What is the capital of France?")
     assert r.system_fingerprint == "v1" and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens > 0
 

@@ -359,3 +359,16 @@ def test_ptx_mixes_the_sft_loss_in_and_approx_kl_stops_the_epochs(policy_path):
     assert curves["ppo/minibatches"] == [2.0, 2.0]
     off = ppo.train(ppo.PPOConfig(**small), *load(policy_path), tokenizer, TRAIN[:8], prefers_short, demos)
     assert off["ppo/curves"]["ppo/ptx_loss"] == [0.0, 0.0] and off["ppo/minibatches"] == 8.0
+
+
+@pytest.mark.slow
+def test_stop_kl_ends_the_run_at_the_first_rollout_that_reaches_it(policy_path):
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    small = dict(TINY, steps=8, batch_size=16, num_minibatches=2, lr=1e-3)
+    cfg = ppo.PPOConfig(**small, stop_kl=0.2)
+    metrics = ppo.train(cfg, *load(policy_path), tokenizer, TRAIN[:16], prefers_short)
+    kls = metrics["ppo/curves"]["ppo/kl"]
+    assert 1 < len(kls) < cfg.steps and kls[-1] >= cfg.stop_kl and max(kls[:-1]) < cfg.stop_kl, kls
+    assert metrics["ppo/steps"] == len(kls) and metrics["ppo/answers"] == len(kls) * cfg.batch_size
+    with pytest.raises(ValueError, match="stop_kl"):
+        ppo.PPOConfig(stop_kl=0.0)
