@@ -66,6 +66,17 @@ def publish(tmp: Path, final: Path, *, kind: str, config: dict[str, Any],
     return manifest
 
 
+def save_pretrained(model, tokenizer, final: Path, *, kind: str, config: dict[str, Any],
+                    metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Hugging Face model and its tokenizer published as a checkpoint at `final`: saved into a
+    staging directory, then `publish`ed. Returns the manifest."""
+    final = Path(final)
+    with staging(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return publish(tmp, final, kind=kind, config=config, metrics=metrics)
+
+
 def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of a published checkpoint; with `verify`, the files must still match it."""
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from schemas.checkpoint import publish, read_manifest, staging
+from schemas.checkpoint import read_manifest, save_pretrained
 from trainer.sft import SFTConfig, train as sft_train
 from trainer.data import bundled_demonstrations
 from trainer.tokenizer import build_tokenizer
@@ -56,9 +56,6 @@ def build(cfg: BootstrapConfig, out: Path) -> dict:
     log.info("bootstrap: %d demonstrations, vocab %d, %.2fM parameters", len(demos), len(tokenizer),
              sum(p.numel() for p in model.parameters()) / 1e6)
     metrics = sft_train(cfg.sft, model, tokenizer, demos)
-    with staging(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        curve = metrics.pop("sft/curve")
-        return publish(tmp, out, kind="policy", config=asdict(cfg),
-                       metrics=dict(metrics, **{"sft/final_loss": curve[-1]}))
+    curve = metrics.pop("sft/curve")
+    return save_pretrained(model, tokenizer, out, kind="policy", config=asdict(cfg),
+                           metrics=dict(metrics, **{"sft/final_loss": curve[-1]}))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from schemas.checkpoint import publish, staging
+from schemas.checkpoint import save_pretrained
 from trainer.data import bundled_prompts
 from trainer.rollout import (Samples, decode, join, left_pad, response_logits, response_values,
                              sample)
@@ -615,11 +615,7 @@ def save_policy(policy, tokenizer, out: Path, cfg: PPOConfig, metrics: dict, *,
     """Publish the policy as a checkpoint at `out` (staged, hashed, renamed into place); the
     manifest holds the resolved config, `provenance` (parent, reference, reward-model versions)
     and the summary metrics (curves stay with the training run). Returns the manifest."""
-    out = Path(out)
-    with staging(out) as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        summary = {k: v for k, v in metrics.items() if k not in ("ppo/curves", "ppo/config")}
-        return publish(tmp, out, kind="policy", config={"ppo": asdict(cfg), **(provenance or {})},
-                       metrics=summary)
+    summary = {k: v for k, v in metrics.items() if k not in ("ppo/curves", "ppo/config")}
+    return save_pretrained(policy, tokenizer, out, kind="policy", config={"ppo": asdict(cfg), **(provenance or {})},
+                           metrics=summary)
 

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from schemas.checkpoint import publish, staging
+from schemas.checkpoint import save_pretrained
 from schemas.records import TrainingPair
 from schemas.settings import resolve_device
 from trainer.common import disable_dropout, on_terminal
@@ -502,13 +502,9 @@ def save(model, tokenizer, out_dir: str | Path, cfg: RewardConfig, metrics: dict
     """Publish the trained model at `out_dir` (staged, hashed, renamed: all or nothing); returns
     the manifest. Per-step curves stay in the metrics (the training run), not in the manifest.
     With several processes, call it on the main one only."""
-    out = Path(out_dir)
-    with staging(out) as tmp:
-        model.save_pretrained(tmp)  # config.json carries pad_token_id, reward_bias, reward_scale
-        tokenizer.save_pretrained(tmp)
-        summary = {k: v for k, v in metrics.items()
-                   if not k.startswith("reward/curve") and k != "reward/config"}
-        return publish(tmp, out, kind="reward", config=asdict(cfg), metrics=summary)
+    summary = {k: v for k, v in metrics.items() if not k.startswith("reward/curve") and k != "reward/config"}
+    # the model's config.json carries pad_token_id, reward_bias, reward_scale
+    return save_pretrained(model, tokenizer, out_dir, kind="reward", config=asdict(cfg), metrics=summary)
 
 
 def load_reward_model(path: str | Path, device: str = "auto"):

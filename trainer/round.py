@@ -174,7 +174,7 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> dict:
         reward_fn = lambda convs, answers: reward.score(scorer, tokenizer, convs, answers)
 
     if "ppo" in cfg.stages:  # 3) the value model starts from the reward model (InstructGPT)
-        cfg.ppo.initial_kl_coef = carried_kl_coef(inp)
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, initial_kl_coef=carried_kl_coef(inp)))
         value_model = AutoModelForSequenceClassification.from_pretrained(reward_path).to(cfg.device)
         ppo_metrics = ppo.train(cfg.ppo, policy, reference, value_model, tokenizer, inp.prompts, reward_fn)
         curves.update(ppo_metrics.pop("ppo/curves", {}))

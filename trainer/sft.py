@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from schemas.checkpoint import save_pretrained
 from trainer.common import on_terminal
 
 log = logging.getLogger(__name__)
@@ -118,20 +119,14 @@ def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
             "sft/seconds": round(time.time() - t0, 2), "sft/curve": curve, "sft/config": asdict(cfg)}
 
 
-
 def fine_tune(base: str | Path, out: str | Path, cfg: SFTConfig, demonstrations: list[dict], *,
               config: dict) -> Path:
     """The policy published at `base`, trained on `demonstrations` and published at `out`
     (atomically, with `config` in its manifest): a derived version to register."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from schemas.checkpoint import publish, staging
-
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     train(cfg, model, tokenizer, demonstrations)
-    with staging(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        publish(tmp, out, kind="policy", config=config)
+    save_pretrained(model, tokenizer, Path(out), kind="policy", config=config)
     return Path(out)
