@@ -74,8 +74,11 @@ def test_up_brings_the_loop_up_and_restarts_on_what_it_has(policy_path):
                 r = c.post("/v1/chat/completions", json={"model": "feedloop", "temperature": 0,
                                                           "messages": [{"role": "user", "content": "Hello!"}]})
                 assert r.status_code == 200 and r.json()["system_fingerprint"] == "v1"
-                deadline = time.time() + 60  # the trainer service runs beside it: it records a skipped round
-                while time.time() < deadline and not c.get("/v1/admin/training/runs").json()["data"]:
+                # the trainer service runs beside it: it records a skipped round (the run row exists,
+                # as `running`, a moment before it is finished)
+                finished = lambda runs: runs and runs[-1]["status"] != "running"
+                deadline = time.time() + 60
+                while time.time() < deadline and not finished(c.get("/v1/admin/training/runs").json()["data"]):
                     time.sleep(0.5)
                 runs = c.get("/v1/admin/training/runs").json()["data"]
                 assert runs and runs[-1]["status"] == "skipped" and runs[-1]["trigger"] == "schedule"
