@@ -20,6 +20,8 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH"
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
+COPY store ./store
+COPY lm ./lm
 COPY service ./service
 COPY trainer ./trainer
 RUN pip install . && rm -rf build *.egg-info

@@ -28,7 +28,7 @@ bench: $(STAMP)
 # `make demo`: the embedded default in $(DEMO_HOME) (a fresh database every time; the bootstrap
 # policy is built once and kept), the trainer trying a round every few seconds and promoting what
 # passes the gates; `feedloop simulate` prints the round table and writes the JSON and the plot
-# beside it; then the loop is stopped. The same round sizes as tests/test_simulate.py; under ten
+# beside it; then the loop is stopped. The same round sizes as tests/e2e/test_simulate.py; under ten
 # minutes on two CPU cores, a minute or two more the first time (the bootstrap).
 DEMO_HOME  ?= .feedloop/demo
 DEMO_PORT  ?= 8077

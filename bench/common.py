@@ -51,7 +51,7 @@ def loopback_env(**extra) -> dict[str, str]:
 
 
 def load_prompts() -> list[str]:
-    """The bundled prompts (trainer/data/prompts.jsonl)."""
+    """The bundled prompts (schemas/data/prompts.jsonl)."""
     import json
 
     lines = (ROOT / "trainer" / "data" / "prompts.jsonl").read_text().splitlines()

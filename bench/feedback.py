@@ -36,8 +36,9 @@ from pathlib import Path
 import psycopg
 
 from common import ScratchDatabase, feedloop_serve, server_bench_parser
-from schemas import feedback, store  # common put the repository on sys.path
-from schemas.db import migrate
+from store import exchanges, keys, locks  # common put the repository on sys.path
+from store.db import migrate
+from store.sql import Q
 
 PROMPTS = 16  # distinct prompts the recorded answers answer
 
@@ -79,10 +80,10 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
     migrate(url)
     tag = uuid.uuid4().hex[:8]
     keys = [f"fl-bench-{tag}-{i}" for i in range(clients)]  # pgbench-tx rebuilds them: KEY_PREFIX + i
-    hashes = [store.prompt_hash([{"role": "user", "content": f"Question {i}?"}]) for i in range(PROMPTS)]
+    hashes = [exchanges.prompt_hash([{"role": "user", "content": f"Question {i}?"}]) for i in range(PROMPTS)]
     with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
         ids = [conn.execute("INSERT INTO api_keys (key_hash, prefix, name, role) VALUES (%s, %s, %s, 'user')"
-                            " RETURNING id", (store.hash_key(k), k[:7], f"bench-{i}")).fetchone()[0]
+                            " RETURNING id", (keys.hash_key(k), k[:7], f"bench-{i}")).fetchone()[0]
                for i, k in enumerate(keys)]
         assert ids == list(range(ids[0], ids[0] + clients))
         version = conn.execute("INSERT INTO model_versions (kind, path, content_hash, status)"
@@ -207,7 +208,7 @@ def scripts(work: Path, prefix: str) -> dict[str, list[Path]]:
     out = {"pgbench": [], "pgbench-tx": []}
     for kind, value in (("thumbs", ":value"), ("rating", ":rating")):
         literals = dict(kind=f"'{kind}'", value=value, text="NULL", completion_id=":cid",
-                        lock=str(feedback.EVENTS_LOCK))
+                        lock=str(locks.EVENTS))
         upsert = ("INSERT INTO feedback (completion_id, author_key_id, kind, value, text)"
                   f" VALUES (:cid, :author_key_id, '{kind}', {value}, NULL)"
                   " ON CONFLICT (completion_id, author_key_id, kind) DO UPDATE"
@@ -219,11 +220,11 @@ def scripts(work: Path, prefix: str) -> dict[str, list[Path]]:
         tx = work / f"api-tx-{kind}.sql"
         key_hash = f"encode(sha256(convert_to('{prefix}' || :ki, 'UTF8')), 'hex')"
         tx.write_text(PICK + "\\set rid :cid - 1\n\\set ki (:cid - 1) % :clients\n"
-                      + as_pgbench(store.Q["get_api_key_by_hash"], key_hash=key_hash)
+                      + as_pgbench(Q["get_api_key_by_hash"], key_hash=key_hash)
                       + "BEGIN;\n"
-                      + as_pgbench(store.Q["find_completion"], response_id="'chatcmpl-bench-' || :rid",
+                      + as_pgbench(Q["find_completion"], response_id="'chatcmpl-bench-' || :rid",
                                    choice_index="0", owner=":author_key_id", lock=literals["lock"])
-                      + as_pgbench(store.Q["upsert_feedback"], **literals)
+                      + as_pgbench(Q["upsert_feedback"], **literals)
                       + "COMMIT;\n")
         out["pgbench"].append(single)
         out["pgbench-tx"].append(tx)

@@ -51,8 +51,8 @@ def build_models(out: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from trainer.data import bundled_demonstrations, bundled_prompts
-    from trainer.sft import encode_prompt
+    from schemas.bundled import bundled_demonstrations, bundled_prompts
+    from lm.chat import encode_prompt
     from trainer.tokenizer import build_tokenizer
 
     demos = bundled_demonstrations()
@@ -120,8 +120,8 @@ def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from lm.chat import encode_prompt
     from trainer import ppo
-    from trainer.sft import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir / "policy")
     policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")

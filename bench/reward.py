@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from schemas.records import TrainingPair  # noqa: E402
 from trainer import reward as R  # noqa: E402
 from trainer.bootstrap import BootstrapConfig, new_policy  # noqa: E402
-from trainer.data import bundled_demonstrations, bundled_prompts  # noqa: E402
+from schemas.bundled import bundled_demonstrations, bundled_prompts  # noqa: E402
 from trainer.tokenizer import build_tokenizer  # noqa: E402
 
 WORD = "banana"

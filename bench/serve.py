@@ -7,7 +7,7 @@ measured in the same run on the same checkpoint:
              "clients" column is its batch size
   ts-cb      `transformers serve --continuous-batching` on the same checkpoint directory
 
-Every system gets the same prompts (trainer/data/prompts.jsonl, chat template applied), the same
+Every system gets the same prompts (schemas/data/prompts.jsonl, chat template applied), the same
 `max_tokens`, temperature 1.0 / top_p 1.0 / no top-k, and the same torch thread count. There is no
 `ignore_eos`, so answers end where the model says; throughput counts the completion tokens each
 system reports (`usage.completion_tokens`; for `generate`, the tokens before EOS). Each cell is a

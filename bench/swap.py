@@ -4,7 +4,7 @@ it and against loading and warming the new checkpoint by itself, measured in the
   server     a real `python -m service serve` process on a scratch database, serving the
              bootstrap policy as v1
   v2         the bootstrap fine-tuned by the project's SFT to answer "Hello!" differently,
-             published as a checkpoint and registered as a candidate (as tests/routes/test_registry.py
+             published as a checkpoint and registered as a candidate (as tests/service/test_registry.py
              builds its v2)
   load       --clients closed-loop workers on the official `openai` AsyncOpenAI client, each
              sending its next request (a bundled prompt, temperature 0, short --max-tokens) as
@@ -73,7 +73,7 @@ class Answer:
 
 def derive_v2(base: Path, out: Path) -> Path:
     """`base` fine-tuned by the project's SFT to answer "Hello!" with V2_ANSWER, published at `out`
-    (as the `v2_path` fixture of tests/routes/test_registry.py)."""
+    (as the `v2_path` fixture of tests/service/test_registry.py)."""
     from trainer.sft import SFTConfig, fine_tune
     return fine_tune(base, out, SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"),
                      [{"prompt": "Hello!", "completion": V2_ANSWER}], config={"bench": "swap v2"})
@@ -83,7 +83,7 @@ async def register(db_url: str, path: Path):
     """v2 as a candidate whose parent and reference are v1 (the server registered v1 at start-up)."""
     import psycopg
 
-    from schemas.registry import register_checkpoint
+    from store.registry import register_checkpoint
 
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         async with conn.transaction():

@@ -1,2 +1,3 @@
-"""Contracts shared by the online and offline sides: settings, wire models, the Postgres schema
-and the typed queries over it, and the checkpoint manifest."""
+"""Contracts shared by every side, and nothing else: settings, OpenAI's wire models, our records
+and API resources, the domain's errors, the import formats, the checkpoint manifest and the
+bundled data. No database driver and no model library is imported here."""

@@ -3,7 +3,8 @@
 A checkpoint is a Hugging Face directory (safetensors, config, tokenizer with chat template) plus
 `feedloop.json`, the manifest: the content hash of every other file, what made it and with which
 resolved config. Writers fill a temporary sibling directory and `publish` it: manifest written
-last, then one atomic rename. A directory without a manifest whose hash matches is not a checkpoint.
+last, then one atomic rename (`lm.checkpoint.save_pretrained` does this for a model and its
+tokenizer). A directory without a manifest whose hash matches is not a checkpoint.
 """
 import hashlib
 import json
@@ -64,17 +65,6 @@ def publish(tmp: Path, final: Path, *, kind: str, config: dict[str, Any],
                 os.fsync(fh.fileno())
     os.rename(tmp, final)  # atomic on one filesystem: the checkpoint appears whole or not at all
     return manifest
-
-
-def save_pretrained(model, tokenizer, final: Path, *, kind: str, config: dict[str, Any],
-                    metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A Hugging Face model and its tokenizer published as a checkpoint at `final`: saved into a
-    staging directory, then `publish`ed. Returns the manifest."""
-    final = Path(final)
-    with staging(final) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        return publish(tmp, final, kind=kind, config=config, metrics=metrics)
 
 
 def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:

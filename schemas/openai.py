@@ -3,7 +3,7 @@
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -185,7 +185,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-def jsonable(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json")

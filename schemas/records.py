@@ -179,6 +179,15 @@ class CompletionRef(BaseModel):
     choice_index: int = Field(0, ge=0, description="which of its choices")
 
 
+class CompletionTarget(BaseModel):
+    """A recorded completion that feedback is about, as the store finds it."""
+    id: int
+    request_id: int
+    choice_index: int
+    response_id: str
+    prompt_hash: str
+
+
 class FeedbackCreate(CompletionRef):
     kind: FeedbackKind
     value: int | None = Field(None, validate_default=True, description="thumbs: +1 or -1; rating: 1 to 7")

@@ -6,9 +6,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
-from schemas import store
-from schemas.db import database_url, migrate
-from schemas.registry import ensure_initial_policy
 from schemas.settings import Settings, get_settings
 from service import errors
 from service.middleware import RequestGuard
@@ -16,6 +13,9 @@ from service.recording import Recorder
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
                             feedback, health)
 from service.serving import Serving, follow_registry, sync_with_registry
+from store import keys
+from store.db import database_url, migrate
+from store.registry import ensure_initial_policy
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ async def ensure_init_key(pool: AsyncConnectionPool, settings: Settings) -> None
     if not settings.init_api_key:
         return
     async with pool.connection() as conn, conn.transaction():
-        if await store.create_api_key(conn, name="init", role="operator", key=settings.init_api_key):
+        if await keys.create_api_key(conn, name="init", role="operator", key=settings.init_api_key):
             log.info("created the operator key from FEEDLOOP_INIT_API_KEY")
 
 

@@ -1,5 +1,6 @@
 """`feedloop` — the command line. Serving commands run here; training commands are handed to
-`python -m trainer` in a process of their own (the two sides never import each other)."""
+`python -m trainer` and `simulate` to `python -m sim`, each in a process of its own (the service,
+the trainer and the simulator never import each other)."""
 import argparse
 import asyncio
 import json
@@ -11,17 +12,22 @@ import sys
 
 import psycopg
 
-from schemas import store
-from schemas.db import database_url, migrate
+from schemas.errors import DomainError
 from schemas.settings import get_settings
-from service import simulate as simulation
+from store import keys, registry
+from store.db import database_url, migrate
 
 log = logging.getLogger("feedloop")
 TRAINER_COMMANDS = ("bootstrap", "train", "trainer")
+SIM_COMMANDS = ("simulate",)
 
 
 def run_trainer(args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "trainer", *args])
+
+
+def run_simulator(args: list[str]) -> int:
+    return subprocess.call([sys.executable, "-m", "sim", *args[1:]])
 
 
 async def _with_conn(fn):
@@ -43,21 +49,20 @@ def positive_int(text: str) -> int:
 def cmd_keys(args) -> None:
     migrate(database_url(get_settings()))
     if args.action == "create":
-        key = asyncio.run(_with_conn(lambda c: store.create_api_key(c, name=args.name, role=args.role,
+        key = asyncio.run(_with_conn(lambda c: keys.create_api_key(c, name=args.name, role=args.role,
                                                                      rate_limit=args.rate_limit)))
         print(json.dumps(key.model_dump(mode="json"), indent=2))
     elif args.action == "list":
-        for k in asyncio.run(_with_conn(store.list_api_keys)):
+        for k in asyncio.run(_with_conn(keys.list_api_keys)):
             state = "revoked" if k.revoked_at else "live"
             print(f"{k.id:>4}  {k.prefix}…  {k.role:<8}  {state:<7}  {k.name}")
     else:
-        key = asyncio.run(_with_conn(lambda c: store.revoke_api_key(c, id=args.id)))
+        key = asyncio.run(_with_conn(lambda c: keys.revoke_api_key(c, id=args.id)))
         print(f"revoked key {key.id} ({key.name})")
 
 
 def cmd_models(args) -> None:
     """The registry from the command line: the same operations as /v1/admin/models."""
-    from schemas import registry
     migrate(database_url(get_settings()))
     actor = f"cli:{os.environ.get('USER', 'operator')}"
     ops = {
@@ -67,31 +72,31 @@ def cmd_models(args) -> None:
         "reject": lambda c: registry.reject(c, id=args.id, actor=actor, reason=args.reason),
     }
     if args.action == "list":
-        for v in asyncio.run(_with_conn(store.list_model_versions)):
+        for v in asyncio.run(_with_conn(registry.list_model_versions)):
             lineage = f"parent {v.parent_id or '-'} ref {v.reference_id or '-'} rm {v.reward_model_id or '-'}"
             extra = f" {v.canary_fraction:.0%}" if v.status == "canary" else ""
             print(f"{v.name:>5}  {v.kind:<6}  {v.status + extra:<10}  {lineage:<24}  {v.path}")
         return
     try:
         v = asyncio.run(_with_conn(ops[args.action]))
-    except (store.Conflict, store.NotFound) as e:
+    except DomainError as e:
         sys.exit(f"feedloop: {e}")
     print(f"{v.name} is {v.status}")
 
 
 def cmd_export(args) -> None:
     """The derived training data as JSONL in TRL's formats: the same rows as GET /v1/admin/export."""
-    from schemas import feedback
+    from store import derive, feedback
     migrate(database_url(get_settings()))
 
     async def rows(conn):
         upto = await feedback.current_watermark(conn) if args.upto is None else args.upto
-        return upto, await feedback.export_rows(conn, format=args.format, after=args.after, upto=upto)
+        return upto, await derive.export_rows(conn, format=args.format, after=args.after, upto=upto)
 
     upto, data = asyncio.run(_with_conn(rows))
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        out.writelines(feedback.jsonl_line(r) for r in data)
+        out.writelines(derive.jsonl_line(r) for r in data)
     finally:
         if args.out:
             out.close()
@@ -116,7 +121,7 @@ def cmd_up(args) -> None:
     url = database_url(settings)  # starts the embedded server when DATABASE_URL is unset
     os.environ["DATABASE_URL"] = url  # children share this server
     migrate(url)
-    active = asyncio.run(_with_conn(lambda c: store.get_active_version(c, kind="policy")))
+    active = asyncio.run(_with_conn(lambda c: registry.get_active_version(c, kind="policy")))
     if active is None and not settings.policy_path:
         print("feedloop: no policy yet; bootstrapping one from the bundled demonstrations …", flush=True)
         if run_trainer(["bootstrap"]) != 0:
@@ -152,9 +157,9 @@ def _lower_priority() -> None:
 
 def _operator_key_hint(settings) -> str:
     async def first_key(conn):
-        if settings.init_api_key or await store.count_live_operator_keys(conn):
+        if settings.init_api_key or await keys.count_live_operator_keys(conn):
             return None
-        return await store.create_api_key(conn, name="created by feedloop up", role="operator")
+        return await keys.create_api_key(conn, name="created by feedloop up", role="operator")
 
     created = asyncio.run(_with_conn(first_key))
     how = "more keys: .venv/bin/feedloop keys create --role user --name alice"
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINER_COMMANDS:
         sys.exit(run_trainer(argv))
+    if argv and argv[0] in SIM_COMMANDS:
+        sys.exit(run_simulator(argv))
     parser = argparse.ArgumentParser(prog="feedloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="database + policy + API on this machine").set_defaults(run=cmd_up)
@@ -199,12 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--after", type=int, default=0, help="only data newer than this watermark")
     export.add_argument("--upto", type=int, help="up to this watermark (default: now)")
     export.set_defaults(run=cmd_export)
-    simulate = sub.add_parser("simulate", help="simulated users with hidden preferences drive the API; "
-                              "measure the served policy round after round")
-    simulation.add_arguments(simulate)
-    simulate.set_defaults(run=simulation.main)
     for name in TRAINER_COMMANDS:
         sub.add_parser(name, help="training (python -m trainer)")
+    sub.add_parser("simulate", help="simulated users with hidden preferences drive the API and measure the "
+                   "served policy round after round (python -m sim)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()

@@ -6,10 +6,10 @@ from fastapi import Depends, Request
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from schemas import store
 from schemas.records import ApiKeyPublic
 from service.errors import ApiError
 from service.serving import Serving
+from store import keys
 
 
 def get_pool(request: Request) -> AsyncConnectionPool:
@@ -32,10 +32,10 @@ async def current_key(request: Request, pool: PoolDep) -> ApiKeyPublic:
                        code="missing_api_key")
     # A short borrow of its own: a streamed chat must not hold a pool connection while it runs.
     async with pool.connection() as conn:
-        key = await store.get_api_key(conn, key=token.strip())
+        key = await keys.get_api_key(conn, key=token.strip())
         if key is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        if key.rate_limit and not await store.take_rate_limited_request(conn, key_id=key.id,
+        if key.rate_limit and not await keys.take_rate_limited_request(conn, key_id=key.id,
                                                                          rate_limit=key.rate_limit):
             # The windows are the database's calendar minutes; this replica's clock says when
             # the next one opens (equal up to clock skew).
@@ -67,3 +67,5 @@ async def operator_key(key: CurrentKey) -> ApiKeyPublic:
 
 
 OperatorKey = Annotated[ApiKeyPublic, Depends(operator_key)]
+# On an admin router: every route behind it needs an operator key, whether or not it reads it.
+OPERATORS_ONLY = [Depends(operator_key)]

@@ -7,13 +7,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.openai import ErrorInfo, ErrorResponse
-from schemas.store import Conflict, NotFound
+from schemas.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-               429: "rate_limit_error"}
+               429: "rate_limit_error", 503: "service_unavailable"}
+# The domain's errors (schemas/errors.py) as HTTP: the one place this mapping lives.
+DOMAIN_STATUS = ((Invalid, 400), (NotFound, 404), (Conflict, 409), (Unavailable, 503))
 
 
 class ApiError(Exception):
@@ -65,18 +67,20 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
 
 
+def domain_error(exc: DomainError) -> ApiError:
+    status = next((s for cls, s in DOMAIN_STATUS if isinstance(exc, cls)), 400)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return ApiError(status, str(exc), param=exc.param, code=exc.code, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()
 
-    @app.exception_handler(NotFound)
-    async def on_not_found(request: Request, exc: NotFound):
-        return ApiError(404, str(exc)).response()
-
-    @app.exception_handler(Conflict)
-    async def on_conflict(request: Request, exc: Conflict):
-        return ApiError(409, str(exc), code="conflict").response()
+    @app.exception_handler(DomainError)
+    async def on_domain_error(request: Request, exc: DomainError):
+        return domain_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

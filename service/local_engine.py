@@ -11,8 +11,11 @@ from collections import deque
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lm.chat import context_length, encode_prompt
+from lm.checkpoint import load_policy, load_tokenizer
+from lm.decoding import generate, left_pad
+from lm.sampling import sample_rows
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
 from service.engine import Generation, Piece
@@ -35,37 +38,13 @@ class Row:
         self.finish: str | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    """Next token per row: greedy at temperature 0, else nucleus sampling from logits / T."""
-    temps = torch.tensor([r.temperature for r in rows], device=logits.device)
-    top_ps = torch.tensor([r.top_p for r in rows], device=logits.device)
-    greedy = logits.argmax(-1)
-    if all(r.temperature == 0 for r in rows):
-        return greedy.tolist()
-    probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)  # (B, V)
-    if all(r.top_p >= 1.0 for r in rows):  # no nucleus to cut: skip the sort
-        sorted_p, order = probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-    else:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_ps[:, None]  # beyond the top_p nucleus
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-    out = []
-    for i, r in enumerate(rows):
-        if r.temperature == 0:
-            out.append(int(greedy[i]))
-        else:  # one draw per row from its own generator: a seed replays the same text
-            out.append(int(order[i, torch.multinomial(sorted_p[i], 1, generator=r.rng)]))
-    return out
-
-
 class LocalEngine:
     def __init__(self, version: ModelVersion, *, device: str = "cpu", max_batch_rows: int = 32):
         self.version, self.device, self.max_batch_rows = version, device, max_batch_rows
         path = Path(version.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        cfg = self.model.config
-        self.context_length = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_policy(path, device)
+        self.context_length = context_length(self.model.config)
         self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self._inbox: queue.Queue[Generation | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"engine-{version.name}", daemon=True)
@@ -73,8 +52,7 @@ class LocalEngine:
 
     # --- interface ------------------------------------------------------------------------------
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                  tokenize=True)["input_ids"]
+        return encode_prompt(self.tokenizer, conversation)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         gen = Generation(prompt_ids, sampling)
@@ -133,27 +111,17 @@ class LocalEngine:
 
     @torch.inference_mode()
     def _step_batch(self, rows: list[Row]) -> None:
-        width = max(len(r.gen.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's next token is at position -1
-            n = len(r.gen.prompt_ids)
-            ids[i, width - n:] = torch.tensor(r.gen.prompt_ids)
-            mask[i, width - n:] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        past = None
-        while True:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             cache=past, use_cache=True, logits_to_keep=1)
-            past = out.cache
-            next_ids = sample(out.logits[:, -1, :].float(), rows)  # (B,)
+        ids, mask = (t.to(self.device) for t in left_pad([r.gen.prompt_ids for r in rows], self.pad_id))
+        temperatures, top_ps, rngs = [r.temperature for r in rows], [r.top_p for r in rows], [r.rng for r in rows]
+
+        def step(logits: torch.Tensor) -> torch.Tensor | None:  # (B, V) -> (B,)
+            next_ids = sample_rows(logits, temperatures, top_ps, rngs)
             self._advance(rows, next_ids)
             if all(r.finish for r in rows):
-                return
-            ids = torch.tensor(next_ids, device=self.device)[:, None]  # (B, 1)
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            positions = positions[:, -1:] + 1
+                return None
+            return torch.tensor(next_ids, device=self.device)  # finished rows keep stepping, ignored
+
+        generate(self.model, ids, mask, step)
 
     def _advance(self, rows: list[Row], next_ids: list[int]) -> None:
         """Append each open row's token, decide whether it finished, push new text per request."""

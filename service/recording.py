@@ -5,11 +5,11 @@ import logging
 
 from psycopg_pool import AsyncConnectionPool
 
-from schemas import store
 from schemas.openai import ChatCompletionRequest, Usage
 from schemas.records import ApiKeyPublic, CompletionRecord
 from service.engine import Engine, Generation, Piece
 from service.metrics import EXCHANGES
+from store import exchanges
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Exchange:
                                     model_version_id=version.id)
                    for i, (t, f, k) in enumerate(zip(self.texts, self.finish, self.tokens))]
         async with pool.connection() as conn, conn.transaction():
-            await store.record_exchange(
+            await exchanges.record_exchange(
                 conn, response_id=self.response_id, api_key_id=self.key.id, user=self.body.user,
                 messages=self.conversation, params=self.gen.sampling.model_dump(),
                 model_version_id=version.id, stream=self.body.stream, batch_rows=self.gen.batch_rows,

@@ -7,8 +7,10 @@ import asyncio
 import logging
 
 from huggingface_hub import AsyncInferenceClient, InferenceClient
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
+from lm.chat import context_length, encode_prompt
+from lm.checkpoint import load_tokenizer
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
 from service.engine import Generation, Piece
@@ -23,15 +25,13 @@ class RemoteEngine:
             raise ValueError(f"{version.name} has no endpoint and FEEDLOOP_REMOTE_URL is unset")
         self.version, self.url, self.model, self.api_key = version, url, model, api_key
         # The checkpoint's tokenizer: context checks and token counts without a round trip.
-        self.tokenizer = AutoTokenizer.from_pretrained(version.path)
-        config = AutoConfig.from_pretrained(version.path)
-        self.context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+        self.tokenizer = load_tokenizer(version.path)
+        self.context_length = context_length(AutoConfig.from_pretrained(version.path))
         self._client = AsyncInferenceClient(base_url=url, api_key=api_key, timeout=timeout)
         self._tasks: set[asyncio.Task] = set()
 
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                  tokenize=True)["input_ids"]
+        return encode_prompt(self.tokenizer, conversation)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         gen = Generation(prompt_ids, sampling)

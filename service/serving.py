@@ -13,10 +13,11 @@ import socket
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from schemas import registry, store
+from lm.device import resolve_device
 from schemas.records import ModelVersion
-from schemas.settings import Settings, resolve_device
+from schemas.settings import Settings
 from service.engine import Engine
+from store import locks, registry
 
 log = logging.getLogger(__name__)
 REPLICA = f"replica {socket.gethostname()}"
@@ -43,7 +44,6 @@ class Serving:
         self.settings = settings
         self.active: Engine | None = None
         self.canaries: dict[int, Engine] = {}
-        self.swaps = 0
 
     @property
     def ready(self) -> bool:
@@ -72,7 +72,6 @@ class Serving:
         engine = self.canaries.pop(version.id, None) or await self._load(version)
         engine.version = version
         old, self.active = self.active, engine  # the switch: new requests go to `engine` now
-        self.swaps += 1
         log.info("serving %s (was %s)", version.name, old.version.name if old else "nothing")
         if old is not None:
             await asyncio.to_thread(old.close)  # finishes what was submitted to it, then frees it
@@ -102,7 +101,7 @@ class Serving:
 async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
     """Bring this replica to what the registry says serves; mark what cannot load as failed."""
     async with pool.connection() as conn:
-        versions = await store.list_serving_versions(conn)
+        versions = await registry.list_serving_versions(conn)
     active = next((v for v in versions if v.status == "active"), None)
     failures = await serving.set_canaries([v for v in versions if v.status == "canary"])
     if active and (serving.active is None or serving.active.version.id != active.id):
@@ -123,7 +122,7 @@ async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
     while True:
         try:
             async with await AsyncConnection.connect(pool.conninfo, autocommit=True) as listener:
-                await listener.execute(f"LISTEN {registry.CHANNEL}")
+                await locks.listen_registry(listener)
                 while True:
                     await sync_with_registry(pool, serving)
                     async for _ in listener.notifies(timeout=serving.settings.poll_seconds, stop_after=1):

@@ -45,7 +45,7 @@ def _with_db(url: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def template_db(admin_url) -> str:
     """A database with every migration applied, cloned by `new_database`."""
-    from schemas.db import migrate
+    from store.db import migrate
     name = f"feedloop_tmpl_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -80,15 +80,16 @@ def db_url(new_database) -> str:
 
 # --- the bootstrap policy -------------------------------------------------------------------
 
-BOOTSTRAP_INPUTS = ["trainer/bootstrap.py", "trainer/sft.py", "trainer/tokenizer.py", "trainer/data.py",
-                    "trainer/data/demonstrations.jsonl"]
+BOOTSTRAP_INPUTS = ["trainer/bootstrap.py", "trainer/sft.py", "trainer/optim.py", "trainer/tokenizer.py",
+                    "lm/chat.py", "lm/checkpoint.py", "schemas/bundled.py", "schemas/data/demonstrations.jsonl"]
 
 
 def _source_digest() -> str:
     """The bootstrap's inputs: its code and bundled data. Same inputs, same checkpoint."""
     h = hashlib.sha256()
     for name in BOOTSTRAP_INPUTS:
-        h.update((ROOT / name).read_bytes())
+        if (ROOT / name).exists():
+            h.update((ROOT / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -106,7 +107,7 @@ def policy_path() -> Path:
 
 def trained_answers(prompt: str) -> set[str]:
     """The bundled demonstrations' answers to `prompt`: greedily, the bootstrap policy says one."""
-    from trainer.data import bundled_demonstrations
+    from schemas.bundled import bundled_demonstrations
     return {d["completion"] for d in bundled_demonstrations() if d["prompt"] == prompt}
 
 

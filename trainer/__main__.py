@@ -8,9 +8,10 @@ from pathlib import Path
 
 import psycopg
 
-from schemas.db import database_url, migrate
-from schemas.registry import ensure_initial_policy
-from schemas.settings import get_settings, resolve_device
+from lm.device import resolve_device
+from schemas.settings import get_settings
+from store.db import database_url, migrate
+from store.registry import ensure_initial_policy
 from trainer.bootstrap import BootstrapConfig, build
 
 log = logging.getLogger("trainer")
@@ -46,7 +47,7 @@ def trainer_service(args) -> None:
 
 
 def train(args) -> None:
-    """`train --once` / `train round`: one round now, under the round lock; `train reward|sft|ppo`:
+    """`train` / `train round`: one round now, under the round lock, then exit; `train reward|sft|ppo`:
     that one stage on all the data so far (`ppo` against the active reward model)."""
     from trainer.round import run_round
     settings = get_settings()
@@ -77,7 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="one training round now")
     p.add_argument("what", nargs="?", default="round", choices=["round", "sft", "reward", "ppo"],
                    help="a whole round (default) or one stage")
-    p.add_argument("--once", action="store_true", help="run one round and exit (the default)")
     p.add_argument("--config", help='JSON overrides of the round config, e.g. \'{"ppo": {"steps": 8}}\'')
     p.set_defaults(run=train)
     args = parser.parse_args(argv)

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from schemas.checkpoint import read_manifest, save_pretrained
+from lm.checkpoint import save_pretrained
+from schemas.checkpoint import read_manifest
 from trainer.sft import SFTConfig, train as sft_train
-from trainer.data import bundled_demonstrations
+from schemas.bundled import bundled_demonstrations
 from trainer.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,12 @@
-"""What every training loop here shares: how progress is shown, and dropout off."""
+"""What every training loop here shares: how progress is shown, dropout off, and how a trained
+policy is published."""
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
+
+from lm.checkpoint import save_pretrained
 
 
 def on_terminal() -> bool:
@@ -15,3 +20,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+
+
+def summary(metrics: dict) -> dict:
+    """Metrics as a manifest keeps them: per-step curves and configs stay with the training run."""
+    return {k: v for k, v in metrics.items() if "/curve" not in k and not k.endswith("/config")}
+
+
+def publish_policy(policy, tokenizer, out: Path, *, configs: dict, metrics: dict,
+                   provenance: dict | None = None) -> dict:
+    """Publish a trained policy at `out` (staged, hashed, renamed into place); returns the
+    manifest. Its config holds the resolved config of each stage that trained the policy, by
+    stage (`{"sft": SFTConfig, "ppo": PPOConfig}`: those that ran, no others), and `provenance`
+    (parent and reference versions); its metrics the `summary` of `metrics`."""
+    config = {stage: asdict(stage_cfg) for stage, stage_cfg in configs.items()}
+    return save_pretrained(policy, tokenizer, out, kind="policy", config={**config, **(provenance or {})},
+                           metrics=summary(metrics))

@@ -1,5 +1,6 @@
 """PPO against a reward (InstructGPT step 3), top to bottom: config, prompts, rollout, score,
-per-token KL reward, GAE, clipped losses, update epochs, `train`, `evaluate`, `save_policy`.
+per-token KL reward, GAE, clipped losses, update epochs, `train`, `evaluate`. A trained policy is
+published by `trainer.common.publish_policy`.
 
 The choices follow InstructGPT (Ouyang et al. 2022, §3.5 and appendix C.4), Ziegler et al. 2019
 ("Fine-tuning language models from human preferences": the adaptive KL controller) and "The N
@@ -16,7 +17,6 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from schemas.checkpoint import save_pretrained
-from trainer.data import bundled_prompts
-from trainer.rollout import (Samples, decode, join, left_pad, response_logits, response_values,
-                             sample)
+from lm.chat import as_messages, context_length, encode_prompt
+from lm.decoding import left_pad
+from schemas.bundled import bundled_prompts
+from trainer.rollout import Samples, decode, join, response_logits, response_values, sample
 from trainer.common import disable_dropout, on_terminal
-from trainer.sft import answer_loss, as_messages, collate, encode_demonstration, encode_prompt
+from trainer.optim import adamw, set_lr, warmup_linear
+from trainer.sft import answer_loss, collate, encode_demonstration
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class PPOConfig:
     # algorithm specific arguments
     lr: float = 1e-4
     """AdamW learning rate of policy and value model"""
+    weight_decay: float = 0.01
+    """AdamW weight decay, on every parameter (PyTorch's default, which PPO has always run with)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over the run (N-details "learning rate annealing")"""
     warmup_steps: int = 2
@@ -317,6 +320,80 @@ def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
     return vf_loss, stats
 
 
+# --- one update's batch: rollout -> score -> per-token KL reward -> GAE -----------------------
+
+@dataclass
+class Batch:
+    """Everything one update trains on; rows are answers."""
+    ids: torch.Tensor          # (B, P + R) prompt then answer
+    mask: torch.Tensor         # (B, P + R)
+    responses: torch.Tensor    # (B, R)
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor     # (B, R) under the policy that sampled
+    values: torch.Tensor       # (B, R) of the value model before the update
+    advantages: torch.Tensor   # (B, R) whitened
+    returns: torch.Tensor      # (B, R)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(B, P + R) positions counted over real tokens, so left padding does not shift them."""
+        return (self.mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reference_logprobs(ref_policy, ids, mask, pos, samples: Samples, temperature: float) -> torch.Tensor:
+    """(B, R) log-probs of the sampled answers under the frozen reference; 0 on padding, like the
+    sampled log-probs."""
+    ref_logits = response_logits(ref_policy, ids, mask, pos, samples.responses.shape[1], temperature)  # (B, R, V)
+    ref_logprobs = F.log_softmax(ref_logits, -1).gather(-1, samples.responses[..., None]).squeeze(-1)
+    return ref_logprobs * samples.response_mask
+
+
+def advantages_and_returns(cfg: PPOConfig, penalised, logprobs, ref_logprobs, values, response_mask,
+                           kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl, advantages, returns), each (B, R): the per-token KL to the reference, then GAE on
+    InstructGPT eq. 2's reward r(x, y) - beta * log(pi / pi_ref), the KL spread over the tokens."""
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * response_mask  # (B, R)
+    rewards = token_rewards(penalised, kl, response_mask, kl_coef)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
+    # N-details "advantage whitening": over the batch's answer tokens, not per sequence.
+    return kl, masked_whiten(advantages, response_mask), returns
+
+
+def _explained_variance(values, returns, mask) -> torch.Tensor:
+    var_returns = masked_var(returns, mask)
+    return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+
+
+@torch.no_grad()
+def experience(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompt_ids: list[list[int]],
+               conversations: list[list[dict]], reward_fn: RewardFn, kl_coef: float,
+               generator: torch.Generator) -> tuple[Batch, dict]:
+    """Sample one answer per prompt, score it, and compute what the update needs: (batch, the
+    rollout's statistics)."""
+    device = next(policy.parameters()).device
+    ro = rollout(policy, tokenizer, prompt_ids, device=device, max_new_tokens=cfg.max_new_tokens,
+                 temperature=cfg.temperature, generator=generator)
+    s = ro.samples
+    scores, penalised = score(reward_fn, conversations, ro.answers, s.has_eos, cfg.missing_eos_penalty)
+    ids, mask, pos = join(ro.prompt_ids, ro.prompt_mask, s.responses, s.response_mask)
+    ref_logprobs = reference_logprobs(ref_policy, ids, mask, pos, s, cfg.temperature)
+    values = response_values(value_model, ids, mask, pos, s.responses.shape[1]) * s.response_mask
+    kl, advantages, returns = advantages_and_returns(cfg, penalised, s.logprobs, ref_logprobs, values,
+                                                     s.response_mask, kl_coef)
+    seq_kl = kl.sum(1)  # (B,) nats per answer
+    stats = {
+        "reward/score": scores.mean(), "reward/penalised": penalised.mean(),
+        "reward/total": (penalised - kl_coef * seq_kl).mean(),
+        "ppo/kl": seq_kl.mean(), "ppo/kl_coef": torch.tensor(kl_coef),
+        "ppo/explained_variance": _explained_variance(values, returns, s.response_mask),
+        "rollout/response_length": s.response_mask.sum(1).float().mean(),
+        "rollout/eos_rate": s.has_eos.float().mean(),
+    }
+    return Batch(ids, mask, s.responses, s.response_mask, s.logprobs, values, advantages, returns), stats
+
+
 # --- update epochs --------------------------------------------------------------------------------
 
 class PolicyAndValue(torch.nn.Module):
@@ -334,98 +411,129 @@ class PolicyAndValue(torch.nn.Module):
         return logits, values, sft
 
 
-@dataclass
-class Batch:
-    """Everything one update trains on; rows are answers."""
-    ids: torch.Tensor          # (B, P + R) prompt then answer
-    mask: torch.Tensor         # (B, P + R)
-    responses: torch.Tensor    # (B, R)
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor     # (B, R) under the policy that sampled
-    values: torch.Tensor       # (B, R) of the value model before the update
-    advantages: torch.Tensor   # (B, R) whitened
-    returns: torch.Tensor      # (B, R)
-
-
-def _trim(b: Batch, rows: torch.Tensor):
+def _trim(b: Batch, rows: torch.Tensor) -> Batch:
     """The rows of a minibatch without columns that are padding in all of them (less compute)."""
     mb_mask = b.mask[rows]
     P = b.ids.shape[1] - b.responses.shape[1]
     first = int((mb_mask.sum(0) > 0).float().argmax())  # first column any row uses
     R = int(b.response_mask[rows].sum(1).max())
     cols = slice(first, P + R)
-    mask = mb_mask[:, cols]
-    return (b.ids[rows, cols], mask, (mask.cumsum(1) - 1).clamp(min=0), R,
-            *(getattr(b, k)[rows, :R] for k in ("responses", "response_mask", "logprobs", "values",
-                                               "advantages", "returns")))
+    return Batch(b.ids[rows, cols], mb_mask[:, cols],
+                 *(getattr(b, k)[rows, :R] for k in ("responses", "response_mask", "logprobs", "values",
+                                                    "advantages", "returns")))
+
+
+def update(model, optimizer, accelerator, mb: Batch, cfg: PPOConfig, sft_batch=None) -> dict:
+    """One optimizer step on a minibatch: clipped policy loss + vf_coef * clipped value loss
+    (+ ptx_coef * SFT loss on `sft_batch`). Returns its statistics, detached."""
+    logits, vpred, ptx_loss = model(mb.ids, mb.mask, mb.position_ids, mb.responses.shape[1], cfg.temperature,
+                                    sft_batch)
+    logp = F.log_softmax(logits, dim=-1)  # (b, R, V)
+    new_logprobs = logp.gather(-1, mb.responses[..., None]).squeeze(-1)  # (b, R)
+    pg_loss, pg_stats = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange)
+    vf_loss, vf_stats = value_loss(vpred, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    if ptx_loss is not None:
+        # InstructGPT eq. 2's gamma term, on demonstrations rather than pretraining text.
+        loss = loss + cfg.ptx_coef * ptx_loss
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    with torch.no_grad():
+        entropy = masked_mean(-(logp.exp() * logp).sum(-1), mb.response_mask)
+    return {k: v.detach() for k, v in {
+        "ppo/pg_loss": pg_loss, "ppo/vf_loss": vf_loss, "ppo/entropy": entropy,
+        "ppo/ptx_loss": ptx_loss if ptx_loss is not None else torch.zeros(()), **pg_stats, **vf_stats}.items()}
 
 
 def ppo_epochs(model, optimizer, accelerator, batch: Batch, cfg: PPOConfig, generator: torch.Generator,
                demos: list | None = None, pad_id: int = 0) -> dict:
     """`ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches, one
-    optimizer step each: clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * SFT)."""
+    `update` each; with `max_approx_kl`, the passes stop at the first minibatch past it."""
     stats = defaultdict(list)
     B = batch.ids.shape[0]
     stop = False
     for epoch in range(cfg.ppo_epochs):
-        if stop:
-            break
         b_inds = torch.randperm(B, generator=generator)
         for start in range(0, B, cfg.minibatch_size):
-            mb_inds = b_inds[start:start + cfg.minibatch_size].to(batch.ids.device)
-            (mb_ids, mb_mask, mb_pos, R, mb_responses, mb_response_mask, mb_logprobs, mb_values,
-             mb_advantages, mb_returns) = _trim(batch, mb_inds)
+            mb = _trim(batch, b_inds[start:start + cfg.minibatch_size].to(batch.ids.device))
             sft_batch = None
             if demos and cfg.ptx_coef > 0:
                 pick = torch.randint(len(demos), (cfg.ptx_batch_size,), generator=generator).tolist()
                 sft_batch = [t.to(batch.ids.device) for t in collate([demos[i] for i in pick], pad_id)]
-            logits, vpred, ptx_loss = model(mb_ids, mb_mask, mb_pos, R, cfg.temperature, sft_batch)
-            logp = F.log_softmax(logits, dim=-1)  # (b, R, V)
-            new_logprobs = logp.gather(-1, mb_responses[..., None]).squeeze(-1)  # (b, R)
-            pg_loss, pg_stats = policy_loss(new_logprobs, mb_logprobs, mb_advantages, mb_response_mask,
-                                            cfg.cliprange)
-            vf_loss, vf_stats = value_loss(vpred, mb_values, mb_returns, mb_response_mask,
-                                           cfg.cliprange_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            if ptx_loss is not None:
-                # InstructGPT eq. 2's gamma term, on demonstrations rather than pretraining text.
-                loss = loss + cfg.ptx_coef * ptx_loss
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            with torch.no_grad():
-                entropy = masked_mean(-(logp.exp() * logp).sum(-1), mb_response_mask)
-            for k, v in {"ppo/pg_loss": pg_loss, "ppo/vf_loss": vf_loss, "ppo/entropy": entropy,
-                         "ppo/ptx_loss": ptx_loss if ptx_loss is not None else torch.zeros(()),
-                         **pg_stats, **vf_stats}.items():
-                stats[k].append(v.detach())
+            for k, v in update(model, optimizer, accelerator, mb, cfg, sft_batch).items():
+                stats[k].append(v)
             if cfg.max_approx_kl is not None:
                 # Every process must stop at the same minibatch, or DDP waits forever: decide on the mean.
-                approx_kl = accelerator.reduce(pg_stats["ppo/approx_kl"].detach(), reduction="mean")
+                approx_kl = accelerator.reduce(stats["ppo/approx_kl"][-1], reduction="mean")
                 if approx_kl > cfg.max_approx_kl:
                     stop = True  # the policy has left the region where the old samples say much
                     break
+        if stop:
+            break
     out = {k: torch.stack(v).mean() for k, v in stats.items()}
     out["ppo/minibatches"] = torch.tensor(float(len(stats["ppo/pg_loss"])))
     return out
 
 
-def _explained_variance(values, returns, mask) -> torch.Tensor:
-    var_returns = masked_var(returns, mask)
-    return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
-
-
-def lr_at(step: int, cfg: PPOConfig) -> float:
-    if step < cfg.warmup_steps:  # 1) linear warmup
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    if cfg.anneal_lr:  # 2) linear decay towards 0, as OpenAI's lm-human-preferences and CleanRL
-        return cfg.lr * (1 - step / cfg.steps)
-    return cfg.lr
-
-
 # --- train ---------------------------------------------------------------------------------------
+
+def check_inputs(cfg: PPOConfig, policy, tokenizer, prompts: list) -> None:
+    """Refuse what would train silently wrong, before any model work."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("PPO needs a pad token distinct from EOS (answers are cut at EOS)")
+    n_positions = context_length(policy.config)
+    if n_positions and cfg.max_prompt_tokens + cfg.max_new_tokens > n_positions:
+        raise ValueError(f"max_prompt_tokens + max_new_tokens exceeds the policy's {n_positions} positions")
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    cfg.__post_init__()  # fields may have been set after construction
+
+
+def next_prompts(order: list[int], n: int, n_prompts: int, generator: torch.Generator
+                 ) -> tuple[list[int], list[int]]:
+    """(the next `n` prompt indices, those left): cycling through the prompts, reshuffled each pass."""
+    while len(order) < n:
+        order = order + torch.randperm(n_prompts, generator=generator).tolist()
+    return order[:n], order[n:]
+
+
+def prepare(cfg: PPOConfig, policy, ref_policy, value_model, accelerator) -> tuple:
+    """(model, optimizer): policy and value model as one module with its optimizer, prepared by
+    accelerate; dropout off everywhere and the reference frozen on the same device."""
+    for m in (policy, ref_policy, value_model):
+        disable_dropout(m)
+    device = accelerator.device
+    ref_policy.requires_grad_(False).eval().to(device)
+    model = PolicyAndValue(policy, value_model).to(device)
+    # Adam eps 1e-5 as OpenAI's lm-human-preferences and CleanRL (N-details on PyTorch's Adam).
+    # The fused kernel (CPU and CUDA) makes a step ~5x cheaper than the per-tensor loop on small models.
+    optimizer = adamw(model.parameters(), cfg.lr, cfg.weight_decay, eps=1e-5,
+                      fused=device.type in ("cpu", "cuda"))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()  # dropout is gone, so train mode changes nothing but stays honest
+    return model, optimizer
+
+
+def reduce_stats(accelerator, stats: dict) -> dict:
+    """Step statistics as floats, averaged over the processes in one collective."""
+    keys = sorted(stats)
+    reduced = accelerator.reduce(torch.stack([stats[k].float().to(accelerator.device) for k in keys]),
+                                 reduction="mean")
+    return dict(zip(keys, reduced.tolist()))
+
+
+def report(step: int, cfg: PPOConfig, stats: dict, bar, accelerator) -> None:
+    """Progress: the bar on a terminal, else a log line every 10 updates and after the last."""
+    bar.update(1)
+    bar.set_postfix(reward=f"{stats['reward/score']:.3f}", kl=f"{stats['ppo/kl']:.2f}")
+    if not on_terminal() and accelerator.is_main_process and (step % 10 == 0 or step == cfg.steps - 1):
+        log.info("ppo step %d/%d reward %.3f kl %.3f beta %.4f entropy %.3f clipfrac %.3f len %.1f",
+                 step + 1, cfg.steps, stats["reward/score"], stats["ppo/kl"], stats["ppo/kl_coef"],
+                 stats["ppo/entropy"], stats["ppo/clipfrac"], stats["rollout/response_length"])
+
 
 def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: list[list[dict]],
           reward_fn: RewardFn, demonstrations: list[dict] | None = None) -> dict:
@@ -434,14 +542,7 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
     with one label (InstructGPT: initialised from the reward model). With `cfg.ptx_coef > 0`,
     `demonstrations` ([{"prompt", "completion"}]) are mixed in (PPO-ptx). Returns metrics: the
     last value of every `CURVE_KEYS` entry, their per-step curves under "ppo/curves", and more."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("PPO needs a pad token distinct from EOS (answers are cut at EOS)")
-    n_positions = getattr(policy.config, "max_position_embeddings", None)
-    if n_positions and cfg.max_prompt_tokens + cfg.max_new_tokens > n_positions:
-        raise ValueError(f"max_prompt_tokens + max_new_tokens exceeds the policy's {n_positions} positions")
-    if not prompts:
-        raise ValueError("no prompts to train on")
-    cfg.__post_init__()  # fields may have been set after construction
+    check_inputs(cfg, policy, tokenizer, prompts)
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     device = accelerator.device
@@ -449,18 +550,7 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
     if accelerator.is_main_process:
         log.info("ppo on %s x%d: %s", device, accelerator.num_processes,
                  ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-
-    for m in (policy, ref_policy, value_model):
-        disable_dropout(m)
-    ref_policy.requires_grad_(False).eval().to(device)
-    model = PolicyAndValue(policy, value_model)
-    model.to(device)
-    # Adam eps 1e-5 as OpenAI's lm-human-preferences and CleanRL (N-details on PyTorch's Adam).
-    # The fused kernel (CPU and CUDA) makes a step ~5x cheaper than the per-tensor loop on small models.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-5,
-                                  fused=device.type in ("cpu", "cuda"))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()  # dropout is gone, so train mode changes nothing but stays honest
+    model, optimizer = prepare(cfg, policy, ref_policy, value_model, accelerator)
 
     conversations = [as_messages(p) for p in prompts]
     # Left-truncate prompts that are still too long: the latest turns matter most.
@@ -480,68 +570,24 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
 
     for step in range(cfg.steps):
         t0 = time.time()
-        while len(order) < global_batch:  # cycle through the prompts, reshuffled each pass
-            order += torch.randperm(len(prompt_ids), generator=order_gen).tolist()
-        batch_idx, order = order[:global_batch], order[global_batch:]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        batch_idx, order = next_prompts(order, global_batch, len(prompt_ids), order_gen)
         mine = batch_idx[accelerator.process_index * cfg.batch_size:][:cfg.batch_size]
+        set_lr(optimizer, warmup_linear(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.anneal_lr))
 
-        with torch.no_grad():
-            unwrapped = accelerator.unwrap_model(model)
-            ro = rollout(unwrapped.policy, tokenizer, [prompt_ids[i] for i in mine], device=device,
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=sample_gen)
-            s = ro.samples
-            scores, penalised = score(reward_fn, [conversations[i] for i in mine], ro.answers, s.has_eos,
-                                      cfg.missing_eos_penalty)
-            ids, mask, pos = join(ro.prompt_ids, ro.prompt_mask, s.responses, s.response_mask)
-            R = s.responses.shape[1]
-            ref_logits = response_logits(ref_policy, ids, mask, pos, R, cfg.temperature)  # (B, R, V)
-            ref_logprobs = F.log_softmax(ref_logits, -1).gather(-1, s.responses[..., None]).squeeze(-1)
-            ref_logprobs = ref_logprobs * s.response_mask  # padding: 0 like the sampled log-probs
-            del ref_logits
-            values = response_values(unwrapped.value_model, ids, mask, pos, R) * s.response_mask
+        unwrapped = accelerator.unwrap_model(model)
+        batch, rollout_stats = experience(cfg, unwrapped.policy, ref_policy, unwrapped.value_model, tokenizer,
+                                          [prompt_ids[i] for i in mine], [conversations[i] for i in mine],
+                                          reward_fn, kl_ctl.value, sample_gen)
+        update_stats = ppo_epochs(model, optimizer, accelerator, batch, cfg, order_gen, demos,
+                                  tokenizer.pad_token_id)
 
-            # InstructGPT eq. 2: r(x, y) - beta * log(pi / pi_ref), the KL spread over the tokens.
-            kl = kl_penalty(s.logprobs, ref_logprobs, cfg.kl_estimator) * s.response_mask  # (B, R)
-            rewards = token_rewards(penalised, kl, s.response_mask, kl_ctl.value)
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, s.response_mask, shift_mean=False)
-            advantages, returns = gae(rewards, values, s.response_mask, cfg.gamma, cfg.lam)
-            # N-details "advantage whitening": over the batch's answer tokens, not per sequence.
-            advantages = masked_whiten(advantages, s.response_mask)
-
-        batch = Batch(ids, mask, s.responses, s.response_mask, s.logprobs, values, advantages, returns)
-        stats = ppo_epochs(model, optimizer, accelerator, batch, cfg, order_gen, demos,
-                           tokenizer.pad_token_id)
-
-        seq_kl = kl.sum(1)
-        step_stats = {
-            "reward/score": scores.mean(), "reward/penalised": penalised.mean(),
-            "reward/total": (penalised - kl_ctl.value * seq_kl).mean(),
-            "ppo/kl": seq_kl.mean(), "ppo/kl_coef": torch.tensor(kl_ctl.value),
-            "ppo/explained_variance": _explained_variance(values, returns, s.response_mask),
-            "rollout/response_length": s.response_mask.sum(1).float().mean(),
-            "rollout/eos_rate": s.has_eos.float().mean(),
-            **stats,
-        }
-        keys = sorted(step_stats)
-        reduced = accelerator.reduce(torch.stack([step_stats[k].float().to(device) for k in keys]),
-                                     reduction="mean")
-        step_stats = dict(zip(keys, reduced.tolist()))
-        kl_ctl_value_used = step_stats["ppo/kl_coef"]
+        step_stats = reduce_stats(accelerator, {**rollout_stats, **update_stats})
         if cfg.adaptive_kl:
             kl_ctl.update(step_stats["ppo/kl"], global_batch)
         step_stats["time/update_seconds"] = time.time() - t0
         for k in CURVE_KEYS:
             curves[k].append(round(float(step_stats.get(k, 0.0)), 5))
-        bar.update(1)
-        bar.set_postfix(reward=f"{step_stats['reward/score']:.3f}", kl=f"{step_stats['ppo/kl']:.2f}")
-        if not on_terminal() and accelerator.is_main_process and (step % 10 == 0 or step == cfg.steps - 1):
-            log.info("ppo step %d/%d reward %.3f kl %.3f beta %.4f entropy %.3f clipfrac %.3f len %.1f",
-                     step + 1, cfg.steps, step_stats["reward/score"], step_stats["ppo/kl"],
-                     kl_ctl_value_used, step_stats["ppo/entropy"], step_stats["ppo/clipfrac"],
-                     step_stats["rollout/response_length"])
+        report(step, cfg, step_stats, bar, accelerator)
         if cfg.stop_kl is not None and step_stats["ppo/kl"] >= cfg.stop_kl:
             log.info("ppo: KL %.2f reached stop_kl %g after %d of %d steps", step_stats["ppo/kl"], cfg.stop_kl,
                      step + 1, cfg.steps)
@@ -606,16 +652,3 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list, reward_fn: RewardFn, 
             "kl": kl.mean().item(), "kl_sem": (kl.std() / math.sqrt(n)).item() if n > 1 else 0.0,
             "response_length": torch.cat(lengths).mean().item(), "eos_rate": torch.cat(eos).mean().item(),
             "n": n, "answers": answers}
-
-
-# --- save ---------------------------------------------------------------------------------------------
-
-def save_policy(policy, tokenizer, out: Path, cfg: PPOConfig, metrics: dict, *,
-                provenance: dict | None = None) -> dict:
-    """Publish the policy as a checkpoint at `out` (staged, hashed, renamed into place); the
-    manifest holds the resolved config, `provenance` (parent, reference, reward-model versions)
-    and the summary metrics (curves stay with the training run). Returns the manifest."""
-    summary = {k: v for k, v in metrics.items() if k not in ("ppo/curves", "ppo/config")}
-    return save_pretrained(policy, tokenizer, out, kind="policy", config={"ppo": asdict(cfg), **(provenance or {})},
-                           metrics=summary)
-

@@ -29,11 +29,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from schemas.checkpoint import save_pretrained
+from lm.chat import as_messages, context_length, encode_prompt
+from lm.checkpoint import save_pretrained
+from lm.device import resolve_device
 from schemas.records import TrainingPair
-from schemas.settings import resolve_device
 from trainer.common import disable_dropout, on_terminal
-from trainer.sft import as_messages, lr_at
+from trainer.optim import adamw, set_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ class Encoder:
         keys = [(json.dumps(as_messages(p), sort_keys=True), a) for p, a in items]
         for key, (prompt, _) in zip(keys, items):
             if key[0] not in self.prompt_ids:
-                self.prompt_ids[key[0]] = self.tokenizer.apply_chat_template(
-                    as_messages(prompt), add_generation_prompt=True, tokenize=True)["input_ids"]
+                self.prompt_ids[key[0]] = encode_prompt(self.tokenizer, prompt)
         new = list(dict.fromkeys(k for k in keys if k not in self.index))
         if new:
             answers = self.tokenizer([a for _, a in new], add_special_tokens=False)["input_ids"]
@@ -384,26 +384,56 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     train_pairs, heldout_pairs = split_pairs(pairs, cfg.heldout_frac, cfg.seed)
     if not train_pairs:
         raise ValueError(f"no training pairs ({len(pairs)} pairs, {len(heldout_pairs)} held out)")
-    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", None) or 1024
+    max_length = cfg.max_length or context_length(model.config) or 1024
     encoder = Encoder(tokenizer, max_length)
     train_enc = encode_pairs(encoder, train_pairs)
     heldout_enc = encode_pairs(encoder, heldout_pairs)
-    pad_id = tokenizer.pad_token_id
-    head = model.score  # the scalar head; read per token by `packed_rewards`
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    head = model.score  # the scalar head, read per token by `packed_rewards`; taken before DDP wraps the model
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    device = accelerator.device
+    fit = train_epochs(cfg, model, head, optimizer, accelerator, train_enc, rng, tokenizer.pad_token_id)
+    train_seconds = time.time() - t0
+    model = accelerator.unwrap_model(model)
+    model.eval()
 
+    metrics = heldout_metrics(cfg, model, encoder, heldout_enc, tokenizer.pad_token_id, accelerator.device)
+    # Normalise on the references: raw rewards are only defined up to a shift (the BT loss sees
+    # differences), and PPO wants them on a known scale.
+    bias, scale, n_references = normalise_on(cfg, model, tokenizer, encoder, train_enc, references,
+                                             accelerator.device)
+    n_train, seen = len(train_pairs), fit["pairs_seen"]
+    metrics.update({
+        "reward/loss": fit["loss"],  # last epoch, mean BT loss per pair
+        "reward/train_accuracy": fit["accuracy"],  # last epoch, before each step
+        "reward/center_loss": fit["center_loss"],  # last epoch, mean squared raw reward
+        **data_metrics(pairs, train_pairs, heldout_pairs, train_enc, encoder),
+        "reward/steps": fit["steps"],
+        "reward/sequences_per_pair": round(fit["sequences"] / seen, 4),  # 2 without shared answers
+        "reward/tokens_per_pair": round(fit["tokens"] / seen, 2),  # packed, padding included
+        "reward/pairs_per_second": round(n_train * cfg.epochs / train_seconds, 2),
+        "reward/bias": bias,
+        "reward/scale": scale,
+        "reward/references": n_references,
+        "reward/seconds": round(time.time() - t0, 2),
+        "reward/curve": fit["curve"],
+        "reward/curve_accuracy": fit["curve_accuracy"],
+        "reward/config": asdict(cfg),
+    })
+    return metrics
+
+
+def train_epochs(cfg: RewardConfig, model, head, optimizer, accelerator, enc: Encoded, rng: random.Random,
+                 pad_id: int) -> dict:
+    """`cfg.epochs` passes over the training pairs, one optimizer step per batch of whole groups.
+    Returns the last epoch's mean loss, accuracy and centering loss, the per-step curves and the
+    counts behind the throughput metrics."""
     # Each epoch's batches are dealt round-robin to the processes (one process: all of them).
-    epoch_batches = [make_batches(train_enc, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    epoch_batches = [make_batches(enc, cfg.batch_size, rng) for _ in range(cfg.epochs)]
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(epoch_batches[0]) / world)
     total = cfg.epochs * steps_per_epoch
+    model.train()
     curve, curve_acc, step, sequences, pairs_seen, tokens = [], [], 0, 0, 0, 0
     bar = tqdm(total=total, desc="reward", disable=not on_terminal() or not accelerator.is_main_process,
                leave=False)
@@ -411,30 +441,16 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
         epoch_loss = epoch_correct = epoch_pairs = epoch_center = 0.0
         for k in range(steps_per_epoch):
             b = batches[(k * world + rank) % len(batches)]
-            packed, chosen, rejected, margin, group = batch_tensors(train_enc, b, pad_id)
-            packed, chosen, rejected, margin, group = (
-                t.to(device) for t in (packed, chosen, rejected, margin, group))
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
-            r = packed_rewards(model, head, packed)  # (S,) one reward per distinct sequence
-            r_chosen, r_rejected = r[chosen], r[rejected]  # (P,)
-            bt_loss, pair_loss = preference_loss(r_chosen, r_rejected,
-                                                 margin if cfg.use_margin else torch.zeros_like(margin),
-                                                 group)
-            center = center_loss(r)
-            loss = bt_loss + cfg.center_coef * center
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            batch = [t.to(accelerator.device) for t in batch_tensors(enc, b, pad_id)]
+            set_lr(optimizer, warmup_cosine(step, total, cfg.lr, cfg.warmup_frac))
+            loss, r, correct, pair_loss, center = train_step(cfg, model, head, optimizer, accelerator, *batch)
 
-            correct = (r_chosen > r_rejected).sum().item()
             curve.append(round(loss.item(), 4))
             curve_acc.append(round(correct / len(b), 4))
             epoch_loss, epoch_center = epoch_loss + pair_loss.sum().item(), epoch_center + center.item()
             epoch_correct, epoch_pairs = epoch_correct + correct, epoch_pairs + len(b)
             sequences, pairs_seen = sequences + len(r), pairs_seen + len(b)
-            tokens += packed.input_ids.numel()
+            tokens += batch[0].input_ids.numel()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{curve[-1]:.3f}", acc=f"{epoch_correct / epoch_pairs:.2f}")
@@ -442,58 +458,69 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
             log.info("reward epoch %d/%d loss %.4f accuracy %.3f", epoch + 1, cfg.epochs,
                      epoch_loss / epoch_pairs, epoch_correct / epoch_pairs)
     bar.close()
-    train_seconds = time.time() - t0
-    model = accelerator.unwrap_model(model)
-    model.eval()
+    return {"loss": epoch_loss / epoch_pairs, "accuracy": epoch_correct / epoch_pairs,
+            "center_loss": epoch_center / steps_per_epoch, "steps": step, "sequences": sequences,
+            "pairs_seen": pairs_seen, "tokens": tokens, "curve": curve, "curve_accuracy": curve_acc}
 
-    # Held-out pairs: prompts the model never saw in training.
-    metrics = {"reward/heldout_accuracy": None, "reward/heldout_loss": None}
-    if heldout_pairs:
-        r_held = raw_scores(model, encoder.seqs, encoder.prompt_lens, pad_id, cfg.eval_batch_size,
-                            device, only=heldout_enc.chosen + heldout_enc.rejected)
-        acc, held_loss = pair_metrics(r_held, heldout_enc, cfg.use_margin)
-        metrics.update({"reward/heldout_accuracy": acc, "reward/heldout_loss": held_loss})
 
-    # Normalise on the references: raw rewards are only defined up to a shift (the BT loss sees
-    # differences), and PPO wants them on a known scale.
+def train_step(cfg: RewardConfig, model, head, optimizer, accelerator, packed: Packed, chosen, rejected,
+               margin, group) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: Bradley-Terry loss + center_coef * centering loss.
+    Returns (loss, rewards (S,), pairs ranked right, per-pair loss (P,), centering loss)."""
+    r = packed_rewards(model, head, packed)  # (S,) one reward per distinct sequence
+    r_chosen, r_rejected = r[chosen], r[rejected]  # (P,)
+    bt_loss, pair_loss = preference_loss(r_chosen, r_rejected,
+                                         margin if cfg.use_margin else torch.zeros_like(margin), group)
+    center = center_loss(r)
+    loss = bt_loss + cfg.center_coef * center
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss, r, (r_chosen > r_rejected).sum().item(), pair_loss, center
+
+
+def heldout_metrics(cfg: RewardConfig, model, encoder: Encoder, heldout_enc: Encoded, pad_id: int,
+                    device) -> dict:
+    """Accuracy and loss on the held-out pairs: prompts the model never saw in training."""
+    if not heldout_enc.chosen:
+        return {"reward/heldout_accuracy": None, "reward/heldout_loss": None}
+    r_held = raw_scores(model, encoder.seqs, encoder.prompt_lens, pad_id, cfg.eval_batch_size, device,
+                        only=heldout_enc.chosen + heldout_enc.rejected)
+    acc, held_loss = pair_metrics(r_held, heldout_enc, cfg.use_margin)
+    return {"reward/heldout_accuracy": acc, "reward/heldout_loss": held_loss}
+
+
+def normalise_on(cfg: RewardConfig, model, tokenizer, encoder: Encoder, train_enc: Encoded,
+                 references: list[tuple[list[dict], str]] | None, device) -> tuple[float, float, int]:
+    """`normalise` on the references (default: every distinct answer of the training pairs);
+    returns (bias, scale, how many distinct references)."""
     if references is None:
         ref_enc, ref_idx = encoder, sorted(set(train_enc.chosen + train_enc.rejected))
     else:
-        ref_enc = Encoder(tokenizer, max_length)
+        ref_enc = Encoder(tokenizer, encoder.max_length)
         ref_idx = sorted(set(ref_enc.add(references)))  # each distinct reference counts once
-    r_ref = raw_scores(model, ref_enc.seqs, ref_enc.prompt_lens, pad_id, cfg.eval_batch_size, device,
-                       only=ref_idx)[ref_idx]
-    bias, scale = normalise(model, r_ref)
+    r_ref = raw_scores(model, ref_enc.seqs, ref_enc.prompt_lens, tokenizer.pad_token_id, cfg.eval_batch_size,
+                       device, only=ref_idx)[ref_idx]
+    return (*normalise(model, r_ref), len(ref_idx))
 
+
+def data_metrics(pairs: list[TrainingPair], train_pairs: list[TrainingPair], heldout_pairs: list[TrainingPair],
+                 train_enc: Encoded, encoder: Encoder) -> dict:
+    """What the reward model was trained on: pairs per source, the split, groups, truncation."""
     sources: dict[str, int] = {}
     for p in pairs:
         sources[p.source] = sources.get(p.source, 0) + 1
-    n_train = len(train_pairs)
-    metrics.update({
-        "reward/loss": epoch_loss / epoch_pairs,  # last epoch, mean BT loss per pair
-        "reward/train_accuracy": epoch_correct / epoch_pairs,  # last epoch, before each step
-        "reward/center_loss": epoch_center / steps_per_epoch,  # last epoch, mean squared raw reward
+    return {
         **{f"reward/pairs_{s}": n for s, n in sorted(sources.items())},
         "reward/pairs": len(pairs),
-        "reward/pairs_train": n_train,
+        "reward/pairs_train": len(train_pairs),
         "reward/pairs_heldout": len(heldout_pairs),
         "reward/prompts_train": len({p.prompt_hash for p in train_pairs}),
         "reward/prompts_heldout": len({p.prompt_hash for p in heldout_pairs}),
         "reward/groups": len(set(train_enc.group)),
         "reward/sequences_truncated": encoder.truncated,
-        "reward/steps": step,
-        "reward/sequences_per_pair": round(sequences / pairs_seen, 4),  # 2 without shared answers
-        "reward/tokens_per_pair": round(tokens / pairs_seen, 2),  # packed, padding included
-        "reward/pairs_per_second": round(n_train * cfg.epochs / train_seconds, 2),
-        "reward/bias": bias,
-        "reward/scale": scale,
-        "reward/references": len(ref_idx),
-        "reward/seconds": round(time.time() - t0, 2),
-        "reward/curve": curve,
-        "reward/curve_accuracy": curve_acc,
-        "reward/config": asdict(cfg),
-    })
-    return metrics
+    }
 
 
 # --- checkpoint -----------------------------------------------------------------------------
@@ -519,7 +546,7 @@ def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch
           ) -> torch.Tensor:
     """Normalised reward of each (prompt, answer), (N,) on the CPU: (raw - reward_bias) / reward_scale.
     An answer is scored as the model was trained, i.e. as a finished turn: answer + EOS."""
-    max_length = getattr(model.config, "max_position_embeddings", None) or 1024
+    max_length = context_length(model.config) or 1024
     encoder = Encoder(tokenizer, max_length)
     idx = encoder.add(list(zip(prompts, answers)))  # equal (prompt, answer)s are scored once
     device = next(model.parameters()).device

@@ -9,8 +9,8 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from schemas.db import database_url, migrate
 from schemas.settings import Settings
+from store.db import database_url, migrate
 from trainer.round import recover, run_round
 
 log = logging.getLogger(__name__)

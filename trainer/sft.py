@@ -9,8 +9,10 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from schemas.checkpoint import save_pretrained
+from lm.chat import encode_prompt
+from lm.checkpoint import save_pretrained
 from trainer.common import on_terminal
+from trainer.optim import adamw, set_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label value cross-entropy skips: prompt and padding positions
@@ -32,17 +34,6 @@ class SFTConfig:
     """torch device; auto picks an accelerator when present"""
 
 
-def as_messages(prompt) -> list[dict]:
-    """Demonstration prompts come as plain text or as a conversation."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def encode_prompt(tokenizer, prompt) -> list[int]:
-    """The chat-formatted prompt up to the assistant's turn, as the policy sees it when serving."""
-    return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
-                                         tokenize=True)["input_ids"]
-
-
 def encode_demonstration(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels): the chat-formatted prompt, then the answer and EOS; only the answer
     and EOS are learned, so the model learns to answer and to stop, not to parrot users."""
@@ -62,14 +53,6 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, labels
 
 
-def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
-    warmup = max(1, int(cfg.warmup_frac * total))
-    if step < warmup:  # 1) linear warmup
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)  # 2) cosine decay to lr/10
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def answer_loss(model, ids, mask, labels) -> torch.Tensor:
     """Mean cross-entropy over answer tokens (labels shifted inside the model)."""
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -80,10 +63,7 @@ def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     examples = [encode_demonstration(tokenizer, d["prompt"], d["completion"]) for d in demonstrations]
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -98,8 +78,7 @@ def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
             batch = collate([examples[i] for i in order[start:start + cfg.batch_size]],
                             tokenizer.pad_token_id)
             ids, mask, labels = (t.to(accelerator.device) for t in batch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+            set_lr(optimizer, warmup_cosine(step, total, cfg.lr, cfg.warmup_frac))
             loss = answer_loss(model, ids, mask, labels)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -1,20 +1,21 @@
 """Training data in and out, for operators: JSONL imports in TRL's formats, exports in TRL's
-formats (the one derivation in schemas/feedback.py), and per-version feedback stats."""
+formats (the one derivation in store/derive.py), and per-version feedback stats."""
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from schemas import feedback
+from schemas import imports
 from schemas.records import ExportFormat, ImportLineError, ImportResult, StatsPublic
-from service.deps import ConnDep, OperatorKey
+from service.deps import OPERATORS_ONLY, ConnDep, OperatorKey
 from service.errors import ApiError
 from service.routes.feedback import RESPONSES, IdempotencyKey, write_once
+from store import derive, feedback
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=RESPONSES)
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=RESPONSES, dependencies=OPERATORS_ONLY)
 
 MAX_LISTED_ERRORS = 20  # in the message of a refused import; `partial=true` returns them all
-PARSERS = {"preferences": feedback.parse_preference, "demonstrations": feedback.parse_demonstration}
+PARSERS = {"preferences": imports.parse_preference, "demonstrations": imports.parse_demonstration}
 IMPORTERS = {"preferences": feedback.import_preferences, "demonstrations": feedback.import_demonstrations}
 
 
@@ -37,7 +38,7 @@ async def import_jsonl(kind: Literal["preferences", "demonstrations"], request: 
     except UnicodeDecodeError as e:
         raise ApiError(400, f"The body is not UTF-8 text ({e.reason} at byte {e.start}).",
                        code="invalid_encoding") from e
-    rows, errors, lines = feedback.parse_jsonl(text, PARSERS[kind])
+    rows, errors, lines = imports.parse_jsonl(text, PARSERS[kind])
     if not lines:
         raise ApiError(400, "The body holds no JSONL lines: one JSON object per line.", code="empty_import")
     if errors and not partial:
@@ -79,7 +80,7 @@ async def import_demonstrations(request: Request, operator: OperatorKey, conn: C
 @router.get("/export", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}},
                              "description": "one JSON object per line"}})
-async def export(operator: OperatorKey, conn: ConnDep,
+async def export(conn: ConnDep,
                  format: ExportFormat = Query("preference", description="preference (reward model, DPO), "
                                                                         "kto, or sft"),
                  after: int = Query(0, ge=0, description="only data newer than this watermark"),
@@ -90,15 +91,15 @@ async def export(operator: OperatorKey, conn: ConnDep,
     upto = await feedback.current_watermark(conn) if upto is None else upto
     if upto < after:
         raise ApiError(400, f"upto ({upto}) is below after ({after}).", param="upto", code="invalid_value")
-    rows = await feedback.export_rows(conn, format=format, after=after, upto=upto)
+    rows = await derive.export_rows(conn, format=format, after=after, upto=upto)
     return StreamingResponse(
-        (feedback.jsonl_line(r) for r in rows), media_type="application/x-ndjson",
+        (derive.jsonl_line(r) for r in rows), media_type="application/x-ndjson",
         headers={"content-disposition": f'attachment; filename="feedloop-{format}.jsonl"',
                  "x-feedloop-watermark": str(upto), "x-feedloop-rows": str(len(rows))})
 
 
 @router.get("/stats", response_model=StatsPublic)
-async def stats(operator: OperatorKey, conn: ConnDep) -> StatsPublic:
+async def stats(conn: ConnDep) -> StatsPublic:
     """Per model version: requests, feedback counts by kind, thumbs-up rate, and the training
     pairs available since the last round."""
-    return await feedback.feedback_stats(conn)
+    return await derive.feedback_stats(conn)

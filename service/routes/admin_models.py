@@ -1,13 +1,13 @@
 """The model registry: list versions, promote, roll back, canary, reject."""
 from fastapi import APIRouter
 
-from schemas import registry, store
 from schemas.records import CanaryAction, ListPublic, ModelAction, ModelVersionPublic, Promotion
-from service.deps import ConnDep, OperatorKey
+from service.deps import OPERATORS_ONLY, ConnDep, OperatorKey
 from service.errors import ERROR_RESPONSES, ApiError
+from store import exchanges, registry
 
 router = APIRouter(prefix="/v1/admin/models", tags=["admin"],
-                   responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]})
+                   responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]}, dependencies=OPERATORS_ONLY)
 
 
 def actor(key) -> str:
@@ -15,23 +15,23 @@ def actor(key) -> str:
 
 
 async def public(conn, version) -> ModelVersionPublic:
-    counts = await store.requests_per_version(conn)
+    counts = await exchanges.requests_per_version(conn)
     return ModelVersionPublic(**version.model_dump(exclude={"name"}), requests=counts.get(version.id, 0))
 
 
 @router.get("", response_model=ListPublic[ModelVersionPublic])
-async def list_models(conn: ConnDep, operator: OperatorKey) -> ListPublic[ModelVersionPublic]:
+async def list_models(conn: ConnDep) -> ListPublic[ModelVersionPublic]:
     """Every version, newest first: status, lineage, metrics, requests served."""
-    counts = await store.requests_per_version(conn)
+    counts = await exchanges.requests_per_version(conn)
     data = [ModelVersionPublic(**v.model_dump(exclude={"name"}), requests=counts.get(v.id, 0))
-            for v in await store.list_model_versions(conn)]
+            for v in await registry.list_model_versions(conn)]
     return ListPublic(data=data, count=len(data))
 
 
 @router.get("/history", response_model=ListPublic[Promotion])
-async def history(conn: ConnDep, operator: OperatorKey) -> ListPublic[Promotion]:
+async def history(conn: ConnDep) -> ListPublic[Promotion]:
     """The audit log: what was registered, promoted, rolled back, rejected or failed, by whom."""
-    entries = await store.list_promotions(conn)
+    entries = await registry.list_promotions(conn)
     return ListPublic(data=entries, count=len(entries))
 
 
@@ -47,7 +47,7 @@ async def promote(version_id: int, conn: ConnDep, operator: OperatorKey,
 async def rollback(version_id: int, conn: ConnDep, operator: OperatorKey,
                    body: ModelAction | None = None) -> ModelVersionPublic:
     """Roll the active version `version_id` back to the version active before it."""
-    active = await store.get_active_version(conn, kind=(await store.get_model_version(conn, id=version_id)).kind)
+    active = await registry.get_active_version(conn, kind=(await registry.get_model_version(conn, id=version_id)).kind)
     if active is None or active.id != version_id:
         raise ApiError(409, f"version {version_id} is not the active version", code="not_active")
     version = await registry.rollback(conn, kind=active.kind, actor=actor(operator), reason=body and body.reason)

@@ -5,21 +5,19 @@ completion gets exactly the answer an unknown one gets. With an `Idempotency-Key
 retried POST returns the first answer and writes nothing; the same key with a different body is
 a 409. Each write commits before its 200 is sent."""
 import hashlib
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 from psycopg import AsyncConnection
 
-from schemas import feedback
 from schemas.openai import ErrorResponse
 from schemas.records import (ApiKeyPublic, FeedbackCreate, FeedbackPublic, PreferenceCreate,
                              PreferencePublic, RankingCreate, RankingPublic)
-from schemas.store import Conflict
 from service.deps import ConnDep, CurrentKey
-from service.errors import ERROR_RESPONSES, ApiError
+from service.errors import ERROR_RESPONSES
+from store import feedback
 
 M = TypeVar("M", bound=BaseModel)
 RESPONSES = ERROR_RESPONSES | {409: {"model": ErrorResponse}}
@@ -35,38 +33,25 @@ def owned_by(key: ApiKeyPublic) -> int | None:
     return None if key.role == "operator" else key.id
 
 
-@contextmanager
-def api_errors() -> Iterator[None]:
-    """Feedback's domain errors in OpenAI's shape (raised after the transaction rolled back)."""
-    try:
-        yield
-    except feedback.Invalid as e:
-        raise ApiError(400, str(e), param=e.param, code="invalid_value") from e
-    except feedback.UnknownCompletion as e:
-        raise ApiError(404, str(e), param=e.param, code="not_found") from e
-    except Conflict as e:
-        raise ApiError(409, str(e), param="Idempotency-Key", code="idempotency_key_reused") from e
-
-
 async def write_once(conn: AsyncConnection, *, key: ApiKeyPublic, idempotency_key: str | None,
                      route: str, request: bytes, response: Response, model: type[M],
                      write: Callable[[], Awaitable[M]]) -> M:
     """Run `write` in one transaction, committed before returning. With an idempotency key the
     key is claimed first (a concurrent retry waits on it), the answer stored with the write, and
-    a later retry with the same request gets that answer back (`Idempotent-Replayed: true`)."""
+    a later retry with the same request gets that answer back (`Idempotent-Replayed: true`).
+    A domain error leaves the block, so the transaction rolls back before it becomes a 4xx."""
     request_hash = hashlib.sha256(route.encode() + b"\n" + request).hexdigest()
-    with api_errors():
-        async with conn.transaction():
-            if idempotency_key is not None:
-                prior = await feedback.claim_idempotency_key(conn, author_key_id=key.id, key=idempotency_key,
-                                                             route=route, request_hash=request_hash)
-                if prior is not None:
-                    response.headers["Idempotent-Replayed"] = "true"
-                    return model.model_validate(prior)
-            result = await write()
-            if idempotency_key is not None:
-                await feedback.save_idempotent_response(conn, author_key_id=key.id, key=idempotency_key,
-                                                        response=result.model_dump(mode="json"))
+    async with conn.transaction():
+        if idempotency_key is not None:
+            prior = await feedback.claim_idempotency_key(conn, author_key_id=key.id, key=idempotency_key,
+                                                         route=route, request_hash=request_hash)
+            if prior is not None:
+                response.headers["Idempotent-Replayed"] = "true"
+                return model.model_validate(prior)
+        result = await write()
+        if idempotency_key is not None:
+            await feedback.save_idempotent_response(conn, author_key_id=key.id, key=idempotency_key,
+                                                    response=result.model_dump(mode="json"))
     return result
 
 

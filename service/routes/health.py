@@ -4,6 +4,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import PoolDep, ServingDep
 from service.errors import ApiError
+from store.db import ping
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +20,7 @@ async def ready(pool: PoolDep, serving: ServingDep) -> dict:
     """Ready to answer chats: the database answers and a policy is loaded."""
     try:
         async with pool.connection(timeout=2) as conn:
-            await conn.execute("SELECT 1")
+            await ping(conn)
     except Exception as e:
         raise ApiError(503, f"database not reachable: {e}", type="service_unavailable")
     if not serving.ready:

@@ -1,6 +1,6 @@
 """PPO: the pieces against small hand-worked numbers (GAE, whitening, clipped losses, KL
 estimators, the KL controller, per-token rewards), the sampler against Hugging Face's, prompt
-selection and the checkpoint; then, end to end on the bootstrap policy, that PPO learns a
+selection, minibatch trimming; then, end to end on the bootstrap policy, that PPO learns a
 property the policy rarely shows while the KL stays within budget, and that a large KL
 coefficient holds the policy where it is."""
 import math
@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from schemas.checkpoint import read_manifest
+from lm.chat import encode_prompt
+from lm.decoding import left_pad
 from trainer import ppo
-from trainer.data import bundled_prompts
-from trainer.rollout import decode, join, left_pad, response_logits, response_values, sample
-from trainer.round import GateConfig
-from trainer.sft import encode_prompt
+from schemas.bundled import bundled_prompts
+from trainer.rollout import decode, join, response_logits, response_values, sample
+from trainer.gates import GateConfig
 
 
 @pytest.fixture(autouse=True)
@@ -156,16 +156,30 @@ def test_adaptive_kl_controller_continues_from_a_parents_beta_down_to_its_floor(
     assert ppo.AdaptiveKLController(kl_coef=0.1, target=4.0, horizon=32, start=0.01).value == 0.1
 
 
-def test_learning_rate_schedule():
-    cfg = ppo.PPOConfig(lr=1.0, steps=10, warmup_steps=2)
-    assert [round(ppo.lr_at(s, cfg), 3) for s in range(4)] == [0.333, 0.667, 0.8, 0.7]
-    assert ppo.lr_at(9, ppo.PPOConfig(lr=1.0, steps=10, warmup_steps=0, anneal_lr=False)) == 1.0
-
-
 def test_config_derives_minibatch_size_and_refuses_ragged_minibatches():
     assert ppo.PPOConfig(batch_size=64, num_minibatches=4).minibatch_size == 16
     with pytest.raises(ValueError):
         ppo.PPOConfig(batch_size=10, num_minibatches=4)
+
+
+def test_a_minibatch_drops_the_columns_all_its_rows_pad():
+    # P = 3 prompt columns (left-padded) and R = 3 answer columns (right-padded).
+    ids = torch.arange(12).reshape(2, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0],   # prompt of 2 tokens, answer of 2
+                         [0, 0, 1, 1, 0, 0]])  # prompt of 1 token, answer of 1
+    per_token = torch.arange(6.0).reshape(2, 3)
+    b = ppo.Batch(ids, mask, ids[:, 3:], torch.tensor([[1, 1, 0], [1, 0, 0]]), per_token, per_token + 10,
+                  per_token + 20, per_token + 30)
+    mb = ppo._trim(b, torch.tensor([1]))  # row 1 alone: columns 2..3, one answer column
+    assert isinstance(mb, ppo.Batch)
+    assert (mb.ids.tolist(), mb.mask.tolist(), mb.position_ids.tolist()) == ([[8, 9]], [[1, 1]], [[0, 1]])
+    assert (mb.responses.tolist(), mb.response_mask.tolist()) == ([[9]], [[1]])
+    assert [getattr(mb, k).tolist() for k in ("logprobs", "values", "advantages", "returns")] == [
+        [[3.0]], [[13.0]], [[23.0]], [[33.0]]]
+    both = ppo._trim(b, torch.tensor([0, 1]))  # columns 1..4: row 0's prompt starts at 1, its answer has 2
+    assert both.ids.tolist() == [[1, 2, 3, 4], [7, 8, 9, 10]]
+    assert both.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 1, 1]]  # counted over real tokens
+    assert both.returns.tolist() == [[30.0, 31.0], [33.0, 34.0]]
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -246,21 +260,6 @@ def test_value_model_reads_every_answer_position(policy_path, tokenizer):
         pooled = vm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]).logits[:, 0]
     assert values.shape == (2, 3)
     assert torch.allclose(values[:, -1], pooled, atol=1e-5)
-
-
-# --- saving ---------------------------------------------------------------------------------------
-
-def test_save_policy_publishes_a_verified_checkpoint(policy, tokenizer, tmp_path):
-    cfg = ppo.PPOConfig(steps=1)
-    metrics = {"reward/score": 0.5, "ppo/curves": {"reward/score": [0.1, 0.5]}, "ppo/config": {}}
-    manifest = ppo.save_policy(policy, tokenizer, tmp_path / "cand", cfg, metrics, provenance={"parent_id": 3})
-    assert read_manifest(tmp_path / "cand")["content_hash"] == manifest["content_hash"]
-    assert manifest["kind"] == "policy" and manifest["config"]["parent_id"] == 3
-    assert manifest["config"]["ppo"]["steps"] == 1 and "ppo/curves" not in manifest["metrics"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "cand").config.n_layer == policy.config.n_layer
-    assert [p.name for p in tmp_path.iterdir()] == ["cand"]  # no staging directory left behind
-    with pytest.raises(FileExistsError):
-        ppo.save_policy(policy, tokenizer, tmp_path / "cand", cfg, metrics)
 
 
 # --- end to end ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from schemas.checkpoint import read_manifest
 from schemas.records import TrainingPair
 from trainer import reward as R
 from trainer.bootstrap import BootstrapConfig, new_policy
-from trainer.data import bundled_demonstrations, bundled_prompts
+from schemas.bundled import bundled_demonstrations, bundled_prompts
 from trainer.tokenizer import build_tokenizer
 
 WORD = "banana"  # the synthetic users' rule: they prefer the answer that mentions it

@@ -6,9 +6,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.bootstrap import BootstrapConfig, new_policy
-from trainer.data import bundled_demonstrations
-from trainer.rollout import decode, left_pad, sample
-from trainer.sft import IGNORE, SFTConfig, answer_loss, collate, encode_demonstration, encode_prompt, train
+from schemas.bundled import bundled_demonstrations
+from lm.chat import encode_prompt
+from lm.decoding import left_pad
+from trainer.rollout import decode, sample
+from trainer.sft import IGNORE, SFTConfig, answer_loss, collate, encode_demonstration, train
 from trainer.tokenizer import build_tokenizer
 
 # Facts the bundled demonstrations do not contain, so the bootstrap policy cannot know them.

@@ -1,0 +1,175 @@
+"""Training data out: the one derivation of training pairs, demonstrations and KTO examples from
+the feedback (export and the trainer both read it), pair counts, and per-version stats.
+
+Derivation (`derive_pairs`), each pair carrying its source rows in `origin`:
+  pairwise  a user's preference between two completions of one prompt, as given; margin = strength
+  import    an imported pair, as given; margin from the file (default 0)
+  ranking   a ranking of K choices: every two choices in different tiers, best first, so
+            K(K-1)/2 pairs without ties and none between tied choices; margin 0; the ranking is
+            the pairs' `group` (InstructGPT trains one ranking's pairs together)
+  thumbs    per completion, its thumbs summed over authors; a completion that nets up against each
+            completion of the same prompt (prompt hash) that nets down; margin 0
+  rating    per completion, the mean of its ratings; completions of the same prompt with different
+            means: the higher is chosen, margin = difference / RATING_SCALE
+Thumbs and rating pairs need different texts: the same words judged twice (greedy decoding, two
+users) teach the reward model nothing but noise. Rows are judged by their current value (one per
+completion, author and kind), so a thumbs that flips moves its pairs.
+Demonstrations (`derive_demonstrations`): imported ones, and users' corrected answers with the
+conversation they answer. A correction is not also paired as chosen over the answer it corrects:
+a human-written answer against a sampled one teaches the reward model to tell people from the
+policy rather than good from bad; the correction trains SFT, and the user's thumbs or rating on
+the original still yields pairs. KTO examples (`derive_kto`): one per completion whose thumbs net
+up (desirable) or down.
+"""
+import json
+
+from schemas.errors import Invalid
+from schemas.records import (Demonstration, ExportFormat, KtoExample, StatsPublic, TrainingPair,
+                             VersionStats, ranking_tiers)
+from store import runs
+from store.sql import fetch_all, fetch_one
+
+RATING_SCALE = 6.0  # 7 against 1 is margin 1, as a pairwise preference of strength 1 is
+NO_LIMIT = 2**63 - 1
+
+
+def _prompt(messages: list[dict]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _window(after: int, upto: int | None) -> dict:
+    if after < 0 or (upto is not None and upto < after):
+        raise Invalid(f"bad event window ({after}, {upto}]: after >= 0 and upto >= after", param="upto")
+    return dict(after=after, upto=NO_LIMIT if upto is None else upto)
+
+
+def _ranking_pairs(row: dict) -> list[TrainingPair]:
+    """K choices in tiers, best first: a pair for every two choices in different tiers."""
+    tiers, pairs = ranking_tiers(row["ordering"]), []
+    for rank, better in enumerate(tiers):
+        for worse in tiers[rank + 1:]:
+            for i in better:
+                for j in worse:
+                    pairs.append(TrainingPair(
+                        prompt=_prompt(row["prompt"]), chosen=row["texts"][i], rejected=row["texts"][j],
+                        margin=0.0, source="ranking", prompt_hash=row["prompt_hash"],
+                        group=f"ranking:{row['id']}",
+                        origin={"event_id": row["event_id"], "ranking": row["id"], "choices": [i, j],
+                                "completions": [row["completion_ids"][i], row["completion_ids"][j]]}))
+    return pairs
+
+
+def _judged_pair(row: dict, source: str) -> TrainingPair:
+    """A thumbs or rating pair between two completions, with every judgement behind it."""
+    return TrainingPair(
+        prompt=_prompt(row["prompt"]), chosen=row["chosen"], rejected=row["rejected"],
+        margin=row.get("margin", 0.0), source=source, prompt_hash=row["prompt_hash"],
+        group=f"{source}:{row['chosen_id']}>{row['rejected_id']}",
+        origin={"event_id": row["event_id"], "feedback": row["feedback_ids"],
+                "completions": [row["chosen_id"], row["rejected_id"]]})
+
+
+async def derive_pairs(conn, *, after: int = 0, upto: int | None = None) -> list[TrainingPair]:
+    """Every training pair whose newest source row has its event in (after, upto], judged by the
+    rows with events <= upto (None: all so far), in event order. The rules are in the module doc."""
+    window, pairs = _window(after, upto), []
+    for r in await fetch_all(conn, "derive_explicit_pairs", **window):
+        origin = {"event_id": r["event_id"], "preference": r["id"]}
+        if r["chosen_id"] is not None:
+            origin["completions"] = [r["chosen_id"], r["rejected_id"]]
+        pairs.append(TrainingPair(prompt=_prompt(r["prompt"]), chosen=r["chosen"], rejected=r["rejected"],
+                                  margin=r["margin"], source=r["source"], prompt_hash=r["prompt_hash"],
+                                  group=f"preference:{r['id']}", origin=origin))
+    for r in await fetch_all(conn, "derive_ranking_rows", **window):
+        pairs += _ranking_pairs(r)
+    pairs += [_judged_pair(r, "thumbs") for r in await fetch_all(conn, "derive_thumbs_pairs", **window)]
+    pairs += [_judged_pair(r, "rating")
+              for r in await fetch_all(conn, "derive_rating_pairs", **window, rating_scale=RATING_SCALE)]
+    pairs.sort(key=lambda p: p.origin["event_id"])  # stable: sources keep their order within an event
+    return pairs
+
+
+async def count_new_pairs(conn, *, after: int, upto: int | None = None) -> int:
+    """How many pairs `derive_pairs(after=after, upto=upto)` yields, counted in SQL."""
+    return (await fetch_one(conn, "count_pairs", **_window(after, upto), rating_scale=RATING_SCALE))["n"]
+
+
+async def derive_demonstrations(conn, *, after: int = 0, upto: int | None = None) -> list[Demonstration]:
+    """Imported demonstrations and users' corrected answers with events in (after, upto]."""
+    demos = []
+    for r in await fetch_all(conn, "derive_demonstrations", **_window(after, upto)):
+        origin = {"event_id": r["event_id"]}
+        origin.update({"demonstration": r["id"]} if r["source"] == "import"
+                      else {"feedback": r["id"], "completion": r["completion_id"]})
+        demos.append(Demonstration(prompt=_prompt(r["prompt"]), completion=r["completion"],
+                                   source=r["source"], origin=origin))
+    return demos
+
+
+async def derive_kto(conn, *, after: int = 0, upto: int | None = None) -> list[KtoExample]:
+    """One example per completion whose thumbs (events <= upto) net up (label true) or down,
+    when one of them is newer than `after`."""
+    return [KtoExample(prompt=_prompt(r["prompt"]), completion=r["completion"], label=r["label"],
+                       prompt_hash=r["prompt_hash"],
+                       origin={"event_id": r["event_id"], "feedback": r["feedback_ids"],
+                               "completion": r["completion_id"]})
+            for r in await fetch_all(conn, "derive_kto_rows", **_window(after, upto))]
+
+
+# --- export: TRL's conversational formats ---------------------------------------------------
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+async def export_rows(conn, *, format: ExportFormat, after: int = 0, upto: int | None = None) -> list[dict]:
+    """Rows as TRL's trainers take them: `preference` (prompt, chosen, rejected, margin) for
+    RewardTrainer/DPOTrainer, `kto` (prompt, completion, label) for KTOTrainer, `sft` (prompt,
+    completion) for SFTTrainer. Extra columns (source, origin as a JSON string) are ignored by
+    TRL and keep every row traceable to its source rows."""
+    if format == "preference":
+        return [{"prompt": p.prompt, "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected),
+                 "margin": float(p.margin), "source": p.source, "prompt_hash": p.prompt_hash,
+                 "group": p.group, "origin": json.dumps(p.origin)}
+                for p in await derive_pairs(conn, after=after, upto=upto)]
+    if format == "kto":
+        return [{"prompt": k.prompt, "completion": _assistant(k.completion), "label": k.label,
+                 "prompt_hash": k.prompt_hash, "origin": json.dumps(k.origin)}
+                for k in await derive_kto(conn, after=after, upto=upto)]
+    if format == "sft":
+        return [{"prompt": d.prompt, "completion": _assistant(d.completion), "source": d.source,
+                 "origin": json.dumps(d.origin)}
+                for d in await derive_demonstrations(conn, after=after, upto=upto)]
+    raise ValueError(f"unknown export format {format!r}")
+
+
+def jsonl_line(row: dict) -> str:
+    """One exported row as a JSONL line (the API and the CLI write the same bytes)."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+async def feedback_stats(conn) -> StatsPublic:
+    """Per policy version: requests, feedback by kind, thumbs-up rate, and the pairs available to
+    train on since the last round (a pair counts for each version on either side of it), all
+    counted in SQL: nothing is derived to be counted."""
+    last = await runs.last_round_watermark(conn)
+    window = _window(last, None)
+    new_pairs = await count_new_pairs(conn, after=last)
+    per_version = {r["id"]: r["pairs"] for r in await fetch_all(conn, "count_pairs_by_version", **window,
+                                                                rating_scale=RATING_SCALE)}
+    data = []
+    for r in await fetch_all(conn, "feedback_stats_by_version"):
+        judged = r["thumbs_up"] + r["thumbs_down"]
+        data.append(VersionStats(
+            model_version=f"v{r['id']}", model_version_id=r["id"], status=r["status"],
+            requests=r["requests"], completions=r["completions"],
+            feedback={k: r[k] for k in ("thumbs", "rating", "comment", "correction", "ranking", "preference")},
+            thumbs_up=r["thumbs_up"], thumbs_down=r["thumbs_down"],
+            thumbs_up_rate=r["thumbs_up"] / judged if judged else None, mean_rating=r["mean_rating"],
+            pairs_since_last_round=per_version.get(r["id"], 0)))
+    return StatsPublic(watermark=(await fetch_one(conn, "last_event_id"))["event_id"], last_round_watermark=last,
+                       pairs_since_last_round=new_pairs,
+                       demonstrations_since_last_round=(await fetch_one(conn, "count_demonstrations", **window))["n"],
+                       data=data)

@@ -1,0 +1,56 @@
+"""Exchanges: each chat request with the parameters used, the version that answered, timings
+and every choice; what users asked lately (PPO's prompts); how much each version served."""
+import hashlib
+import json
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from schemas.errors import NotFound
+from schemas.records import (CompletionRecord, ExchangeRecord, FeedbackPublic, PreferencePublic,
+                             RankingPublic)
+from store.sql import execute_many, fetch_all, fetch_one
+
+
+def prompt_hash(messages: list[dict[str, Any]]) -> str:
+    """Identical conversations hash alike, whatever key order or spacing the client used."""
+    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+async def record_exchange(conn, *, response_id: str, api_key_id: int, user: str | None,
+                          messages: list[dict], params: dict, model_version_id: int, stream: bool,
+                          batch_rows: int, prompt_tokens: int, queue_ms: float,
+                          first_token_ms: float | None, total_ms: float,
+                          choices: list[CompletionRecord]) -> None:
+    """Write a request and all its choices in the caller's transaction."""
+    row = await fetch_one(conn, "insert_chat_request", response_id=response_id, api_key_id=api_key_id,
+                          user_field=user, messages=Jsonb(messages), prompt_hash=prompt_hash(messages),
+                          params=Jsonb(params), model_version_id=model_version_id, stream=stream,
+                          batch_rows=batch_rows, prompt_tokens=prompt_tokens,
+                          completion_tokens=sum(c.completion_tokens for c in choices),
+                          queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms)
+    await execute_many(conn, "insert_completion", [dict(c.model_dump(), request_id=row["id"]) for c in choices])
+
+
+async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:
+    req = await fetch_one(conn, "get_chat_request", response_id=response_id)
+    if req is None:
+        raise NotFound(f"no exchange {response_id}")
+    choices = [CompletionRecord(**r) for r in await fetch_all(conn, "list_completions", request_id=req["id"])]
+    on = dict(request_id=req["id"])  # what users said about it (queries in feedback.sql)
+    return ExchangeRecord(
+        **req, user=req["user_field"], choices=choices,
+        feedback=[FeedbackPublic(**r) for r in await fetch_all(conn, "list_feedback_on_request", **on)],
+        rankings=[RankingPublic(**r) for r in await fetch_all(conn, "list_rankings_on_request", **on)],
+        preferences=[PreferencePublic(**r) for r in await fetch_all(conn, "list_preferences_on_request", **on)])
+
+
+async def requests_per_version(conn) -> dict[int, int]:
+    return {r["id"]: r["requests"] for r in await fetch_all(conn, "requests_per_version")}
+
+
+async def recent_conversations(conn, *, limit: int = 1000) -> list[list[dict]]:
+    """Distinct recorded prompts (conversations), newest first."""
+    return [r["messages"] for r in await fetch_all(conn, "recent_conversations", limit=limit)]

@@ -1,0 +1,168 @@
+"""Feedback in: thumbs, ratings, comments, corrections, rankings, preferences and imports, each
+written in the caller's transaction (SQL in `queries/feedback.sql`); idempotency keys; and the
+watermark that says which of it a round may read. The training data derived from it is in
+`store/derive.py`.
+
+Event ids and the watermark. Every feedback-like row (feedback, rankings, preferences,
+demonstrations) draws its `event_id` from one sequence, and a row that changes draws a new one.
+A derived pair's event is the highest event of its source rows, so "new since the last round" is
+`event > watermark` whatever the rows' ages: a new thumbs-down on one answer pairs with an old
+thumbs-up on another and the pair is new. Writers join a shared advisory lock before drawing an
+id and keep it until they commit; `current_watermark` takes it exclusively for a moment, so every
+id at or below the watermark it returns belongs to a row that is committed or rolled back for good.
+"""
+from psycopg import AsyncConnection, pq
+from psycopg.types.json import Jsonb
+
+from schemas.errors import Conflict, Invalid, NotFound
+from schemas.records import (CompletionRef, CompletionTarget, DemonstrationImport, FeedbackCreate,
+                             FeedbackPublic, PreferenceCreate, PreferenceImport, PreferencePublic,
+                             RankingCreate, RankingPublic)
+from store import locks
+from store.exchanges import prompt_hash
+from store.sql import execute, fetch_all, fetch_one
+
+
+def _in_transaction(conn: AsyncConnection) -> None:
+    if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        raise RuntimeError("feedback writes run inside the caller's transaction: `async with conn.transaction()`")
+
+
+async def _join_event_writers(conn: AsyncConnection) -> None:
+    """Before drawing event ids: held until the caller's transaction ends (see the module doc)."""
+    _in_transaction(conn)
+    await locks.lock_for_transaction(conn, locks.EVENTS, shared=True)
+
+
+# --- the things feedback is about -----------------------------------------------------------
+
+async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
+                          param: str | None = None) -> CompletionTarget:
+    """The completion `ref` names when key `owned_by` produced it (any key's when None), to judge
+    in the caller's transaction (which this joins to the event writers); NotFound otherwise,
+    with one message for unknown and someone else's."""
+    _in_transaction(conn)
+    row = await fetch_one(conn, "find_completion", response_id=ref.response_id,
+                          choice_index=ref.choice_index, owner=owned_by, lock=locks.EVENTS)
+    if row is None:
+        raise NotFound(f"No completion with response_id '{ref.response_id}' and choice_index "
+                       f"{ref.choice_index}.", param=param)
+    return CompletionTarget(**row)
+
+
+# --- writes: one current value per (completion or response, author, kind) --------------------
+
+async def record_feedback(conn, *, feedback: FeedbackCreate, author_key_id: int,
+                          owned_by: int | None) -> FeedbackPublic:
+    """Thumbs, rating, comment or correction on one completion; a repeat replaces the author's
+    value of that kind (and is new data only when the value changed)."""
+    completion = await find_completion(conn, ref=feedback, owned_by=owned_by)
+    key = dict(completion_id=completion.id, author_key_id=author_key_id, kind=feedback.kind)
+    row = await fetch_one(conn, "upsert_feedback", **key, value=feedback.value, text=feedback.text)
+    if row is None:  # the same value again: nothing changed
+        row = await fetch_one(conn, "get_feedback", **key)
+    return FeedbackPublic(**row)
+
+
+async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
+                         owned_by: int | None) -> RankingPublic:
+    """The choices of one response best first (ties allowed): every choice exactly once."""
+    _in_transaction(conn)
+    request = await fetch_one(conn, "find_request", response_id=ranking.response_id, owner=owned_by,
+                              lock=locks.EVENTS)
+    if request is None:
+        raise NotFound(f"No response with id '{ranking.response_id}'.", param="response_id")
+    n = request["choices"]
+    if n < 2:
+        raise Invalid(f"Response '{ranking.response_id}' has {n} choice; a ranking orders "
+                      "the choices of a response with n >= 2.", param="response_id")
+    ranked = sorted(i for tier in ranking.tiers() for i in tier)
+    if ranked != list(range(n)):
+        raise Invalid(f"order must be a permutation of the response's {n} choices: each of "
+                      f"0..{n - 1} exactly once (got {ranked}).", param="order")
+    key = dict(request_id=request["id"], author_key_id=author_key_id)
+    row = await fetch_one(conn, "upsert_ranking", **key, ordering=Jsonb(ranking.order))
+    if row is None:
+        row = await fetch_one(conn, "get_ranking", **key)
+    return RankingPublic(**row)
+
+
+async def record_preference(conn, *, preference: PreferenceCreate, author_key_id: int,
+                            owned_by: int | None) -> PreferencePublic:
+    """One completion preferred over another of the same prompt; margin = strength. One current
+    preference per author and pair, whichever way round."""
+    chosen = await find_completion(conn, ref=preference.chosen, owned_by=owned_by, param="chosen")
+    rejected = await find_completion(conn, ref=preference.rejected, owned_by=owned_by, param="rejected")
+    if chosen.prompt_hash != rejected.prompt_hash:
+        raise Invalid("chosen and rejected answer different prompts; a preference compares "
+                      "two completions of the same conversation.", param="rejected")
+    key = dict(author_key_id=author_key_id, chosen_id=chosen.id, rejected_id=rejected.id)
+    row = await fetch_one(conn, "upsert_preference", **key, strength=preference.strength,
+                          margin=preference.strength)
+    if row is None:
+        row = await fetch_one(conn, "get_preference", **key)
+    return PreferencePublic(**row)
+
+
+# --- idempotency ----------------------------------------------------------------------------
+
+async def claim_idempotency_key(conn, *, author_key_id: int, key: str, route: str,
+                                request_hash: str) -> dict | None:
+    """None: the key is this request's now (store its answer with `save_idempotent_response`
+    before committing). Otherwise the answer to the first request with this key, to replay.
+    A request in flight with the same key is waited for. Conflict: the key was used for a
+    different request."""
+    _in_transaction(conn)
+    params = dict(author_key_id=author_key_id, key=key)
+    for _ in range(3):  # a claimer that rolled back leaves the key free: claim it then
+        if await fetch_one(conn, "claim_idempotency_key", **params, route=route, request_hash=request_hash):
+            return None
+        prior = await fetch_one(conn, "get_idempotency_key", **params)
+        if prior is not None:
+            if (prior["route"], prior["request_hash"]) != (route, request_hash):
+                raise Conflict(f"Idempotency-Key '{key}' was used for a different request; "
+                               "send a new key with a new request.", param="Idempotency-Key",
+                               code="idempotency_key_reused")
+            return prior["response"]
+    raise Conflict(f"Idempotency-Key '{key}' is in use by a concurrent request; retry.",
+                   param="Idempotency-Key", code="idempotency_key_in_use")
+
+
+async def save_idempotent_response(conn, *, author_key_id: int, key: str, response: dict) -> None:
+    await execute(conn, "save_idempotent_response", author_key_id=author_key_id, key=key,
+                  response=Jsonb(response))
+
+
+# --- imports: rows already parsed (schemas/imports.py) -------------------------------------
+
+async def import_preferences(conn, *, rows: list[PreferenceImport], author_key_id: int) -> int:
+    """Store imported pairs in the caller's transaction; returns how many were new (a pair
+    imported before, or twice in one file, is kept once)."""
+    return await _import(conn, "insert_imported_preferences", rows, author_key_id)
+
+
+async def import_demonstrations(conn, *, rows: list[DemonstrationImport], author_key_id: int) -> int:
+    """Store imported demonstrations in the caller's transaction; returns how many were new."""
+    return await _import(conn, "insert_imported_demonstrations", rows, author_key_id)
+
+
+async def _import(conn, query: str, rows: list[PreferenceImport] | list[DemonstrationImport],
+                  author_key_id: int) -> int:
+    """All rows in one statement (a JSON array), each with its prompt's hash; the new ones count."""
+    if not rows:
+        return 0
+    await _join_event_writers(conn)
+    payload = [dict(r.model_dump(), prompt_hash=prompt_hash(r.prompt)) for r in rows]
+    return len(await fetch_all(conn, query, author_key_id=author_key_id, rows=Jsonb(payload)))
+
+
+# --- the watermark --------------------------------------------------------------------------
+
+async def current_watermark(conn) -> int:
+    """The highest event id drawn so far, once every writer that might hold one at or below it
+    has finished: all data up to it is committed and will not change under that id."""
+    await locks.lock(conn, locks.EVENTS)
+    try:
+        return (await fetch_one(conn, "last_event_id"))["event_id"]
+    finally:
+        await locks.unlock(conn, locks.EVENTS)

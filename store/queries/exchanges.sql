@@ -1,0 +1,38 @@
+-- Chat requests and their completions. Loaded once by store.sql; called through store/exchanges.py.
+
+-- name: insert_chat_request
+-- Record one chat request with what was used to answer it.
+INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt_hash, params,
+                           model_version_id, stream, batch_rows, prompt_tokens, completion_tokens,
+                           queue_ms, first_token_ms, total_ms)
+VALUES (%(response_id)s, %(api_key_id)s, %(user_field)s, %(messages)s, %(prompt_hash)s, %(params)s,
+        %(model_version_id)s, %(stream)s, %(batch_rows)s, %(prompt_tokens)s, %(completion_tokens)s,
+        %(queue_ms)s, %(first_token_ms)s, %(total_ms)s)
+RETURNING id;
+
+-- name: insert_completion
+-- Record one choice of a chat request.
+INSERT INTO completions (request_id, choice_index, text, finish_reason, completion_tokens,
+                         model_version_id)
+VALUES (%(request_id)s, %(choice_index)s, %(text)s, %(finish_reason)s, %(completion_tokens)s,
+        %(model_version_id)s);
+
+-- name: get_chat_request
+-- One recorded request by its response id.
+SELECT * FROM chat_requests WHERE response_id = %(response_id)s;
+
+-- name: list_completions
+-- The choices of one recorded request, in index order.
+SELECT choice_index, text, finish_reason, completion_tokens, model_version_id
+FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
+
+-- name: recent_conversations
+-- What users asked lately: each distinct prompt once, newest first (PPO's prompts).
+SELECT messages FROM (
+    SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, created_at
+    FROM chat_requests ORDER BY prompt_hash, created_at DESC
+) latest ORDER BY created_at DESC LIMIT %(limit)s;
+
+-- name: requests_per_version
+-- How many chat requests each version answered.
+SELECT model_version_id AS id, count(*) AS requests FROM chat_requests GROUP BY model_version_id;

@@ -1,0 +1,302 @@
+-- Feedback, imports, the one derivation of training data, and stats. Loaded once by store.sql;
+-- called only through store/feedback.py and store/derive.py.
+
+-- name: last_event_id
+-- The highest event id drawn so far (0 before the first); sequences are read outside MVCC.
+SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_events;
+
+-- name: find_completion
+-- A completion to judge by response id and choice index, when `owner` produced it (anyone's when owner
+-- is null); finding one joins the event writers for the rest of the transaction, saving a round trip.
+SELECT c.id, c.request_id, c.choice_index, rq.response_id, rq.prompt_hash,
+       pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
+FROM completions c JOIN chat_requests rq ON rq.id = c.request_id
+WHERE rq.response_id = %(response_id)s AND c.choice_index = %(choice_index)s
+  AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
+
+-- name: find_request
+-- A recorded request to rank and how many choices it has, when `owner` produced it (anyone's when null);
+-- finding one joins the event writers for the rest of the transaction.
+SELECT rq.id, rq.response_id, (SELECT count(*) FROM completions c WHERE c.request_id = rq.id) AS choices,
+       pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
+FROM chat_requests rq
+WHERE rq.response_id = %(response_id)s AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
+
+-- name: claim_idempotency_key
+-- Claim a key for this request; returns nothing when it was claimed before (waits for a claimer in flight).
+INSERT INTO idempotency_keys (author_key_id, key, route, request_hash)
+VALUES (%(author_key_id)s, %(key)s, %(route)s, %(request_hash)s)
+ON CONFLICT (author_key_id, key) DO NOTHING
+RETURNING key;
+
+-- name: get_idempotency_key
+-- What the first request with this key was, and what it answered.
+SELECT route, request_hash, response FROM idempotency_keys
+WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
+
+-- name: save_idempotent_response
+-- Store the answer to replay, in the claiming transaction.
+UPDATE idempotency_keys SET response = %(response)s
+WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
+
+-- name: upsert_feedback
+-- One current value per (completion, author, kind); a changed value draws a new event id, an unchanged one returns nothing.
+WITH saved AS (
+    INSERT INTO feedback (completion_id, author_key_id, kind, value, text)
+    VALUES (%(completion_id)s, %(author_key_id)s, %(kind)s, %(value)s, %(text)s)
+    ON CONFLICT (completion_id, author_key_id, kind) DO UPDATE
+    SET value = EXCLUDED.value, text = EXCLUDED.text, event_id = EXCLUDED.event_id, updated_at = now()
+    WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text)
+    RETURNING *
+)
+SELECT 'fb_' || s.id AS id, rq.response_id, c.choice_index, s.kind, s.value, s.text, s.author_key_id,
+       s.created_at, s.updated_at
+FROM saved s JOIN completions c ON c.id = s.completion_id JOIN chat_requests rq ON rq.id = c.request_id;
+
+-- name: get_feedback
+-- The current feedback of one kind by one author on one completion.
+SELECT 'fb_' || f.id AS id, rq.response_id, c.choice_index, f.kind, f.value, f.text, f.author_key_id,
+       f.created_at, f.updated_at
+FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+WHERE f.completion_id = %(completion_id)s AND f.author_key_id = %(author_key_id)s AND f.kind = %(kind)s;
+
+-- name: upsert_ranking
+-- One current ranking per (response, author); a changed order draws a new event id, an unchanged one returns nothing.
+WITH saved AS (
+    INSERT INTO rankings (request_id, author_key_id, ordering)
+    VALUES (%(request_id)s, %(author_key_id)s, %(ordering)s)
+    ON CONFLICT (request_id, author_key_id) DO UPDATE
+    SET ordering = EXCLUDED.ordering, event_id = EXCLUDED.event_id, updated_at = now()
+    WHERE rankings.ordering IS DISTINCT FROM EXCLUDED.ordering
+    RETURNING *
+)
+SELECT 'rk_' || s.id AS id, rq.response_id, s.ordering AS "order", s.author_key_id, s.created_at, s.updated_at
+FROM saved s JOIN chat_requests rq ON rq.id = s.request_id;
+
+-- name: get_ranking
+-- The current ranking by one author of one response.
+SELECT 'rk_' || r.id AS id, rq.response_id, r.ordering AS "order", r.author_key_id, r.created_at, r.updated_at
+FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
+WHERE r.request_id = %(request_id)s AND r.author_key_id = %(author_key_id)s;
+
+-- name: upsert_preference
+-- One current preference per (author, pair of completions) either way round; a change draws a new event id.
+WITH saved AS (
+    INSERT INTO preferences (source, author_key_id, chosen_completion_id, rejected_completion_id,
+                             strength, margin)
+    VALUES ('pairwise', %(author_key_id)s, %(chosen_id)s, %(rejected_id)s, %(strength)s, %(margin)s)
+    ON CONFLICT (author_key_id, least(chosen_completion_id, rejected_completion_id),
+                 greatest(chosen_completion_id, rejected_completion_id)) WHERE source = 'pairwise'
+    DO UPDATE
+    SET chosen_completion_id = EXCLUDED.chosen_completion_id,
+        rejected_completion_id = EXCLUDED.rejected_completion_id, strength = EXCLUDED.strength,
+        margin = EXCLUDED.margin, event_id = EXCLUDED.event_id, updated_at = now()
+    WHERE (preferences.chosen_completion_id, preferences.strength)
+          IS DISTINCT FROM (EXCLUDED.chosen_completion_id, EXCLUDED.strength)
+    RETURNING *
+)
+SELECT 'pf_' || s.id AS id, s.source, s.author_key_id, s.strength, s.margin, s.created_at, s.updated_at,
+       jsonb_build_object('response_id', crq.response_id, 'choice_index', cc.choice_index) AS chosen,
+       jsonb_build_object('response_id', rrq.response_id, 'choice_index', rc.choice_index) AS rejected
+FROM saved s
+JOIN completions cc ON cc.id = s.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
+JOIN completions rc ON rc.id = s.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id;
+
+-- name: get_preference
+-- The current preference by one author between two completions, either way round.
+SELECT 'pf_' || p.id AS id, p.source, p.author_key_id, p.strength, p.margin, p.created_at, p.updated_at,
+       jsonb_build_object('response_id', crq.response_id, 'choice_index', cc.choice_index) AS chosen,
+       jsonb_build_object('response_id', rrq.response_id, 'choice_index', rc.choice_index) AS rejected
+FROM preferences p
+JOIN completions cc ON cc.id = p.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
+JOIN completions rc ON rc.id = p.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id
+WHERE p.source = 'pairwise' AND p.author_key_id = %(author_key_id)s
+  AND least(p.chosen_completion_id, p.rejected_completion_id) = least(%(chosen_id)s::bigint, %(rejected_id)s::bigint)
+  AND greatest(p.chosen_completion_id, p.rejected_completion_id) = greatest(%(chosen_id)s::bigint, %(rejected_id)s::bigint);
+
+-- name: insert_imported_preferences
+-- Imported pairs in one statement (a JSON array of rows); a pair imported before is skipped.
+INSERT INTO preferences (source, author_key_id, prompt, prompt_hash, chosen, rejected, margin)
+SELECT 'import', %(author_key_id)s::bigint, r.prompt, r.prompt_hash, r.chosen, r.rejected, r.margin
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+     AS r(prompt jsonb, prompt_hash text, chosen text, rejected text, margin double precision)
+ON CONFLICT (prompt_hash, md5(chosen), md5(rejected)) WHERE source = 'import' DO NOTHING
+RETURNING id;
+
+-- name: insert_imported_demonstrations
+-- Imported demonstrations in one statement (a JSON array of rows); one imported before is skipped.
+INSERT INTO demonstrations (author_key_id, prompt, prompt_hash, completion)
+SELECT %(author_key_id)s::bigint, r.prompt, r.prompt_hash, r.completion
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(prompt jsonb, prompt_hash text, completion text)
+ON CONFLICT (prompt_hash, md5(completion)) DO NOTHING
+RETURNING id;
+
+-- name: list_feedback_on_request
+-- Every current feedback row on the choices of one request.
+SELECT 'fb_' || f.id AS id, rq.response_id, c.choice_index, f.kind, f.value, f.text, f.author_key_id,
+       f.created_at, f.updated_at
+FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+WHERE c.request_id = %(request_id)s
+ORDER BY c.choice_index, f.id;
+
+-- name: list_rankings_on_request
+-- Every current ranking of one request's choices.
+SELECT 'rk_' || r.id AS id, rq.response_id, r.ordering AS "order", r.author_key_id, r.created_at, r.updated_at
+FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
+WHERE r.request_id = %(request_id)s
+ORDER BY r.id;
+
+-- name: list_preferences_on_request
+-- Every pairwise preference with one of this request's choices on either side.
+SELECT 'pf_' || p.id AS id, p.source, p.author_key_id, p.strength, p.margin, p.created_at, p.updated_at,
+       jsonb_build_object('response_id', crq.response_id, 'choice_index', cc.choice_index) AS chosen,
+       jsonb_build_object('response_id', rrq.response_id, 'choice_index', rc.choice_index) AS rejected
+FROM preferences p
+JOIN completions cc ON cc.id = p.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
+JOIN completions rc ON rc.id = p.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id
+WHERE p.chosen_completion_id = ANY (ARRAY(SELECT id FROM completions WHERE request_id = %(request_id)s))
+   OR p.rejected_completion_id = ANY (ARRAY(SELECT id FROM completions WHERE request_id = %(request_id)s))
+ORDER BY p.id;
+
+-- name: derive_explicit_pairs
+-- Pairwise preferences and imported pairs with events in (after, upto], as given.
+SELECT p.id, p.event_id, p.source, p.margin,
+       coalesce(rq.messages, p.prompt) AS prompt, coalesce(rq.prompt_hash, p.prompt_hash) AS prompt_hash,
+       coalesce(cc.text, p.chosen) AS chosen, coalesce(rc.text, p.rejected) AS rejected,
+       p.chosen_completion_id AS chosen_id, p.rejected_completion_id AS rejected_id
+FROM preferences p
+LEFT JOIN completions cc ON cc.id = p.chosen_completion_id
+LEFT JOIN chat_requests rq ON rq.id = cc.request_id
+LEFT JOIN completions rc ON rc.id = p.rejected_completion_id
+WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s
+ORDER BY p.event_id;
+
+-- name: derive_ranking_rows
+-- Rankings with events in (after, upto], with the texts and ids of their response's choices in index order.
+SELECT r.id, r.event_id, r.ordering, rq.messages AS prompt, rq.prompt_hash,
+       array_agg(c.id ORDER BY c.choice_index) AS completion_ids,
+       array_agg(c.text ORDER BY c.choice_index) AS texts
+FROM rankings r
+JOIN chat_requests rq ON rq.id = r.request_id
+JOIN completions c ON c.request_id = r.request_id
+WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
+GROUP BY r.id, rq.id
+ORDER BY r.event_id;
+
+-- name: derive_thumbs_pairs
+-- Thumbs pairs (the rule is thumbs_pairs() in migration 005) with their texts and prompt.
+SELECT p.chosen_id, p.rejected_id, up.text AS chosen, down.text AS rejected, rq.messages AS prompt,
+       rq.prompt_hash, p.event_id, p.feedback_ids
+FROM thumbs_pairs(%(after)s, %(upto)s) p
+JOIN completions up ON up.id = p.chosen_id JOIN completions down ON down.id = p.rejected_id
+JOIN chat_requests rq ON rq.id = up.request_id
+ORDER BY p.event_id, p.chosen_id, p.rejected_id;
+
+-- name: derive_rating_pairs
+-- Rating pairs (the rule is rating_pairs() in migration 005) with their texts and prompt.
+SELECT p.chosen_id, p.rejected_id, hi.text AS chosen, lo.text AS rejected, rq.messages AS prompt,
+       rq.prompt_hash, p.margin, p.event_id, p.feedback_ids
+FROM rating_pairs(%(after)s, %(upto)s, %(rating_scale)s) p
+JOIN completions hi ON hi.id = p.chosen_id JOIN completions lo ON lo.id = p.rejected_id
+JOIN chat_requests rq ON rq.id = hi.request_id
+ORDER BY p.event_id, p.chosen_id, p.rejected_id;
+
+-- name: count_pairs
+-- How many pairs the derivation yields for events in (after, upto], counted without building them.
+SELECT ((SELECT count(*) FROM preferences WHERE event_id > %(after)s AND event_id <= %(upto)s)
+      + (SELECT coalesce(sum(ranking_pair_count(ordering)), 0) FROM rankings
+         WHERE event_id > %(after)s AND event_id <= %(upto)s)
+      + (SELECT count(*) FROM thumbs_pairs(%(after)s, %(upto)s))
+      + (SELECT count(*) FROM rating_pairs(%(after)s, %(upto)s, %(rating_scale)s)))::bigint AS n;
+
+-- name: count_pairs_by_version
+-- The same pairs counted per policy version: a pair counts once for each version on either side
+-- (imported pairs name no completion and count for none).
+WITH judged AS (
+    SELECT chosen_completion_id AS a, rejected_completion_id AS b FROM preferences
+    WHERE source = 'pairwise' AND event_id > %(after)s AND event_id <= %(upto)s
+    UNION ALL SELECT chosen_id, rejected_id FROM thumbs_pairs(%(after)s, %(upto)s)
+    UNION ALL SELECT chosen_id, rejected_id FROM rating_pairs(%(after)s, %(upto)s, %(rating_scale)s)
+), sides AS (
+    SELECT DISTINCT j.ord, v.version
+    FROM (SELECT row_number() OVER () AS ord, a, b FROM judged) j
+    CROSS JOIN LATERAL (SELECT model_version_id AS version FROM completions WHERE id IN (j.a, j.b)) v
+), per_version AS (
+    SELECT version, count(*) AS pairs FROM sides GROUP BY version
+    UNION ALL
+    SELECT rq.model_version_id, ranking_pair_count(r.ordering)
+    FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
+    WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
+)
+SELECT version AS id, sum(pairs)::bigint AS pairs FROM per_version GROUP BY version;
+
+-- name: count_demonstrations
+-- How many demonstrations (imports and corrections) have events in (after, upto].
+SELECT (SELECT count(*) FROM demonstrations WHERE event_id > %(after)s AND event_id <= %(upto)s)
+     + (SELECT count(*) FROM feedback WHERE kind = 'correction' AND event_id > %(after)s
+        AND event_id <= %(upto)s) AS n;
+
+-- name: derive_kto_rows
+-- One row per completion whose thumbs (events <= upto) net up or down, new when any thumbs is newer than `after`.
+WITH verdict AS (
+    SELECT f.completion_id, sum(f.value) AS net, max(f.event_id) AS event_id,
+           array_agg(f.id ORDER BY f.id) AS feedback_ids
+    FROM feedback f
+    WHERE f.kind = 'thumbs' AND f.event_id <= %(upto)s
+    GROUP BY f.completion_id
+    HAVING sum(f.value) <> 0
+)
+SELECT v.completion_id, v.net > 0 AS label, v.event_id, v.feedback_ids, c.text AS completion,
+       rq.messages AS prompt, rq.prompt_hash
+FROM verdict v JOIN completions c ON c.id = v.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+WHERE v.event_id > %(after)s
+ORDER BY v.event_id, v.completion_id;
+
+-- name: derive_demonstrations
+-- Imported demonstrations and users' corrected answers with events in (after, upto].
+SELECT 'import' AS source, d.id, d.event_id, d.prompt, d.completion, NULL::bigint AS completion_id
+FROM demonstrations d
+WHERE d.event_id > %(after)s AND d.event_id <= %(upto)s
+UNION ALL
+SELECT 'correction', f.id, f.event_id, rq.messages, f.text, f.completion_id
+FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+WHERE f.kind = 'correction' AND f.event_id > %(after)s AND f.event_id <= %(upto)s
+ORDER BY event_id;
+
+-- name: feedback_stats_by_version
+-- Per policy version: requests, completions, feedback by kind, thumbs up and down, mean rating.
+WITH req AS (
+    SELECT model_version_id AS v, count(*) AS requests FROM chat_requests GROUP BY 1
+), comp AS (
+    SELECT model_version_id AS v, count(*) AS completions FROM completions GROUP BY 1
+), fb AS (
+    SELECT c.model_version_id AS v,
+           count(*) FILTER (WHERE f.kind = 'thumbs') AS thumbs,
+           count(*) FILTER (WHERE f.kind = 'rating') AS rating,
+           count(*) FILTER (WHERE f.kind = 'comment') AS comment,
+           count(*) FILTER (WHERE f.kind = 'correction') AS correction,
+           count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value > 0) AS thumbs_up,
+           count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value < 0) AS thumbs_down,
+           (avg(f.value) FILTER (WHERE f.kind = 'rating'))::double precision AS mean_rating
+    FROM feedback f JOIN completions c ON c.id = f.completion_id
+    GROUP BY 1
+), rk AS (
+    SELECT rq.model_version_id AS v, count(*) AS ranking
+    FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id GROUP BY 1
+), pf AS (
+    SELECT c.model_version_id AS v, count(DISTINCT p.id) AS preference
+    FROM preferences p JOIN completions c ON c.id IN (p.chosen_completion_id, p.rejected_completion_id)
+    WHERE p.source = 'pairwise'
+    GROUP BY 1
+)
+SELECT mv.id, mv.status, coalesce(req.requests, 0) AS requests, coalesce(comp.completions, 0) AS completions,
+       coalesce(fb.thumbs, 0) AS thumbs, coalesce(fb.rating, 0) AS rating,
+       coalesce(fb.comment, 0) AS comment, coalesce(fb.correction, 0) AS correction,
+       coalesce(rk.ranking, 0) AS ranking, coalesce(pf.preference, 0) AS preference,
+       coalesce(fb.thumbs_up, 0) AS thumbs_up, coalesce(fb.thumbs_down, 0) AS thumbs_down,
+       fb.mean_rating
+FROM model_versions mv
+LEFT JOIN req ON req.v = mv.id LEFT JOIN comp ON comp.v = mv.id LEFT JOIN fb ON fb.v = mv.id
+LEFT JOIN rk ON rk.v = mv.id LEFT JOIN pf ON pf.v = mv.id
+WHERE mv.kind = 'policy'
+ORDER BY mv.id;

@@ -1,0 +1,41 @@
+-- API keys and their rate-limit windows. Loaded once by store.sql; called through store/keys.py.
+
+-- name: insert_api_key
+-- Store a new key (its hash only) and return the row.
+INSERT INTO api_keys (key_hash, prefix, name, role, rate_limit)
+VALUES (%(key_hash)s, %(prefix)s, %(name)s, %(role)s, %(rate_limit)s)
+ON CONFLICT (key_hash) DO NOTHING
+RETURNING id, prefix, name, role, rate_limit, created_at, revoked_at;
+
+-- name: get_api_key_by_hash
+-- The live key with this hash, if any.
+SELECT id, prefix, name, role, rate_limit, created_at, revoked_at
+FROM api_keys WHERE key_hash = %(key_hash)s AND revoked_at IS NULL;
+
+-- name: list_api_keys
+-- Every key, newest first, revoked ones included.
+SELECT id, prefix, name, role, rate_limit, created_at, revoked_at
+FROM api_keys ORDER BY id DESC;
+
+-- name: revoke_api_key
+-- Revoke a live key; returns nothing when there is no such live key.
+UPDATE api_keys SET revoked_at = now()
+WHERE id = %(id)s AND revoked_at IS NULL
+RETURNING id, prefix, name, role, rate_limit, created_at, revoked_at;
+
+-- name: count_live_operator_keys
+-- How many operator keys can still be used.
+SELECT count(*) AS n FROM api_keys WHERE role = 'operator' AND revoked_at IS NULL;
+
+-- name: take_rate_limited_request
+-- Count one request in this minute's window unless the window is full (no row back then), and
+-- drop this key's windows older than an hour.
+WITH old AS (
+    DELETE FROM api_key_usage
+    WHERE key_id = %(key_id)s AND window_start < date_trunc('minute', now()) - interval '1 hour'
+)
+INSERT INTO api_key_usage AS u (key_id, window_start, requests)
+VALUES (%(key_id)s, date_trunc('minute', now()), 1)
+ON CONFLICT (key_id, window_start) DO UPDATE SET requests = u.requests + 1
+    WHERE u.requests < %(rate_limit)s
+RETURNING requests;

@@ -1,0 +1,92 @@
+"""lm/: the chat encoding, the context length, the decoding loop and both samplers, on a tiny
+random GPT-2 (no checkpoint needed)."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
+
+from lm.chat import as_messages, context_length, encode_prompt
+from lm.decoding import generate, left_pad, position_ids
+from lm.sampling import draw, sample_batch, sample_rows
+from trainer.tokenizer import build_tokenizer
+
+TEXTS = ["Hello there, how are you?", "The sky is blue because of scattering.", "Cats sleep a lot."] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_encode_prompt_takes_text_or_a_conversation(tokenizer):
+    ids = encode_prompt(tokenizer, "Hi")
+    assert ids == encode_prompt(tokenizer, [{"role": "user", "content": "Hi"}])
+    assert tokenizer.decode(ids) == "<|user|>Hi<|end|><|assistant|>"
+    assert as_messages("Hi") == [{"role": "user", "content": "Hi"}]
+
+
+def test_context_length_reads_either_name():
+    assert context_length(GPT2Config(n_positions=96)) == 96
+    assert context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
+    assert context_length(object()) is None
+
+
+def test_left_pad_and_positions_count_real_tokens_only():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_generate_with_the_cache_matches_recomputing_every_step(model, tokenizer):
+    """Greedy through the KV-cached loop equals greedy by re-running the whole left-padded
+    sequence each step: the cache, growing mask and positions add nothing but speed."""
+    prompts = [encode_prompt(tokenizer, p) for p in ("Hi", "Why is the sky blue?", "Cats")]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    cached = []
+
+    def step(logits):  # (B, V) -> (B,)
+        cached.append(logits.argmax(-1))
+        return None if len(cached) == 8 else cached[-1]
+
+    generate(model, ids, mask, step)
+    full_ids, full_mask, plain = ids, mask, []
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids(full_mask)).logits
+            plain.append(logits[:, -1].argmax(-1))
+            full_ids = torch.cat([full_ids, plain[-1][:, None]], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+    assert torch.stack(cached, 1).tolist() == torch.stack(plain, 1).tolist()
+
+
+def test_sample_rows_replays_a_seed():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    mixed = sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
+    assert mixed[0] == int(logits[0].argmax())
+    assert mixed == sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
+    # Without a nucleus anywhere in the batch, a row draws the same alone as beside others.
+    beside = sample_rows(logits, [0.0, 1.0, 0.7], [1.0] * 3, gens())[2]
+    assert beside == sample_rows(logits[2:], [0.7], [1.0], gens()[2:])[0]
+
+
+def test_sample_batch_logprobs_are_of_the_tempered_distribution():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    token, lp = sample_batch(logits, 0.5, torch.Generator().manual_seed(1))
+    expected = torch.log_softmax(logits / 0.5, -1).gather(1, token[:, None]).squeeze(1)
+    assert torch.allclose(lp, expected)
+    greedy, _ = sample_batch(logits, 0.0)
+    assert greedy.tolist() == logits.argmax(-1).tolist()
+
+
+def test_draw_follows_the_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.9]]).expand(20000, 3)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)), minlength=3)
+    assert counts[1] == 0 and abs(counts[2].item() / 20000 - 0.9) < 0.01

@@ -1,0 +1,181 @@
+"""The registry over HTTP and hot swap in a real serving process: promote, roll back, canary,
+reject, a corrupt checkpoint, and zero failed requests while 16 clients chat through a swap."""
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import openai
+import psycopg
+import pytest
+
+from store.registry import register_checkpoint
+from tests.conftest import ROOT, Server
+from trainer.sft import SFTConfig, fine_tune
+
+V2_ANSWER = "I am the second version."
+
+
+@pytest.fixture(scope="module")
+def v2_path(policy_path, tmp_path_factory):
+    """A policy that answers 'Hello!' differently: the bootstrap fine-tuned by the real SFT."""
+    return fine_tune(policy_path, tmp_path_factory.mktemp("v2") / "policy",
+                     SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"),
+                     [{"prompt": "Hello!", "completion": V2_ANSWER}], config={"test": "v2"})
+
+
+def register(db_url, path, status="candidate") -> int:
+    async def go():
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            async with conn.transaction():
+                v = await register_checkpoint(conn, path=path, kind="policy", status=status,
+                                              actor="test", parent_id=1, reference_id=1)
+            return v.id
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def fresh_server(new_database, policy_path, tmp_path):
+    s = Server(new_database(), tmp_path, FEEDLOOP_POLICY_PATH=policy_path, FEEDLOOP_POLL_SECONDS=30).start()
+    yield s
+    s.stop()
+
+
+def hello(client, **kw):
+    return client.chat.completions.create(model="feedloop", temperature=0,
+                                          messages=[{"role": "user", "content": "Hello!"}], **kw)
+
+
+def wait_for(fingerprint, client, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = hello(client)
+        if r.system_fingerprint == fingerprint:
+            return r
+        time.sleep(0.1)
+    raise AssertionError(f"still not serving {fingerprint}")
+
+
+def test_promote_then_rollback(fresh_server, v2_path):
+    s = fresh_server
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.create_key(), max_retries=0)
+    assert hello(client).system_fingerprint == "v1"
+    vid = register(s.db_url, v2_path)
+    with s.client() as op:
+        assert op.post(f"/v1/admin/models/{vid}/promote", json={"reason": "better"}).json()["status"] == "active"
+        r = wait_for(f"v{vid}", client, timeout=20)  # NOTIFY, not the 30 s poll
+        assert r.choices[0].message.content == V2_ANSWER
+        models = {m["id"]: m for m in op.get("/v1/admin/models").json()["data"]}
+        assert models[1]["status"] == "archived" and models[vid]["status"] == "active"
+        assert models[vid]["parent_id"] == 1
+        assert op.post("/v1/admin/models/1/rollback").status_code == 409  # v1 is not active
+        assert op.post(f"/v1/admin/models/{vid}/rollback").json()["id"] == 1
+        wait_for("v1", client, timeout=20)
+        log = [(e["version_id"], e["action"]) for e in op.get("/v1/admin/models/history").json()["data"]]
+        assert log[:3] == [(1, "rollback"), (vid, "promote"), (vid, "register")]
+        assert op.post(f"/v1/admin/models/{vid}/reject").status_code == 409  # archived, not a candidate
+        assert op.post("/v1/admin/models/999/promote").status_code == 404
+
+
+def test_models_cli(fresh_server, v2_path):
+    s = fresh_server
+    vid = register(s.db_url, v2_path)
+    env = dict(os.environ, DATABASE_URL=s.db_url)
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "service", "models", *a], env=env, cwd=ROOT,
+                                    capture_output=True, text=True)
+    assert f"v{vid}  policy  candidate" in cli("list").stdout
+    assert cli("promote", str(vid), "--reason", "from the cli").stdout.strip() == f"v{vid} is active"
+    refused = cli("promote", str(vid))
+    assert refused.returncode == 1 and "active already" in refused.stderr
+    assert cli("rollback").stdout.strip() == "v1 is active"
+    with s.client() as op:
+        entry = op.get("/v1/admin/models/history").json()["data"][1]
+    assert entry["action"] == "promote" and entry["reason"] == "from the cli" and entry["actor"].startswith("cli:")
+
+
+def test_corrupt_checkpoint_is_marked_failed_and_serving_stays(fresh_server, v2_path, tmp_path):
+    s = fresh_server
+    bad = tmp_path / "corrupt"
+    shutil.copytree(v2_path, bad)
+    vid = register(s.db_url, bad)
+    (bad / "model.safetensors").write_bytes(b"not weights")  # damaged after registration
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.create_key(), max_retries=0)
+    with s.client() as op:
+        assert op.post(f"/v1/admin/models/{vid}/promote").status_code == 200
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            models = {m["id"]: m for m in op.get("/v1/admin/models").json()["data"]}
+            if models[vid]["status"] == "failed":
+                break
+            time.sleep(0.2)
+        assert models[vid]["status"] == "failed" and models[1]["status"] == "active"
+        actions = [(e["version_id"], e["action"]) for e in op.get("/v1/admin/models/history").json()["data"]]
+        assert (vid, "fail") in actions
+    assert hello(client).system_fingerprint == "v1"
+
+
+def test_canary_takes_its_fraction_and_reject_removes_it(fresh_server, v2_path):
+    s = fresh_server
+    vid = register(s.db_url, v2_path)
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.create_key(), max_retries=0)
+    with s.client() as op:
+        assert op.post(f"/v1/admin/models/{vid}/canary", json={"fraction": 1.5}).status_code == 400
+        assert op.post(f"/v1/admin/models/{vid}/canary", json={"fraction": 0.5}).json()["status"] == "canary"
+        deadline = time.time() + 20
+        while time.time() < deadline and f"v{vid}" not in [m.id for m in client.models.list().data]:
+            time.sleep(0.1)
+        seen = [hello(client, max_tokens=4).system_fingerprint for _ in range(40)]
+        assert 5 <= seen.count(f"v{vid}") <= 35 and seen.count("v1") >= 5
+        assert op.post(f"/v1/admin/models/{vid}/reject", json={"reason": "worse"}).json()["status"] == "rejected"
+        deadline = time.time() + 20
+        while time.time() < deadline and f"v{vid}" in [m.id for m in client.models.list().data]:
+            time.sleep(0.1)
+    assert {hello(client, max_tokens=4).system_fingerprint for _ in range(10)} == {"v1"}
+
+
+def test_no_failed_requests_across_a_swap(fresh_server, v2_path):
+    """16 clients chat continuously while a promotion happens: every request succeeds and each
+    recorded completion carries the version that produced it."""
+    s = fresh_server
+    key = s.create_key()
+    vid = register(s.db_url, v2_path)
+    client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0)
+    results, errors, stop = [], [], asyncio.Event()
+
+    async def chat_loop():
+        while not stop.is_set():
+            try:
+                r = await client.chat.completions.create(
+                    model="feedloop", temperature=0, max_tokens=12,
+                    messages=[{"role": "user", "content": "Hello!"}])
+                results.append((r.id, r.system_fingerprint, r.choices[0].message.content))
+            except Exception as e:  # any failure counts
+                errors.append(repr(e))
+
+    async def run():
+        tasks = [asyncio.create_task(chat_loop()) for _ in range(16)]
+        await asyncio.sleep(2)
+        with s.client() as op:
+            assert op.post(f"/v1/admin/models/{vid}/promote").status_code == 200
+        deadline = time.time() + 40
+        while time.time() < deadline and not any(fp == f"v{vid}" for _, fp, _ in results[-16:]):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    assert errors == []
+    fingerprints = [fp for _, fp, _ in results]
+    assert "v1" in fingerprints and f"v{vid}" in fingerprints
+    assert fingerprints.index(f"v{vid}") > 0
+    with psycopg.connect(s.db_url) as conn:
+        rows = dict(conn.execute(
+            "SELECT r.response_id, c.model_version_id FROM chat_requests r JOIN completions c ON c.request_id = r.id"
+            " WHERE r.response_id = ANY(%s)", ([i for i, _, _ in results],)).fetchall())
+    assert len(rows) == len(results)
+    for rid, fp, text in results:  # recorded with the version that answered, and it answered like it
+        assert f"v{rows[rid]}" == fp
+        assert (text == V2_ANSWER) == (fp == f"v{vid}")

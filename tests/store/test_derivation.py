@@ -1,0 +1,284 @@
+"""The one derivation of training data against a plain reference: random sequences of feedback
+(thumbs, ratings, corrections, comments, rankings with ties, pairwise preferences, imports; with
+repeats, flips and several authors), written through the store functions in two phases with a
+watermark between them, derive exactly the pairs, demonstrations and KTO examples the rules in
+store/derive.py say, all of them and the new ones."""
+import asyncio
+from collections import Counter
+from fractions import Fraction
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from store import derive, exchanges, feedback, keys, registry
+from schemas.records import (CompletionRecord, CompletionRef, FeedbackCreate, PreferenceCreate,
+                             PreferenceImport, RankingCreate, ranking_pair_count)
+
+# response id -> (prompt, texts of its choices); "x" twice: the same words from two requests
+WORLD = {
+    "chatcmpl-a1": ("Tell me a joke.", ["x", "y", "z"]),
+    "chatcmpl-a2": ("Tell me a joke.", ["x", "w"]),
+    "chatcmpl-b1": ("Name a colour.", ["red", "blue", "red"]),
+    "chatcmpl-b2": ("Name a colour.", ["green"]),
+}
+AUTHORS = 3
+COMPLETIONS = [(rid, i) for rid, (_, texts) in WORLD.items() for i in range(len(texts))]
+BY_PROMPT = {p: [c for c in COMPLETIONS if WORLD[c[0]][0] == p] for p, _ in WORLD.values()}
+RANKABLE = [rid for rid, (_, texts) in WORLD.items() if len(texts) >= 2]
+
+
+def text(c) -> str:
+    return WORLD[c[0]][1][c[1]]
+
+
+def prompt_of(c) -> str:
+    return WORLD[c[0]][0]
+
+
+# --- random feedback ------------------------------------------------------------------------
+
+author = st.integers(0, AUTHORS - 1)
+TWINS = [c for c in COMPLETIONS if sum(text(d) == text(c) for d in COMPLETIONS) > 1]
+completion = st.one_of(st.sampled_from(COMPLETIONS), st.sampled_from(TWINS))  # same words judged apart, often
+thumbs = st.tuples(st.just("thumbs"), author, completion, st.sampled_from([1, -1]))
+rating = st.tuples(st.just("rating"), author, completion, st.integers(1, 7))
+remark = st.tuples(st.sampled_from(["correction", "comment"]), author, completion,
+                   st.sampled_from(["Better answer.", "Another one."]))
+
+
+@st.composite
+def ranking(draw):
+    rid = draw(st.sampled_from(RANKABLE))
+    n = len(WORLD[rid][1])
+    perm, cuts = draw(st.permutations(range(n))), draw(st.lists(st.booleans(), min_size=n - 1, max_size=n - 1))
+    tiers, tier = [], [perm[0]]
+    for i, cut in zip(perm[1:], cuts):
+        if cut:
+            tiers.append(tier)
+            tier = []
+        tier.append(i)
+    tiers.append(tier)
+    return ("ranking", draw(author), rid, tiers)
+
+
+@st.composite
+def preference(draw):
+    prompt = draw(st.sampled_from(sorted(BY_PROMPT)))
+    chosen, rejected = draw(st.permutations(BY_PROMPT[prompt]))[:2]
+    return ("preference", draw(author), chosen, rejected, draw(st.sampled_from([0.0, 0.5, 1.0])))
+
+
+imported = st.tuples(st.just("import"), st.sampled_from(sorted(BY_PROMPT)), st.sampled_from("pqr"),
+                     st.sampled_from("pqr"), st.sampled_from([0.0, 0.25])).filter(lambda t: t[2] != t[3])
+op = st.one_of(thumbs, thumbs, rating, rating, remark, ranking(), preference(), imported)
+
+
+# --- the reference: plain Python over the current values -------------------------------------
+
+class Reference:
+    """Current values, each with the phase in which it last changed (a repeat changes nothing)."""
+
+    def __init__(self):
+        self.feedback, self.rankings, self.preferences, self.imports = {}, {}, {}, {}
+
+    def apply(self, o, phase: int) -> None:
+        kind = o[0]
+        if kind in ("thumbs", "rating", "correction", "comment"):
+            _, a, c, v = o
+            self._set(self.feedback, (c, a, kind), v, phase)
+        elif kind == "ranking":
+            _, a, rid, tiers = o
+            self._set(self.rankings, (rid, a), tuple(tuple(t) for t in tiers), phase)
+        elif kind == "preference":
+            _, a, ch, rj, s = o
+            self._set(self.preferences, (a, frozenset([ch, rj])), (ch, rj, s), phase)
+        elif kind == "import":
+            _, prompt, ch, rj, margin = o
+            self.imports.setdefault((prompt, ch, rj), (margin, phase))  # a repeat is a duplicate
+
+    @staticmethod
+    def _set(table, key, value, phase):
+        if key not in table or table[key][0] != value:
+            table[key] = (value, phase)
+
+    def _judged(self, kind):
+        """completion -> ([values], newest phase) over all authors"""
+        out = {}
+        for (c, _, k), (v, phase) in self.feedback.items():
+            if k == kind:
+                values, p = out.get(c, ([], 0))
+                out[c] = (values + [v], max(p, phase))
+        return out
+
+    def pairs(self) -> Counter:
+        """(source, chosen, rejected, margin, new) -> how many"""
+        pairs = Counter()
+        for (a, _), ((ch, rj, s), phase) in self.preferences.items():
+            pairs["pairwise", ch, rj, s, phase == 2] += 1
+        for (prompt, ch, rj), (margin, phase) in self.imports.items():
+            pairs["import", (prompt, ch), (prompt, rj), margin, phase == 2] += 1
+        for (rid, _), (tiers, phase) in self.rankings.items():
+            for k, better in enumerate(tiers):
+                for worse in tiers[k + 1:]:
+                    for i in better:
+                        for j in worse:
+                            pairs["ranking", (rid, i), (rid, j), 0.0, phase == 2] += 1
+        thumbs = {c: (sum(v), p) for c, (v, p) in self._judged("thumbs").items()}
+        for u, (nu, pu) in thumbs.items():
+            for d, (nd, pd) in thumbs.items():
+                if nu > 0 and nd < 0 and prompt_of(u) == prompt_of(d) and text(u) != text(d):
+                    pairs["thumbs", u, d, 0.0, max(pu, pd) == 2] += 1
+        ratings = {c: (Fraction(sum(v), len(v)), p) for c, (v, p) in self._judged("rating").items()}
+        for h, (mh, ph) in ratings.items():
+            for l, (ml, pl) in ratings.items():
+                if mh > ml and prompt_of(h) == prompt_of(l) and text(h) != text(l):
+                    pairs["rating", h, l, round(float((mh - ml) / 6), 9), max(ph, pl) == 2] += 1
+        return pairs
+
+    def demonstrations(self) -> Counter:
+        return Counter((c, v, phase == 2) for (c, _, k), (v, phase) in self.feedback.items()
+                       if k == "correction")
+
+    def kto(self) -> Counter:
+        return Counter((c, net > 0, p == 2) for c, (net, p) in
+                       ((c, (sum(v), p)) for c, (v, p) in self._judged("thumbs").items()) if net != 0)
+
+
+# --- the database side ----------------------------------------------------------------------
+
+class World:
+    """A database holding WORLD's exchanges, and the loop and connection the store runs on."""
+
+    def __init__(self, url: str):
+        self.url, self.loop = url, asyncio.new_event_loop()
+        self.conn = self.run(psycopg.AsyncConnection.connect(url, autocommit=True))
+        self.run(self.setup())
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    async def setup(self):
+        conn = self.conn
+        async with conn.transaction():
+            self.authors = [(await keys.create_api_key(conn, name=f"a{i}", role="user")).id
+                            for i in range(AUTHORS)]
+            version = await registry.insert_model_version(conn, kind="policy", path="/nowhere",
+                                                       content_hash="0", status="archived")
+            for rid, (prompt, texts) in WORLD.items():
+                await exchanges.record_exchange(
+                    conn, response_id=rid, api_key_id=self.authors[0], user=None,
+                    messages=[{"role": "user", "content": prompt}], params={}, model_version_id=version.id,
+                    stream=False, batch_rows=1, prompt_tokens=1, queue_ms=0, first_token_ms=None,
+                    total_ms=0, choices=[CompletionRecord(choice_index=i, text=t, finish_reason="stop",
+                                                          completion_tokens=1, model_version_id=version.id)
+                                         for i, t in enumerate(texts)])
+        rows = await (await conn.execute(
+            "SELECT c.id, rq.response_id, c.choice_index FROM completions c"
+            " JOIN chat_requests rq ON rq.id = c.request_id")).fetchall()
+        self.completion = {cid: (rid, i) for cid, rid, i in rows}
+
+    async def reset(self):
+        await self.conn.execute("TRUNCATE feedback, rankings, preferences, demonstrations, idempotency_keys")
+
+    async def apply(self, o):
+        conn, kind = self.conn, o[0]
+        async with conn.transaction():
+            if kind in ("thumbs", "rating", "correction", "comment"):
+                _, a, (rid, i), v = o
+                body = FeedbackCreate(response_id=rid, choice_index=i, kind=kind,
+                                      **({"text": v} if isinstance(v, str) else {"value": v}))
+                await feedback.record_feedback(conn, feedback=body, author_key_id=self.authors[a], owned_by=None)
+            elif kind == "ranking":
+                _, a, rid, tiers = o
+                await feedback.record_ranking(conn, ranking=RankingCreate(response_id=rid, order=tiers),
+                                              author_key_id=self.authors[a], owned_by=None)
+            elif kind == "preference":
+                _, a, (crid, ci), (rrid, ri), s = o
+                body = PreferenceCreate(chosen=CompletionRef(response_id=crid, choice_index=ci),
+                                        rejected=CompletionRef(response_id=rrid, choice_index=ri), strength=s)
+                await feedback.record_preference(conn, preference=body, author_key_id=self.authors[a],
+                                                 owned_by=None)
+            else:
+                _, prompt, ch, rj, margin = o
+                row = PreferenceImport(prompt=[{"role": "user", "content": prompt}], chosen=ch, rejected=rj,
+                                       margin=margin)
+                await feedback.import_preferences(conn, rows=[row], author_key_id=self.authors[0])
+
+    def key(self, p, watermark: int):
+        if p.source == "import":
+            prompt = p.prompt[0]["content"]
+            ends = (prompt, p.chosen), (prompt, p.rejected)
+        else:
+            ends = tuple(self.completion[c] for c in p.origin["completions"])
+            assert (p.chosen, p.rejected) == tuple(text(c) for c in ends)
+        assert p.prompt_hash == exchanges.prompt_hash(p.prompt)
+        return (p.source, *ends, round(p.margin, 9), p.origin["event_id"] > watermark)
+
+
+@pytest.fixture(scope="module")
+def world(new_database):
+    w = World(new_database())
+    yield w
+    w.run(w.conn.close())
+    w.loop.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=st.lists(op, max_size=20), second=st.lists(op, max_size=12))
+def test_derivation_matches_the_reference(world, first, second):
+    ref = Reference()
+    world.run(world.reset())
+    for o in first:
+        world.run(world.apply(o))
+        ref.apply(o, phase=1)
+    watermark = world.run(feedback.current_watermark(world.conn))
+    upto_now = world.run(derive.derive_pairs(world.conn, upto=watermark))
+    assert Counter(world.key(p, watermark) for p in upto_now) == ref.pairs()
+    for o in second:
+        world.run(world.apply(o))
+        ref.apply(o, phase=2)
+
+    pairs = world.run(derive.derive_pairs(world.conn))
+    assert Counter(world.key(p, watermark) for p in pairs) == ref.pairs()
+    new = world.run(derive.derive_pairs(world.conn, after=watermark))
+    expected_new = Counter({k: n for k, n in ref.pairs().items() if k[-1]})
+    assert Counter(world.key(p, watermark) for p in new) == expected_new
+    counted = world.run(derive.count_new_pairs(world.conn, after=watermark))
+    assert type(counted) is int and counted == sum(expected_new.values())
+
+    # a ranking's pairs share its group: K(K-1)/2 of them less the ties; other pairs are alone
+    sizes = Counter(p.group for p in pairs if p.source == "ranking").values()
+    assert sorted(sizes) == sorted(n for n in (ranking_pair_count([list(t) for t in tiers])
+                                               for tiers, _ in ref.rankings.values()) if n)
+    alone = [p.group for p in pairs if p.source != "ranking"]
+    assert len(set(alone)) == len(alone)
+
+    demos = world.run(derive.derive_demonstrations(world.conn))
+    assert Counter((world.completion[d.origin["completion"]], d.completion, d.origin["event_id"] > watermark)
+                   for d in demos) == ref.demonstrations()
+    kto = world.run(derive.derive_kto(world.conn))
+    assert Counter((world.completion[k.origin["completion"]], k.label, k.origin["event_id"] > watermark)
+                   for k in kto) == ref.kto()
+
+
+def test_the_watermark_waits_for_writers_in_flight(world):
+    """An event id drawn by a transaction still open is not below a watermark handed out: reading
+    the watermark waits for that writer, so a round never skips a row that commits late."""
+    async def scenario():
+        body = FeedbackCreate(response_id="chatcmpl-a1", choice_index=0, kind="thumbs", value=1)
+        async with await psycopg.AsyncConnection.connect(world.url, autocommit=True) as writer:
+            async with writer.transaction():
+                await feedback.record_feedback(writer, feedback=body, author_key_id=world.authors[1], owned_by=None)
+                drawn = (await (await writer.execute("SELECT max(event_id) FROM feedback")).fetchone())[0]
+                reading = asyncio.create_task(feedback.current_watermark(world.conn))
+                await asyncio.sleep(0.3)
+                assert not reading.done()  # the writer has not committed yet
+            watermark = await asyncio.wait_for(reading, 10)
+        assert watermark >= drawn
+        assert [p for p in await derive.derive_kto(world.conn, upto=watermark)
+                if p.origin["event_id"] == drawn]  # committed, and inside the watermark
+
+    world.run(world.reset())
+    world.run(scenario())

@@ -1,0 +1,63 @@
+"""The round's orchestration on a real database, without any model work: the round lock, a skip
+recorded with its reason, a queued request with a bad config closed as failed, and recovery of
+runs a killed trainer left `running`."""
+import asyncio
+
+import psycopg
+
+from schemas.settings import Settings
+from store import locks, runs
+from trainer.round import recover, run_round
+
+
+def settings(tmp_path, **fields) -> Settings:
+    return Settings(**{"home": tmp_path, "device": "cpu", "min_new_pairs": 4, "round_config": {}, **fields})
+
+
+async def connect(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True)
+
+
+def test_a_round_without_new_pairs_is_recorded_as_skipped(db_url, tmp_path):
+    run = asyncio.run(run_round(db_url, settings(tmp_path), trigger="cli"))
+    assert (run.kind, run.status, run.trigger) == ("round", "skipped", "cli")
+    assert run.metrics == {"data/new_pairs": 0, "skip_reason": "0 new pairs, fewer than the minimum 4"}
+    assert run.config["ppo"]["device"] == "cpu"  # the resolved config is recorded
+
+
+def test_a_queued_request_with_a_bad_config_is_closed_as_failed(db_url, tmp_path):
+    async def scenario():
+        async with await connect(db_url) as conn:
+            queued = await runs.queue_training_run(conn, kind="round", config={"ppo": {"step": 8}},
+                                                   requested_by="key:1:op")
+        run = await run_round(db_url, settings(tmp_path), trigger="operator", queued=True)
+        assert run.id == queued.id and run.status == "failed"
+        assert "unknown round config key 'step' in PPOConfig" in run.error
+        assert await run_round(db_url, settings(tmp_path), trigger="operator", queued=True) is None  # none left
+
+    asyncio.run(scenario())
+
+
+def test_no_round_starts_while_another_holds_the_lock(db_url, tmp_path):
+    async def scenario():
+        async with await connect(db_url) as other:
+            async with locks.holding(other, locks.ROUND) as got:
+                assert got
+                assert await run_round(db_url, settings(tmp_path), trigger="cli") is None
+                async with await connect(db_url) as conn:
+                    assert await recover(conn) == []  # a live round elsewhere is never touched
+            async with await connect(db_url) as conn:
+                assert await runs.list_training_runs(conn) == []
+
+    asyncio.run(scenario())
+
+
+def test_recover_fails_the_runs_a_killed_trainer_left_running(db_url):
+    async def scenario():
+        async with await connect(db_url) as conn:
+            left = await runs.start_training_run(conn, kind="round", config={}, trigger="cli")
+            assert await recover(conn) == [left.id]
+            assert (await runs.get_training_run(conn, id=left.id)).status == "failed"
+            assert await recover(conn) == []
+
+    asyncio.run(scenario())
