@@ -26,10 +26,10 @@ def counts(server) -> tuple[int, ...]:
 
 def derived_pairs(server, **window):
     """The training pairs as the trainer reads them (the store's one derivation)."""
-    async def derive():
+    async def pairs():
         async with await psycopg.AsyncConnection.connect(server.db_url, autocommit=True) as conn:
             return await derive.derive_pairs(conn, **window)
-    return asyncio.run(derive())
+    return asyncio.run(pairs())
 
 
 def watermark(server) -> int:
