@@ -11,7 +11,7 @@ from service import errors
 from service.middleware import RequestGuard
 from service.recording import Recorder
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
-                            feedback, health)
+                            feedback, health, me)
 from service.serving import Serving, follow_registry, sync_with_registry
 from store import keys
 from store.db import database_url, migrate
@@ -64,7 +64,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="feedloop", version="0.1.0", lifespan=lifespan,
                   description="A chat model that learns from the people who use it.")
     errors.install(app)
-    for module in (chat, feedback, admin_keys, admin_exchanges, admin_data, admin_models, admin_training,
+    for module in (chat, feedback, me, admin_keys, admin_exchanges, admin_data, admin_models, admin_training,
                    health):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
