@@ -52,15 +52,17 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    """A fresh tab (its own storage: nobody is signed in); an uncaught script error fails the test."""
+    """A fresh tab (its own storage: nobody is signed in); an uncaught script error or anything the
+    page's Content-Security-Policy refuses fails the test."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     tab = context.new_page()
     errors = []
     tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.on("console", lambda m: m.type == "error" and "Content Security Policy" in m.text and errors.append(m.text))
     yield tab
     context.close()
-    assert errors == [], f"script errors in the console: {errors}"
+    assert errors == [], f"script errors or CSP violations in the console: {errors}"
 
 
 def shot(page, name: str) -> None:

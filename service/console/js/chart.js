@@ -3,7 +3,7 @@
 import { h, num } from './ui.js';
 
 const W = 320, H = 150, PAD = { l: 44, r: 10, t: 10, b: 22 };
-const COLORS = ['var(--series-1)', 'var(--series-2)', 'var(--series-3)'];
+const SERIES_STYLES = 3;  // .s0 .s1 .s2 in console.css
 
 export function lineChart({ title, series, limits = [], unit = '' }) {
   const shown = series.filter(s => Array.isArray(s.values) && s.values.some(v => typeof v === 'number'));
@@ -31,14 +31,14 @@ export function lineChart({ title, series, limits = [], unit = '' }) {
   }
   shown.forEach((s, k) => {
     const points = s.values.map((v, i) => (typeof v === 'number' ? `${x(i).toFixed(1)},${y(v).toFixed(1)}` : null)).filter(Boolean);
-    svg.append(h('svg:polyline', { class: 'series', stroke: COLORS[k % COLORS.length], points: points.join(' '),
+    svg.append(h('svg:polyline', { class: `series s${k % SERIES_STYLES}`, points: points.join(' '),
                                    dataset: { series: s.name, points: points.length } }));
     if (points.length === 1) {
       const [px, py] = points[0].split(',');
-      svg.append(h('svg:circle', { cx: px, cy: py, r: 2.5, fill: COLORS[k % COLORS.length] }));
+      svg.append(h('svg:circle', { class: `dot s${k % SERIES_STYLES}`, cx: px, cy: py, r: 2.5 }));
     }
   });
   fig.append(svg, h('p', { class: 'legend' }, shown.map((s, k) =>
-    h('span', { class: `key k${k % COLORS.length}`, text: `${s.name}${unit}: ${num(s.values[s.values.length - 1], 4)}` }))));
+    h('span', { class: `key k${k % SERIES_STYLES}`, text: `${s.name}${unit}: ${num(s.values[s.values.length - 1], 4)}` }))));
   return fig;
 }

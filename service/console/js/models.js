@@ -53,6 +53,7 @@ export function render(main) {
   const progress = h('p', { class: 'progress', role: 'status' });
   const refresh = h('button', { type: 'button', text: 'Refresh' });
   let alive = true;
+  let drawn = '';
 
   async function act(v, action, button) {
     const fields = action === 'canary'
@@ -86,6 +87,9 @@ export function render(main) {
 
   async function draw() {
     const [models, history] = await Promise.all([get('/v1/admin/models'), get('/v1/admin/models/history')]);
+    const seen = JSON.stringify([models, history]);
+    if (seen === drawn) return;
+    drawn = seen;
     const byId = new Map(models.data.map(v => [v.id, v]));
     const rows = models.data.map(v => {
       const actions = [];

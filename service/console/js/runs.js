@@ -61,6 +61,7 @@ export function render(main, ctx) {
   const overrides = h('textarea', { rows: 3, placeholder: '{"ppo": {"steps": 20}}', 'aria-label': 'Round config overrides (JSON)' });
   const queue = h('button', { type: 'button', class: 'primary', text: 'Queue a round' });
   let lastStatuses = '';
+  let running = false;  // a run queued or running: poll every 2 s, else every 10 s
 
   async function draw() {
     const runs = await get('/v1/admin/training/runs?limit=50');
@@ -82,7 +83,7 @@ export function render(main, ctx) {
       clear(detailBox, detail(run));
     }
     lastStatuses = statuses;
-    return busyRuns.length > 0;
+    running = busyRuns.length > 0;
   }
 
   queue.addEventListener('click', () => busy(queue, 'Queueing…', async () => {
@@ -100,6 +101,6 @@ export function render(main, ctx) {
     h('div', { class: 'queue' }, queue, h('details', {}, h('summary', { text: 'Config overrides' }), field('JSON overrides of the round config', overrides))),
     live, list, detailBox);
   draw().catch(e => showError(e, 'Loading the runs'));
-  const stop = every(2000, draw, () => alive, 'Refreshing the runs');
+  const stop = every(() => (running ? 2000 : 10000), draw, () => alive, 'Refreshing the runs');
   return () => { alive = false; stop(); };
 }

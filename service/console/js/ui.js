@@ -142,7 +142,8 @@ export function field(label, control, hint) {
            hint ? h('small', { class: 'hint', text: hint }) : null);
 }
 
-// Poll `fn` every `ms` while `alive()` says the page is still shown; returns a stop function.
+// Poll `fn` every `ms` (a number, or a function giving the next delay) while `alive()` says the
+// page is still shown; returns a stop function.
 // A failing poll is shown once (not every few seconds) and cleared when a poll succeeds again.
 export function every(ms, fn, alive, context = 'Live update') {
   let timer = null, stopped = false, shown = null;
@@ -156,8 +157,8 @@ export function every(ms, fn, alive, context = 'Live update') {
         if (!shown || !shown.isConnected) shown = showError(e, context);
       }
     }
-    if (!stopped && alive()) timer = setTimeout(tick, ms);
+    if (!stopped && alive()) timer = setTimeout(tick, typeof ms === 'function' ? ms() : ms);
   };
-  timer = setTimeout(tick, ms);
+  timer = setTimeout(tick, typeof ms === 'function' ? ms() : ms);
   return () => { stopped = true; clearTimeout(timer); };
 }
