@@ -22,6 +22,7 @@ from store import runs
 from store.derive import wilson_interval
 from tests.conftest import OPERATOR_KEY, ROOT
 from tests.service.test_registry import V2_ANSWER, register, v2_path  # noqa: F401 (a fixture)
+from trainer.ppo import CURVE_KEYS
 
 pytestmark = pytest.mark.slow
 
@@ -382,6 +383,8 @@ def finished_run(db_url: str, steps: int = 12) -> int:
               "ppo/kl": curve(lambda i: 0.4 * i), "ppo/entropy": curve(lambda i: 2.5 - 0.05 * i),
               "ppo/vf_loss": curve(lambda i: 1 / (1 + i)), "ppo/clipfrac": curve(lambda i: 0.1),
               "reward/curve": curve(lambda i: 0.7 - 0.03 * i), "reward/curve_accuracy": curve(lambda i: 0.5 + 0.03 * i)}
+    # the keys a real round stores (trainer.stages.Trained.keep): PPO's per-step curves and the reward model's
+    assert set(curves) <= set(CURVE_KEYS) | {"reward/curve", "reward/curve_accuracy"}
 
     async def go():
         async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
