@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # torch is installed first and pinned, so no multi-gigabyte CUDA build is pulled in by a range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test bench demo clean
+.PHONY: run test bench demo clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/feedloop up
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The console's browser tests (tests/e2e/test_console.py) drive Debian's chromium through Playwright
+# (installed by the dev extra); Playwright's own browser download is not used. Installed here when
+# missing: as root (CI on a fresh Debian machine), else through sudo.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing Debian's chromium for the console's browser tests"; \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; }
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'

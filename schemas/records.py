@@ -120,6 +120,22 @@ class ExchangeRecord(BaseModel):
                                                   description="with one of its choices on either side")
 
 
+class ExchangeSummary(BaseModel):
+    """One chat request in a listing; the whole record is at GET /v1/admin/exchanges/{response_id}."""
+    response_id: str
+    api_key_id: int
+    user: str | None
+    model_version_id: int
+    prompt: str = Field(description="the conversation's last user message, cut to 200 characters")
+    turns: int = Field(description="messages in the conversation that was answered")
+    choices: int
+    stream: bool
+    completion_tokens: int
+    created_at: datetime
+    feedback: dict[str, int] = Field(description="current feedback on its choices: thumbs_up, thumbs_down, "
+                                                 "rating, comment, correction, ranking, preference")
+
+
 # --- training data: what the feedback derivation yields and the trainer consumes ------------
 
 PairSource = Literal["pairwise", "ranking", "thumbs", "rating", "import"]
@@ -366,6 +382,12 @@ class VersionStats(BaseModel):
     mean_rating: float | None
     pairs_since_last_round: int = Field(description="new training pairs with a completion of this version "
                                                     "on either side")
+    arena_wins: int = Field(0, description="pairwise preferences where this version's answer was chosen over "
+                                           "another version's answer to the same prompt (arena votes)")
+    arena_losses: int = Field(0, description="the same, where another version's answer was chosen")
+    arena_win_rate: float | None = Field(None, description="wins / (wins + losses); null without such votes")
+    arena_win_rate_interval: tuple[float, float] | None = Field(
+        None, description="95 % Wilson score interval of the win rate; null without such votes")
 
 
 class StatsPublic(BaseModel):

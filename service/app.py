@@ -1,4 +1,5 @@
-"""The FastAPI application: lifespan (database, migrations, serving engines), routers, errors."""
+"""The FastAPI application: lifespan (database, migrations, serving engines), routers, errors, and
+the console's static files."""
 import asyncio
 import logging
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from service import errors
 from service.middleware import RequestGuard
 from service.recording import Recorder
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
-                            feedback, health)
+                            console, feedback, health, me)
 from service.serving import Serving, follow_registry, sync_with_registry
 from store import keys
 from store.db import database_url, migrate
@@ -64,9 +65,10 @@ def create_app() -> FastAPI:
     app = FastAPI(title="feedloop", version="0.1.0", lifespan=lifespan,
                   description="A chat model that learns from the people who use it.")
     errors.install(app)
-    for module in (chat, feedback, admin_keys, admin_exchanges, admin_data, admin_models, admin_training,
-                   health):
+    for module in (chat, feedback, me, admin_keys, admin_exchanges, admin_data, admin_models, admin_training,
+                   health, console):
         app.include_router(module.router)
+    app.mount("/console", console.assets, name="console")
     app.add_middleware(RequestGuard, max_body_bytes=get_settings().max_body_bytes)
     return app
 

@@ -129,6 +129,7 @@ def cmd_up(args) -> None:
     key_hint = _operator_key_hint(settings)
     base = f"http://{settings.host}:{settings.port}"
     print(f"\nfeedloop is starting at {base}  (OpenAI base_url: {base}/v1, model: {settings.model_name})\n"
+          f"console: open {base}/ in a browser and sign in with an API key\n"
           f"{key_hint}\n", flush=True)
     trainer = start_trainer()
     try:

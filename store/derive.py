@@ -22,6 +22,7 @@ the original still yields pairs. KTO examples (`derive_kto`): one per completion
 up (desirable) or down.
 """
 import json
+import math
 
 from schemas.errors import Invalid
 from schemas.records import (Demonstration, ExportFormat, KtoExample, StatsPublic, TrainingPair,
@@ -150,25 +151,42 @@ def jsonl_line(row: dict) -> str:
 
 # --- stats ----------------------------------------------------------------------------------
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion (95 % for z = 1.96): unlike the normal
+    approximation it stays inside [0, 1] and is honest about few votes (3 of 3 is not "100 %")."""
+    if trials == 0:
+        return None
+    p, z2 = successes / trials, z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 async def feedback_stats(conn) -> StatsPublic:
-    """Per policy version: requests, feedback by kind, thumbs-up rate, and the pairs available to
-    train on since the last round (a pair counts for each version on either side of it), all
-    counted in SQL: nothing is derived to be counted."""
+    """Per policy version: requests, feedback by kind, thumbs-up rate, mean rating, head-to-head
+    wins against other versions' answers to the same prompt (arena votes) with a Wilson interval,
+    and the pairs available to train on since the last round (a pair counts for each version on
+    either side of it), all counted in SQL: nothing is derived to be counted."""
     last = await runs.last_round_watermark(conn)
     window = _window(last, None)
     new_pairs = await count_new_pairs(conn, after=last)
     per_version = {r["id"]: r["pairs"] for r in await fetch_all(conn, "count_pairs_by_version", **window,
                                                                 rating_scale=RATING_SCALE)}
+    duels = {r["id"]: (r["wins"], r["losses"]) for r in await fetch_all(conn, "head_to_head_by_version")}
     data = []
     for r in await fetch_all(conn, "feedback_stats_by_version"):
         judged = r["thumbs_up"] + r["thumbs_down"]
+        wins, losses = duels.get(r["id"], (0, 0))
         data.append(VersionStats(
             model_version=f"v{r['id']}", model_version_id=r["id"], status=r["status"],
             requests=r["requests"], completions=r["completions"],
             feedback={k: r[k] for k in ("thumbs", "rating", "comment", "correction", "ranking", "preference")},
             thumbs_up=r["thumbs_up"], thumbs_down=r["thumbs_down"],
             thumbs_up_rate=r["thumbs_up"] / judged if judged else None, mean_rating=r["mean_rating"],
-            pairs_since_last_round=per_version.get(r["id"], 0)))
+            pairs_since_last_round=per_version.get(r["id"], 0),
+            arena_wins=wins, arena_losses=losses,
+            arena_win_rate=wins / (wins + losses) if wins + losses else None,
+            arena_win_rate_interval=wilson_interval(wins, wins + losses)))
     return StatsPublic(watermark=(await fetch_one(conn, "last_event_id"))["event_id"], last_round_watermark=last,
                        pairs_since_last_round=new_pairs,
                        demonstrations_since_last_round=(await fetch_one(conn, "count_demonstrations", **window))["n"],

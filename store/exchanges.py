@@ -1,5 +1,5 @@
 """Exchanges: each chat request with the parameters used, the version that answered, timings
-and every choice; what users asked lately (PPO's prompts); how much each version served."""
+and every choice (one, or a page of them newest first); what users asked lately (PPO's prompts); how much each version served."""
 import hashlib
 import json
 from typing import Any
@@ -7,8 +7,8 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from schemas.errors import NotFound
-from schemas.records import (CompletionRecord, ExchangeRecord, FeedbackPublic, PreferencePublic,
-                             RankingPublic)
+from schemas.records import (CompletionRecord, ExchangeRecord, ExchangeSummary, FeedbackPublic,
+                             PreferencePublic, RankingPublic)
 from store.sql import execute_many, fetch_all, fetch_one
 
 
@@ -45,6 +45,21 @@ async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:
         feedback=[FeedbackPublic(**r) for r in await fetch_all(conn, "list_feedback_on_request", **on)],
         rankings=[RankingPublic(**r) for r in await fetch_all(conn, "list_rankings_on_request", **on)],
         preferences=[PreferencePublic(**r) for r in await fetch_all(conn, "list_preferences_on_request", **on)])
+
+
+async def list_exchanges(conn, *, limit: int = 50, before: str | None = None,
+                         model_version_id: int | None = None) -> list[ExchangeSummary]:
+    """Recorded requests newest first, with their feedback counted: those older than the request
+    `before` names (a cursor: the last response id of the previous page), of one version when given."""
+    before_id = None
+    if before is not None:
+        cursor = await fetch_one(conn, "get_chat_request", response_id=before)
+        if cursor is None:
+            raise NotFound(f"no exchange {before} to page from", param="before")
+        before_id = cursor["id"]
+    rows = await fetch_all(conn, "list_chat_requests", limit=limit, before_id=before_id,
+                           version_id=model_version_id)
+    return [ExchangeSummary(**r) for r in rows]
 
 
 async def requests_per_version(conn) -> dict[int, int]:

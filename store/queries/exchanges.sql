@@ -36,3 +36,32 @@ SELECT messages FROM (
 -- name: requests_per_version
 -- How many chat requests each version answered.
 SELECT model_version_id AS id, count(*) AS requests FROM chat_requests GROUP BY model_version_id;
+
+-- name: list_chat_requests
+-- Recorded requests newest first, before a cursor request and of one version when asked, with their feedback counted.
+SELECT rq.response_id, rq.api_key_id, rq.user_field AS "user", rq.model_version_id, rq.stream,
+       rq.completion_tokens, rq.created_at, jsonb_array_length(rq.messages) AS turns,
+       left(coalesce((SELECT m.value->>'content' FROM jsonb_array_elements(rq.messages) WITH ORDINALITY AS m(value, i)
+                      WHERE m.value->>'role' = 'user' ORDER BY m.i DESC LIMIT 1), ''), 200) AS prompt,
+       (SELECT count(*) FROM completions c WHERE c.request_id = rq.id) AS choices,
+       jsonb_build_object(
+           'thumbs_up', fb.thumbs_up, 'thumbs_down', fb.thumbs_down, 'rating', fb.rating,
+           'comment', fb.comment, 'correction', fb.correction,
+           'ranking', (SELECT count(*) FROM rankings r WHERE r.request_id = rq.id),
+           'preference', (SELECT count(DISTINCT p.id) FROM preferences p JOIN completions c
+                          ON c.id IN (p.chosen_completion_id, p.rejected_completion_id)
+                          WHERE c.request_id = rq.id)) AS feedback
+FROM chat_requests rq
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value > 0) AS thumbs_up,
+           count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value < 0) AS thumbs_down,
+           count(*) FILTER (WHERE f.kind = 'rating') AS rating,
+           count(*) FILTER (WHERE f.kind = 'comment') AS comment,
+           count(*) FILTER (WHERE f.kind = 'correction') AS correction
+    FROM feedback f JOIN completions c ON c.id = f.completion_id
+    WHERE c.request_id = rq.id
+) fb
+WHERE (%(before_id)s::bigint IS NULL OR rq.id < %(before_id)s)
+  AND (%(version_id)s::bigint IS NULL OR rq.model_version_id = %(version_id)s)
+ORDER BY rq.id DESC
+LIMIT %(limit)s;

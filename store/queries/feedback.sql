@@ -300,3 +300,16 @@ LEFT JOIN req ON req.v = mv.id LEFT JOIN comp ON comp.v = mv.id LEFT JOIN fb ON 
 LEFT JOIN rk ON rk.v = mv.id LEFT JOIN pf ON pf.v = mv.id
 WHERE mv.kind = 'policy'
 ORDER BY mv.id;
+
+-- name: head_to_head_by_version
+-- Pairwise preferences between answers of two different versions (arena votes): wins and losses per version.
+WITH duels AS (
+    SELECT cc.model_version_id AS winner, rc.model_version_id AS loser
+    FROM preferences p
+    JOIN completions cc ON cc.id = p.chosen_completion_id JOIN completions rc ON rc.id = p.rejected_completion_id
+    WHERE p.source = 'pairwise' AND cc.model_version_id <> rc.model_version_id
+)
+SELECT version AS id, sum(won)::bigint AS wins, sum(lost)::bigint AS losses
+FROM (SELECT winner AS version, 1 AS won, 0 AS lost FROM duels
+      UNION ALL SELECT loser, 0, 1 FROM duels) sides
+GROUP BY version;
