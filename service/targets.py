@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import signal
+import tempfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,49 +174,35 @@ async def run_deploy_hook(version: ModelVersion, target: Target, settings: Setti
                FEEDLOOP_CHECKPOINT=version.path, FEEDLOOP_ENDPOINT=target.endpoint,
                FEEDLOOP_MODEL_ID=target.model_id, FEEDLOOP_ACTION=action)
     log.info("deploying %s (%s) to %s: %s", version.name, action, target.endpoint, settings.deploy_command)
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh", "-c", settings.deploy_command, "feedloop-deploy", version.name, version.path,
-        target.endpoint, target.model_id, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-    output = bytearray()
-
-    async def read():
-        while chunk := await proc.stdout.read(1 << 16):
-            output.extend(chunk)
-            del output[:-OUTPUT_TAIL * 4]
-
-    reader = asyncio.create_task(read())
-    try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), settings.deploy_timeout_seconds)
-    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+    # Its output goes to a file, not a pipe: a server it starts in the background may keep a pipe
+    # open forever, and the hook is done when it exits.
+    with tempfile.TemporaryFile() as output:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", settings.deploy_command, "feedloop-deploy", version.name, version.path,
+            target.endpoint, target.model_id, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=output, stderr=output, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the hook and whatever it started
-        except ProcessLookupError:
-            pass
-        await proc.wait()
-        await _finish_reading(reader)
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        raise TargetRefused(f"the deploy hook for {version.name} ran past {settings.deploy_timeout_seconds:g} s "
-                            f"and was killed; its output: {_tail(output)}", code="deploy_failed") from None
-    await _finish_reading(reader)
-    if proc.returncode != 0:
-        raise TargetRefused(f"the deploy hook for {version.name} failed (exit status {proc.returncode}); "
-                            f"its output: {_tail(output)}", code="deploy_failed")
-    log.info("deploy hook for %s done: %s", version.name, _tail(output, 300))
+            await asyncio.wait_for(asyncio.shield(proc.wait()), settings.deploy_timeout_seconds)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the hook and whatever it started
+            except ProcessLookupError:
+                pass
+            await proc.wait()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise TargetRefused(f"the deploy hook for {version.name} ran past {settings.deploy_timeout_seconds:g} s "
+                                f"and was killed; its output: {_tail(output)}", code="deploy_failed") from None
+        if proc.returncode != 0:
+            raise TargetRefused(f"the deploy hook for {version.name} failed (exit status {proc.returncode}); "
+                                f"its output: {_tail(output)}", code="deploy_failed")
+        log.info("deploy hook for %s done: %s", version.name, _tail(output, 300))
 
 
-async def _finish_reading(reader: asyncio.Task) -> None:
-    """What the hook wrote until it exited; a server it left running in the background may hold
-    its output open forever, so reading stops shortly after."""
-    try:
-        await asyncio.wait_for(reader, 2)
-    except asyncio.TimeoutError:
-        pass
-
-
-def _tail(output: bytes, limit: int = OUTPUT_TAIL) -> str:
-    text = output.decode(errors="replace").replace("\x00", "\ufffd").strip()
+def _tail(output, limit: int = OUTPUT_TAIL) -> str:
+    """The end of what was written to the file `output`, as text."""
+    output.seek(max(0, output.seek(0, os.SEEK_END) - 4 * limit))
+    text = output.read().decode(errors="replace").replace("\x00", "\ufffd").strip()
     return (text if len(text) <= limit else "…" + text[-limit:]) or "(none)"
 
 

@@ -5,7 +5,9 @@ moves the weights and the records with it, a target that cannot serve is refused
 serving stays, blue/green is two endpoints, a failing deploy hook refuses, and closing an engine
 ends every request it holds."""
 import asyncio
+import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -32,7 +34,6 @@ class TransformersServe:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"transformers-serve-{self.port}.log"
-        import os
         import subprocess
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                    NO_PROXY="127.0.0.1,localhost")
@@ -333,7 +334,6 @@ def test_close_during_in_flight_requests_ends_each_of_them(blue, policy_path):
 
 def test_retarget_is_validated_and_audited(server, policy_path):
     """A candidate's target is set, reset and audited; bad bodies are 400s in OpenAI's shape."""
-    import os
     import subprocess
 
     from tests.conftest import ROOT
@@ -365,3 +365,81 @@ def test_retarget_is_validated_and_audited(server, policy_path):
     with server.client() as op:
         v = next(m for m in op.get("/v1/admin/models").json()["data"] if m["id"] == vid)
         assert (v["endpoint"], v["model_id"], v["target"]) == (None, None, None)  # served in-process here
+
+
+# --- the pieces of a check that need no server ------------------------------------------------------
+
+def version_at(path: Path, **fields):
+    from schemas.checkpoint import read_manifest
+    from schemas.records import ModelVersion
+    return ModelVersion(**{"id": 5, "kind": "policy", "parent_id": 1, "reference_id": 1, "reward_model_id": None,
+                           "path": str(path.resolve()), "endpoint": None, "status": "candidate",
+                           "content_hash": read_manifest(path, verify=False)["content_hash"],
+                           "canary_fraction": None, "training_run_id": None, "metrics": {},
+                           "created_at": "2026-01-01T00:00:00Z", "promoted_at": None, "promoted_by": None, **fields})
+
+
+def test_what_a_server_lists_must_be_the_checkpoint(policy_path, v2_path, tmp_path):
+    """The model lists of vLLM and SGLang (`root`: the path loaded) and TGI (one model, any name),
+    read against v5 = v2's checkpoint."""
+    from service.targets import Target, _listing_problem, _model_id_problem
+    v5 = version_at(v2_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(v2_path, copy)
+    named = Target("http://fleet", "feedloop")
+    vllm = lambda root: [{"id": "feedloop", "object": "model", "root": root}, {"id": "other", "root": "/x"}]
+    assert _listing_problem(v5, named, None) is None and _listing_problem(v5, named, []) is None
+    assert _listing_problem(v5, named, vllm(v5.path)) is None
+    assert _listing_problem(v5, named, vllm(str(copy))) is None  # the same content elsewhere here
+    assert "not v5's" in _listing_problem(v5, named, vllm(str(policy_path)))  # still v1's weights
+    assert "not v5's checkpoint" in _listing_problem(v5, named, vllm("/models/v1"))
+    assert _listing_problem(v5, named, [{"id": "feedloop"}]) is None  # a name, nothing more to compare
+    tgi = [{"id": "/data/base-model", "object": "model"}]
+    assert "for any name" in _listing_problem(v5, Target("http://tgi", v5.path), tgi)
+    assert _listing_problem(v5, Target("http://tgi", "tgi"), [{"id": v5.path}]) is None
+    assert "does not list" in _listing_problem(v5, named, [{"id": "a"}, {"id": "b"}])
+    # a model id that is a directory here must hold the checkpoint
+    assert _model_id_problem(v5, str(copy)) is None and _model_id_problem(v5, "feedloop") is None
+    assert "holds checkpoint" in _model_id_problem(v5, str(policy_path))
+    assert "no manifest" in _model_id_problem(v5, str(tmp_path))
+
+
+def test_the_deploy_hook_times_out_and_never_waits_on_what_it_started(v2_path, tmp_path):
+    from schemas.settings import Settings
+    from service.targets import Target, TargetRefused, run_deploy_hook
+    v5, target = version_at(v2_path), Target("http://fleet", "feedloop")
+
+    def hook(command: str, timeout: float = 30) -> None:
+        asyncio.run(run_deploy_hook(v5, target, Settings(deploy_command=command, deploy_timeout_seconds=timeout),
+                                    action="promote"))
+
+    hook(f'echo "$1 $2 $3 $4 $FEEDLOOP_ACTION" > {tmp_path / "args"}')
+    assert (tmp_path / "args").read_text().split() == ["v5", v5.path, "http://fleet", "feedloop", "promote"]
+    # a server it leaves running, holding the hook's output open: the hook is done when it exits
+    pid_file = tmp_path / "server.pid"
+    hook(f"sleep 60 & echo $! > {pid_file}; echo started")
+    server = int(pid_file.read_text())
+    assert alive(server)
+    os.kill(server, signal.SIGKILL)
+    # past its timeout: killed with whatever it started
+    with pytest.raises(TargetRefused, match="ran past 1 s and was killed; its output: rolling"):
+        hook(f"echo rolling; sleep 60 & echo $! > {pid_file}; wait", timeout=1)
+    assert gone(int(pid_file.read_text()))
+    with pytest.raises(TargetRefused, match=r"exit status 2\); its output: bad"):
+        hook("echo bad >&2; exit 2")
+
+
+def alive(pid: int) -> bool:
+    """Running (a killed process waiting to be reaped does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def gone(pid: int, patience: float = 10) -> bool:
+    """The process dies (a kill takes effect soon, not at once)."""
+    deadline = time.monotonic() + patience
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
