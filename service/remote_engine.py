@@ -10,8 +10,11 @@ version); each stream is bounded by the client's timeout between chunks, so that
 cancelled anyway (`close(grace=…)`) ends its request with an error, never leaves it waiting."""
 import asyncio
 import logging
+from urllib.parse import urlparse
 
-from huggingface_hub import AsyncInferenceClient
+import httpx2
+from huggingface_hub import AsyncInferenceClient, constants, set_async_client_factory
+from huggingface_hub.errors import OfflineModeIsEnabled
 from transformers import AutoConfig
 
 from lm.chat import context_length, encode_prompt
@@ -22,6 +25,24 @@ from service.engine import EngineError, Generation, Piece
 from service.targets import Target, check_target
 
 log = logging.getLogger(__name__)
+
+
+# `huggingface_hub`'s own sessions refuse every request under HF_HUB_OFFLINE, inference servers on
+# our network included, though offline mode means "never reach the Hub" (and feedloop never
+# downloads a model). Its sessions here block the Hub only, and keep reading error bodies.
+async def _offline_means_the_hub(request: httpx2.Request) -> None:
+    if constants.is_offline_mode() and request.url.host == urlparse(constants.ENDPOINT).hostname:
+        raise OfflineModeIsEnabled(f"Cannot reach {request.url}: offline mode is enabled (HF_HUB_OFFLINE).")
+
+
+async def _read_error_body(response: httpx2.Response) -> None:
+    if response.status_code >= 400:
+        await response.aread()  # so the raised error can quote what the server said
+
+
+set_async_client_factory(lambda: httpx2.AsyncClient(
+    event_hooks={"request": [_offline_means_the_hub], "response": [_read_error_body]},
+    follow_redirects=True, timeout=None))
 
 
 class RemoteEngine:

@@ -83,12 +83,14 @@ def green(tmp_path_factory):
 
 @pytest.fixture
 def front_factory(new_database, policy_path, tmp_path, blue):
-    """feedloop replicas forwarding to `blue` by default, v1 = the bootstrap policy, on fresh databases."""
+    """feedloop replicas forwarding to `blue` by default, v1 = the bootstrap policy, on fresh
+    databases; offline as a deployment that never reaches the Hub is (its inference servers it does)."""
     started = []
 
     def start(**env) -> Server:
         s = Server(new_database(), tmp_path / f"front{len(started)}", FEEDLOOP_POLICY_PATH=policy_path,
-                   FEEDLOOP_ENGINE="remote", FEEDLOOP_REMOTE_URL=blue.url, FEEDLOOP_POLL_SECONDS=30, **env)
+                   FEEDLOOP_ENGINE="remote", FEEDLOOP_REMOTE_URL=blue.url, FEEDLOOP_POLL_SECONDS=30,
+                   HF_HUB_OFFLINE="1", **env)
         (tmp_path / f"front{len(started)}").mkdir()
         started.append(s.start())
         return s
@@ -171,7 +173,8 @@ def test_promotion_moves_the_weights_under_load(front, blue, policy_path, v2_pat
 
     async def run():
         tasks = [asyncio.create_task(chat_loop()) for _ in range(8)]
-        while len(results) < 8:
+        deadline = time.time() + 60
+        while len(results) < 8 and not errors and time.time() < deadline:
             await asyncio.sleep(0.05)
         async with httpx.AsyncClient(base_url=front.url, headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
                                      timeout=120) as op:
