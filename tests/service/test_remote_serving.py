@@ -267,7 +267,8 @@ def test_a_deploy_hook_runs_before_the_switch(front_factory, policy_path, v2_pat
 @pytest.mark.slow
 def test_blue_green_between_two_servers(front, blue, green, v2_path, tmp_path):
     """v1 is served by blue; v2 names green as its endpoint. Promotion moves the traffic to green,
-    rollback moves it back to blue, and each server is only ever asked for its own version."""
+    rollback moves it back to blue, and each server is only ever asked for its own version; then
+    v1 itself is retargeted to green while it serves."""
     v2_green = tmp_path / "v2-green"  # its own path, so only green can have been asked for it
     shutil.copytree(v2_path, v2_green)
     vid = register(front.db_url, v2_green, endpoint=green.url)
@@ -282,8 +283,15 @@ def test_blue_green_between_two_servers(front, blue, green, v2_path, tmp_path):
         assert target[1]["endpoint"] == blue.url
         assert op.post(f"/v1/admin/models/{vid}/rollback").status_code == 200
         r = wait_for("v1", client, timeout=20)
-    recorded = recorded_versions(front.db_url, [r.id])
-    assert recorded == {r.id: 1}
+        assert recorded_versions(front.db_url, [r.id]) == {r.id: 1}
+        # the serving version itself moves: checked on green, then the replica follows
+        assert op.post("/v1/admin/models/1/target", json={"endpoint": green.url}).status_code == 200
+        moved = f"serving v1 (was v1) on Target(endpoint='{green.url}'"
+        deadline = time.time() + 20
+        while time.time() < deadline and moved not in front.log.read_text():
+            time.sleep(0.1)
+        assert moved in front.log.read_text()
+        assert hello(client).system_fingerprint == "v1" and registry_state(op)[1] == "active"
 
 
 # --- closing an engine ---------------------------------------------------------------------------
@@ -365,9 +373,15 @@ def test_retarget_is_validated_and_audited(server, policy_path):
     assert done.returncode == 0 and done.stdout.startswith(f"v{vid} is served on FEEDLOOP_REMOTE_URL"), done.stderr
     refused = cli("target", str(vid), "--endpoint", "nope")
     assert refused.returncode == 1 and "not an http://" in refused.stderr
+    registered = cli("register", str(policy_path), "--endpoint", "http://10.0.0.8:8000", "--model-id", "m")
+    assert registered.returncode == 0, registered.stderr
+    new = int(registered.stdout.split()[0][1:])
+    assert registered.stdout.strip() == f"v{new} is candidate"
     with server.client() as op:
-        v = next(m for m in op.get("/v1/admin/models").json()["data"] if m["id"] == vid)
-        assert (v["endpoint"], v["model_id"], v["target"]) == (None, None, None)  # served in-process here
+        versions = {m["id"]: m for m in op.get("/v1/admin/models").json()["data"]}
+    v = versions[vid]
+    assert (v["endpoint"], v["model_id"], v["target"]) == (None, None, None)  # served in-process here
+    assert versions[new]["target"] == {"endpoint": "http://10.0.0.8:8000", "model_id": "m"}
 
 
 # --- the pieces of a check that need no server ------------------------------------------------------
