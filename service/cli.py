@@ -78,9 +78,9 @@ def cmd_models(args) -> None:
             extra = f" {v.canary_fraction:.0%}" if v.status == "canary" else ""
             try:
                 where = targets.target_of(v, settings)
+                served = f"  on {where.endpoint} as {where.model_id}" if where else ""
             except targets.TargetRefused:
-                where = "no endpoint"
-            served = f"  on {where.endpoint} as {where.model_id}" if isinstance(where, targets.Target) else ""
+                served = "  on no endpoint (FEEDLOOP_REMOTE_URL is unset)"
             print(f"{v.name:>5}  {v.kind:<6}  {v.status + extra:<10}  {lineage:<24}  {v.path}{served}")
         return
     update = None
