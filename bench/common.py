@@ -52,10 +52,9 @@ def loopback_env(**extra) -> dict[str, str]:
 
 def load_prompts() -> list[str]:
     """The bundled prompts (schemas/data/prompts.jsonl)."""
-    import json
+    from schemas.bundled import bundled_prompts
 
-    lines = (ROOT / "trainer" / "data" / "prompts.jsonl").read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return bundled_prompts()
 
 
 # --- the checkpoint -------------------------------------------------------------------------
@@ -158,6 +157,26 @@ class Process:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def transformers_serve(work: Path, *args: str, threads: int = 1, timeout: float = 120) -> Process:
+    """`transformers serve` on CPU on a free loopback port, started and ready, offline. Without a
+    model in `args` it loads each model by the name (here: the checkpoint path) it is asked for."""
+    import shutil
+
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if exe is None:
+        raise RuntimeError("no `transformers` CLI next to this python (pip install 'transformers[serving]')")
+    port = free_port()
+    server = Process("transformers serve", [exe, "serve", *args, "--device", "cpu", "--host", "127.0.0.1",
+                                            "--port", str(port)],
+                     loopback_env(OMP_NUM_THREADS=threads), port, work / f"transformers-serve-{port}.log", "/health")
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def feedloop_serve(db_url: str, work: Path, *, policy: Path | None, key: str | None = None,

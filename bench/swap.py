@@ -14,17 +14,25 @@ it and against loading and warming the new checkpoint by itself, measured in the
              `system_fingerprint` is v2
   reference  loading + warming v2 by itself (the server's own `build_engine`: verify the manifest,
              load, one warm-up step) in this process, with no other load, before the clients start
+  --engine remote
+             the same, but generation runs on a `transformers serve` process (CPU, no forced
+             model: it loads each version by its checkpoint path) and the feedloop server
+             forwards to it (FEEDLOOP_ENGINE=remote). The promotion checks v2's target first: the
+             inference server loads v2 and answers for it, then the registry switches. The
+             reference is `build_engine` on the same server for a fresh copy of v2 each time
+             (tokenizer, then the target check: the server loads the copy and answers).
 
 Phases, by when a request's answer arrived: steady = after the warm-up, before the promotion POST;
 swap = from the promotion POST until --after seconds past the first answer from v2.
 
-    python bench/swap.py [--clients 16] [--steady 8] [--after 2] [--max-tokens 8]
+    python bench/swap.py [--engine local|remote] [--clients 16] [--steady 8] [--after 2] [--max-tokens 8]
 
-Loopback only; the scratch database is dropped, the server stopped and v2 deleted at the end.
+Loopback only; the scratch database is dropped, the servers stopped and v2 deleted at the end.
 Exits 1 when a request failed or v2 never answered.
 """
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -39,13 +47,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from common import ScratchDatabase, ensure_policy, feedloop_serve, load_prompts, server_bench_parser
+from common import (ScratchDatabase, ensure_policy, feedloop_serve, load_prompts, server_bench_parser,
+                    transformers_serve)
 
 V2_ANSWER = "I am the second version."
 
 
 def parse_args() -> argparse.Namespace:
     p = server_bench_parser(__doc__, policy="v1's checkpoint; built by `python -m trainer bootstrap` when missing")
+    p.add_argument("--engine", choices=["local", "remote"], default="local",
+                   help="generate in the feedloop server, or on a `transformers serve` process it forwards to")
     p.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before steady state is measured")
     p.add_argument("--steady", type=float, default=8.0, help="seconds of steady state before the promotion")
@@ -91,16 +102,24 @@ async def register(db_url: str, path: Path):
                                              actor="bench/swap.py", parent_id=1, reference_id=1)
 
 
-def reference_loads(version, repeats: int) -> list[float]:
-    """Seconds `build_engine` takes to verify, load and warm `version` here, `repeats` times."""
+def reference_loads(version, repeats: int, work: Path, remote_url: str | None = None) -> list[float]:
+    """Seconds `build_engine` takes to verify, load and warm `version` here, `repeats` times. With
+    `remote_url`: to load the tokenizer and check the target, on that server, for a fresh copy of
+    the checkpoint each time (so the server loads it cold, and v2 itself is not loaded before the
+    promotion asks for it)."""
     from schemas.settings import Settings
     from service.serving import build_engine
 
-    settings = Settings(device="cpu")
+    settings = Settings(device="cpu", engine="remote" if remote_url else "local", remote_url=remote_url)
     seconds = []
-    for _ in range(repeats):
+    for i in range(repeats):
+        subject = version
+        if remote_url:
+            copy = work / f"v2-reference-{i}"
+            shutil.copytree(version.path, copy)
+            subject = version.model_copy(update={"path": str(copy)})
         t0 = time.perf_counter()
-        engine = build_engine(version, settings)
+        engine = build_engine(subject, settings)
         seconds.append(time.perf_counter() - t0)
         engine.close()
     return seconds
@@ -240,7 +259,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def report(run: Run, loads: list[float], wrong: int, switched: float | None, args, where: str,
            load_avg: float) -> None:
-    print(f"\nhot swap under {args.clients} clients — max_tokens {args.max_tokens}, temperature 0, "
+    engine = "local engine" if args.engine == "local" else "remote engine on `transformers serve` (CPU)"
+    print(f"\nhot swap under {args.clients} clients — {engine}, max_tokens {args.max_tokens}, temperature 0, "
           f"{args.threads} torch thread(s), {where}, {os.cpu_count()} CPUs, load average {load_avg:.1f} "
           "before the run\n")
     header = f"{'phase':<7} {'seconds':>8} {'requests':>8} {'req/s':>7} {'tok/req':>7} {'p50 ms':>7} " \
@@ -267,14 +287,15 @@ def report(run: Run, loads: list[float], wrong: int, switched: float | None, arg
     line("  the POST itself", f"{run.promote_seconds:.2f} s")
     if switched is not None:
         line("  promotion POST -> server switched (from its log)", f"{switched - run.promoted_wall:.2f} s")
-    line(f"loading + warming {run.new} by itself (median of {len(loads)})",
+    alone = "loading + warming" if args.engine == "local" else "target check (a cold load there)"
+    line(f"{alone} {run.new} by itself (median of {len(loads)})",
          f"{median_load:.2f} s  ({', '.join(f'{s:.2f}' for s in loads)})")
     line(f"v1 answers arriving after the first from {run.new} (in flight)", late)
     line("answers recorded with another version than they carry", wrong)
     print("\nratios:")
     line("  p50 latency, swap / steady", ratio(swap_p50, steady_p50))
     line("  p99 latency, swap / steady", ratio(swap_p99, steady_p99))
-    line("  promotion -> first new answer / loading + warming alone", ratio(to_first, median_load))
+    line(f"  promotion -> first new answer / {alone} alone", ratio(to_first, median_load))
 
 
 def main() -> None:
@@ -295,17 +316,23 @@ def main() -> None:
     print(f"  v2 derived by SFT in {time.perf_counter() - t0:.1f}s", flush=True)
     operator_key = f"fl-bench-{uuid.uuid4().hex}"
     try:
-        with ScratchDatabase(args.admin_url, work) as db:
+        with ScratchDatabase(args.admin_url, work) as db, contextlib.ExitStack() as stack:
             print(f"  scratch database {db.name} on {db.where}", flush=True)
-            with feedloop_serve(db.url, work, policy=policy, key=operator_key,
-                                FEEDLOOP_TORCH_THREADS=args.threads) as server:
-                version = asyncio.run(register(db.url, v2))
-                loads = reference_loads(version, args.load_repeats)
-                print(f"  reference: loading + warming {version.name} took "
-                      f"{', '.join(f'{s:.2f}' for s in loads)} s", flush=True)
-                user_key = create_user_key(server.url, operator_key)
-                run = asyncio.run(swap_under_load(server.url, user_key, operator_key, version.id, prompts, args))
-                switched = switched_at(server.log, run.new)
+            env, remote_url = {"FEEDLOOP_TORCH_THREADS": args.threads}, None
+            if args.engine == "remote":
+                remote = stack.enter_context(transformers_serve(work, threads=args.threads))
+                remote_url = remote.url
+                env.update(FEEDLOOP_ENGINE="remote", FEEDLOOP_REMOTE_URL=remote_url)
+                print(f"  transformers serve at {remote_url} (log {remote.log})", flush=True)
+            server = stack.enter_context(feedloop_serve(db.url, work, policy=policy, key=operator_key, **env))
+            version = asyncio.run(register(db.url, v2))
+            loads = reference_loads(version, args.load_repeats, work, remote_url)
+            print(f"  reference: {'loading + warming' if remote_url is None else 'tokenizer + target check of'} "
+                  f"{version.name} took {', '.join(f'{s:.2f}' for s in loads)} s", flush=True)
+            user_key = create_user_key(server.url, operator_key)
+            run = asyncio.run(swap_under_load(server.url, user_key, operator_key, version.id, prompts, args))
+            switched = switched_at(server.log, run.new)
+            stack.close()  # the servers stop before the database is read and dropped
             wrong = misrecorded(db.url, run.answers)
             report(run, loads, wrong, switched, args, db.where, load_avg)
     finally:

@@ -2,7 +2,9 @@
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator, model_validator
 
 from schemas.openai import Text
 
@@ -45,7 +47,9 @@ class ModelVersion(BaseModel):
     reward_model_id: int | None
     path: str
     content_hash: str
-    endpoint: str | None
+    endpoint: str | None = Field(description="server that serves it (remote engine); None: FEEDLOOP_REMOTE_URL")
+    model_id: str | None = Field(None, description="model id that server is asked for; None: "
+                                 "FEEDLOOP_REMOTE_MODEL, else the checkpoint's path")
     status: str
     canary_fraction: float | None
     training_run_id: int | None
@@ -65,7 +69,7 @@ class Promotion(BaseModel):
     """One entry of the registry's audit log."""
     id: int
     version_id: int
-    action: Literal["register", "promote", "rollback", "canary", "reject", "fail"]
+    action: Literal["register", "promote", "rollback", "canary", "reject", "fail", "retarget"]
     actor: str
     reason: str | None
     created_at: datetime
@@ -172,8 +176,46 @@ class CanaryAction(ModelAction):
     fraction: float = Field(gt=0, lt=1, description="share of `feedloop` requests this version takes")
 
 
+class ServingTarget(BaseModel):
+    endpoint: str
+    model_id: str
+
+
 class ModelVersionPublic(ModelVersion):
     requests: int = Field(0, description="chat requests this version answered")
+    target: ServingTarget | None = Field(None, description="where it is served, defaults filled in (by the "
+                                         "replica answering); null: in-process, or no endpoint is known")
+
+
+def check_endpoint(endpoint: str) -> str:
+    """A server's base URL: http(s) with a host, as `http://host:port` or ending in `/v1`."""
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"{endpoint!r} is not an http:// or https:// URL")
+    return endpoint.rstrip("/")
+
+
+class TargetUpdate(BaseModel):
+    """Where a version is served. A field left out stays as it is; null returns it to the default."""
+    model_config = ConfigDict(extra="forbid")
+    endpoint: Text | None = Field(None, max_length=2000, description="the server's base URL; null: FEEDLOOP_REMOTE_URL")
+    model_id: Text | None = Field(None, min_length=1, max_length=2000, description="the model id it is asked "
+                                  "for; null: FEEDLOOP_REMOTE_MODEL, else the checkpoint's path")
+    reason: str | None = Field(None, max_length=2000)
+
+    @field_validator("endpoint")
+    @classmethod
+    def check_endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else check_endpoint(v)
+
+    @model_validator(mode="after")
+    def check_something_changes(self) -> "TargetUpdate":
+        if not {"endpoint", "model_id"} & self.model_fields_set:
+            raise ValueError("give `endpoint`, `model_id` or both")
+        return self
+
+    def changes(self) -> dict[str, str | None]:
+        return {k: getattr(self, k) for k in ("endpoint", "model_id") if k in self.model_fields_set}
 
 
 class TrainingRunCreate(BaseModel):

@@ -22,9 +22,16 @@ class Settings(BaseSettings):
     init_api_key: str | None = Field(None, description="operator key created at start-up when missing")
     policy_path: Path | None = Field(None, description="checkpoint registered as version 1 instead of the bootstrap")
     engine: Literal["local", "remote"] = "local"
-    remote_url: str | None = Field(None, description="TGI/OpenAI-protocol server for the remote engine")
-    remote_model: str | None = Field(None, description="model (or adapter) id the remote server is asked for")
-    remote_api_key: str | None = Field(None, description="bearer token for the remote server")
+    remote_url: str | None = Field(None, description="TGI/OpenAI-protocol server for versions that name no endpoint")
+    remote_model: str | None = Field(
+        None, description="model id asked for when a version names none; unset: the checkpoint's path")
+    remote_api_key: str | None = Field(None, description="bearer token for the remote servers")
+    target_timeout_seconds: float = Field(
+        120.0, description="most seconds a target may take to answer the warm-up (it may load the model first)")
+    deploy_command: str | None = Field(
+        None, description="shell command run before a remote version starts serving; $1..$4 and "
+                          "FEEDLOOP_VERSION, _CHECKPOINT, _ENDPOINT, _MODEL_ID name it")
+    deploy_timeout_seconds: float = Field(600.0, description="a deploy command running longer is killed: refused")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, mps")
     torch_threads: int = Field(0, description="torch intra-op threads; 0 leaves torch's default")
     max_batch_rows: int = Field(32, description="most sequences (choices) one generation batch holds")

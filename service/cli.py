@@ -62,26 +62,70 @@ def cmd_keys(args) -> None:
 
 
 def cmd_models(args) -> None:
-    """The registry from the command line: the same operations as /v1/admin/models."""
-    migrate(database_url(get_settings()))
+    """The registry from the command line: the same operations as /v1/admin/models, switches
+    deployed and checked the same way (service/targets.py)."""
+    from pydantic import ValidationError
+
+    from schemas.records import TargetUpdate
+    from service import targets
+
+    settings = get_settings()
+    migrate(database_url(settings))
     actor = f"cli:{os.environ.get('USER', 'operator')}"
-    ops = {
-        "promote": lambda c: registry.promote(c, id=args.id, actor=actor, reason=args.reason),
-        "rollback": lambda c: registry.rollback(c, actor=actor, reason=args.reason),
-        "canary": lambda c: registry.canary(c, id=args.id, fraction=args.fraction, actor=actor, reason=args.reason),
-        "reject": lambda c: registry.reject(c, id=args.id, actor=actor, reason=args.reason),
-    }
     if args.action == "list":
         for v in asyncio.run(_with_conn(registry.list_model_versions)):
             lineage = f"parent {v.parent_id or '-'} ref {v.reference_id or '-'} rm {v.reward_model_id or '-'}"
             extra = f" {v.canary_fraction:.0%}" if v.status == "canary" else ""
-            print(f"{v.name:>5}  {v.kind:<6}  {v.status + extra:<10}  {lineage:<24}  {v.path}")
+            try:
+                where = targets.target_of(v, settings)
+                served = f"  on {where.endpoint} as {where.model_id}" if where else ""
+            except targets.TargetRefused:
+                served = "  on no endpoint (FEEDLOOP_REMOTE_URL is unset)"
+            print(f"{v.name:>5}  {v.kind:<6}  {v.status + extra:<10}  {lineage:<24}  {v.path}{served}")
         return
+    update = None
+    if args.action in ("target", "register"):
+        # "" returns a part to its default, as null does over HTTP
+        given = {k: getattr(args, k) or None for k in ("endpoint", "model_id") if getattr(args, k) is not None}
+        if args.action == "target" or given:
+            try:
+                update = TargetUpdate(**given, reason=args.reason)
+            except ValidationError as e:
+                sys.exit(f"feedloop: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
+    ops = {
+        "promote": lambda c: targets.promote(c, settings, id=args.id, actor=actor, reason=args.reason),
+        "rollback": lambda c: targets.rollback(c, settings, actor=actor, reason=args.reason),
+        "canary": lambda c: targets.canary(c, settings, id=args.id, fraction=args.fraction, actor=actor,
+                                           reason=args.reason),
+        "reject": lambda c: registry.reject(c, id=args.id, actor=actor, reason=args.reason),
+        "target": lambda c: targets.retarget(c, settings, id=args.id, actor=actor, reason=args.reason,
+                                             **update.changes()),
+        "register": lambda c: _register(c, args, update, actor),
+    }
     try:
         v = asyncio.run(_with_conn(ops[args.action]))
     except DomainError as e:
         sys.exit(f"feedloop: {e}")
-    print(f"{v.name} is {v.status}")
+    if args.action == "target":
+        print(f"{v.name} is served on {v.endpoint or 'FEEDLOOP_REMOTE_URL'} as "
+              f"{v.model_id or 'FEEDLOOP_REMOTE_MODEL or its path'}")
+    else:
+        print(f"{v.name} is {v.status}")
+
+
+async def _register(conn, args, update, actor: str):
+    """A published checkpoint (with its manifest) as a new version, with its serving target."""
+    from pathlib import Path
+
+    from schemas.checkpoint import BadCheckpoint
+
+    target = update.changes() if update else {}
+    try:
+        async with conn.transaction():
+            return await registry.register_checkpoint(conn, path=Path(args.path), kind=args.kind, status="candidate",
+                                                      actor=actor, reason=args.reason, parent_id=args.parent, **target)
+    except BadCheckpoint as e:
+        sys.exit(f"feedloop: {e}")
 
 
 def cmd_export(args) -> None:
@@ -193,13 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     models = sub.add_parser("models", help="the model registry")
     models_sub = models.add_subparsers(dest="action", required=True)
     models_sub.add_parser("list")
-    for action in ("promote", "canary", "reject"):
+    for action in ("promote", "canary", "reject", "target"):
         p = models_sub.add_parser(action)
         p.add_argument("id", type=int)
         p.add_argument("--reason")
         if action == "canary":
             p.add_argument("--fraction", type=float, required=True)
     models_sub.add_parser("rollback").add_argument("--reason")
+    register = models_sub.add_parser("register", help="a published checkpoint as a new candidate")
+    register.add_argument("path")
+    register.add_argument("--kind", choices=["policy", "reward"], default="policy")
+    register.add_argument("--parent", type=int, help="the version it was derived from")
+    register.add_argument("--reason")
+    for p in (models_sub.choices["target"], register):
+        p.add_argument("--endpoint", help='the inference server\'s base URL ("": FEEDLOOP_REMOTE_URL)')
+        p.add_argument("--model-id", help='the model id it is asked for ("": FEEDLOOP_REMOTE_MODEL, else '
+                       "the checkpoint's path)")
     models.set_defaults(run=cmd_models)
     export = sub.add_parser("export", help="training data as JSONL in TRL's formats")
     export.add_argument("--format", choices=["preference", "kto", "sft"], default="preference")

@@ -7,6 +7,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from schemas.records import ApiKeyPublic
+from schemas.settings import Settings, get_settings
 from service.errors import ApiError
 from service.serving import Serving
 from store import keys
@@ -22,6 +23,7 @@ def get_serving(request: Request) -> Serving:
 
 PoolDep = Annotated[AsyncConnectionPool, Depends(get_pool)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def current_key(request: Request, pool: PoolDep) -> ApiKeyPublic:

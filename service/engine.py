@@ -39,6 +39,8 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self._pieces: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.error: Exception | None = None
+        """what the engine failed with; every later read raises it again"""
         self.open_choices = sampling.n
         self.batch_rows = 0
         self.submitted = time.perf_counter()
@@ -61,9 +63,12 @@ class Generation:
     async def __aiter__(self) -> AsyncIterator[Piece]:
         # Progress lives on the object, so a consumer that stopped early can resume draining.
         while self.open_choices:
+            if self.error is not None:  # a consumer that resumes draining (the Recorder) must not wait forever
+                raise EngineError(str(self.error)) from self.error
             pieces = await self._pieces.get()
             if isinstance(pieces, Exception):
-                raise EngineError(str(pieces)) from pieces
+                self.error = pieces
+                continue
             for p in pieces:
                 if self.first_token is None and p.text:
                     self.first_token = time.perf_counter()

@@ -8,6 +8,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.openai import ErrorInfo, ErrorResponse
 from schemas.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
+from service.engine import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ def domain_error(exc: DomainError) -> ApiError:
     return ApiError(status, str(exc), param=exc.param, code=exc.code, headers=headers)
 
 
+def engine_error(exc: EngineError) -> ApiError:
+    """A generation that could not finish (a remote server failed, an engine was shut down):
+    retryable; the details stay in the log, not in the caller's answer."""
+    log.warning("generation failed: %s", exc)
+    return ApiError(503, "The model could not finish this answer; please retry.", code="engine_error",
+                    headers={"Retry-After": "1"})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
@@ -81,6 +90,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def on_domain_error(request: Request, exc: DomainError):
         return domain_error(exc).response()
+
+    @app.exception_handler(EngineError)
+    async def on_engine_error(request: Request, exc: EngineError):
+        return engine_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

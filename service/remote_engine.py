@@ -1,39 +1,67 @@
 """The remote engine: any server that speaks TGI's or OpenAI's chat protocol (TGI, vLLM, SGLang,
 `transformers serve`, another feedloop) generates; this replica still owns the protocol, the
-recording and the version bookkeeping. It talks through `huggingface_hub.AsyncInferenceClient`,
-which appends `/v1/chat/completions` to the server's URL. `n > 1` is fanned out as n streams
-(seeded `seed + i`), since several of those servers ignore `n`."""
+recording and the version bookkeeping. One engine serves one version on one target (endpoint and
+model id, service/targets.py), so everything it answers is that version's. It talks through
+`huggingface_hub.AsyncInferenceClient`, which appends `/v1/chat/completions` to the server's URL.
+`n > 1` is fanned out as n streams (seeded `seed + i`), since several of those servers ignore `n`.
+
+Closing lets the requests in flight finish on this target (a swap: they are recorded with this
+version); each stream is bounded by the client's timeout between chunks, so that ends. A stream
+cancelled anyway (`close(grace=…)`) ends its request with an error, never leaves it waiting."""
 import asyncio
 import logging
+from urllib.parse import urlparse
 
-from huggingface_hub import AsyncInferenceClient, InferenceClient
+import httpx2
+from huggingface_hub import AsyncInferenceClient, constants, set_async_client_factory
+from huggingface_hub.errors import OfflineModeIsEnabled
 from transformers import AutoConfig
 
 from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_tokenizer
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import Generation, Piece
+from service.engine import EngineError, Generation, Piece
+from service.targets import Target, check_target
 
 log = logging.getLogger(__name__)
 
 
+# `huggingface_hub`'s own sessions refuse every request under HF_HUB_OFFLINE, inference servers on
+# our network included, though offline mode means "never reach the Hub" (and feedloop never
+# downloads a model). Its sessions here block the Hub only, and keep reading error bodies.
+async def _offline_means_the_hub(request: httpx2.Request) -> None:
+    if constants.is_offline_mode() and request.url.host == urlparse(constants.ENDPOINT).hostname:
+        raise OfflineModeIsEnabled(f"Cannot reach {request.url}: offline mode is enabled (HF_HUB_OFFLINE).")
+
+
+async def _read_error_body(response: httpx2.Response) -> None:
+    if response.status_code >= 400:
+        await response.aread()  # so the raised error can quote what the server said
+
+
+set_async_client_factory(lambda: httpx2.AsyncClient(
+    event_hooks={"request": [_offline_means_the_hub], "response": [_read_error_body]},
+    follow_redirects=True, timeout=None))
+
+
 class RemoteEngine:
-    def __init__(self, version: ModelVersion, *, url: str, model: str | None = None,
-                 api_key: str | None = None, timeout: float = 120):
-        if not url:
-            raise ValueError(f"{version.name} has no endpoint and FEEDLOOP_REMOTE_URL is unset")
-        self.version, self.url, self.model, self.api_key = version, url, model, api_key
+    def __init__(self, version: ModelVersion, *, target: Target, api_key: str | None = None,
+                 timeout: float = 120, check_timeout: float = 120):
+        self.version, self.target, self.api_key = version, target, api_key
+        self.timeout, self.check_timeout = timeout, check_timeout
         # The checkpoint's tokenizer: context checks and token counts without a round trip.
         self.tokenizer = load_tokenizer(version.path)
         self.context_length = context_length(AutoConfig.from_pretrained(version.path))
-        self._client = AsyncInferenceClient(base_url=url, api_key=api_key, timeout=timeout)
+        self._client = AsyncInferenceClient(base_url=target.endpoint, api_key=api_key, timeout=timeout)
         self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the streams run; close() comes from a thread
 
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
         return encode_prompt(self.tokenizer, conversation)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
+        self._loop = asyncio.get_running_loop()
         gen = Generation(prompt_ids, sampling)
         gen.started, gen.batch_rows = gen.submitted, sampling.n
         for index in range(sampling.n):
@@ -47,7 +75,7 @@ class RemoteEngine:
         text, finish, streamed = "", None, 0
         try:
             chunks = await self._client.chat_completion(
-                conversation, model=self.model, stream=True, max_tokens=p.max_tokens,
+                conversation, model=self.target.model_id, stream=True, max_tokens=p.max_tokens,
                 temperature=p.temperature, top_p=p.top_p, stop=p.stop or None,
                 seed=None if p.seed is None else p.seed + index)
             async for chunk in chunks:
@@ -64,18 +92,36 @@ class RemoteEngine:
                     gen.push([Piece(index, delta, None, streamed)])
             gen.push([Piece(index, "", finish if finish in ("stop", "length", "cancelled") else "stop",
                             self._count(text))])
+        except asyncio.CancelledError:
+            gen.push(EngineError(f"{self.version.name}'s engine was closed before this answer finished"))
+            raise
         except Exception as e:
-            log.warning("remote generation on %s failed: %s", self.url, e)
+            log.warning("remote generation on %s failed: %s", self.target.endpoint, e)
             gen.push(e)
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def warm(self) -> None:
-        """One tiny request: the server is there and answers (blocking)."""
-        InferenceClient(base_url=self.url, api_key=self.api_key, timeout=60).chat_completion(
-            [{"role": "user", "content": "Hello"}], model=self.model, max_tokens=1)
+        """The target check (blocking): the server answers for the model id, and what it says it
+        serves under it is this version's checkpoint; raises TargetRefused otherwise."""
+        check_target(self.version, self.target, api_key=self.api_key, timeout=self.check_timeout)
 
-    def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+    def close(self, grace: float | None = None) -> None:
+        """Blocking; call from a worker thread, not the event loop. Requests in flight finish
+        (with `grace`, for at most that many seconds; what is left is cancelled and ends with an
+        error), then the HTTP client is closed."""
+        if self._loop is None or self._loop.is_closed():
+            return  # never served a request: nothing is open
+        asyncio.run_coroutine_threadsafe(self.aclose(grace), self._loop).result()
+
+    async def aclose(self, grace: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
+        while live := {t for t in self._tasks if not t.done()}:
+            _, pending = await asyncio.wait(live, timeout=None if deadline is None
+                                            else max(0.0, deadline - loop.time()))
+            for task in pending:  # only once the grace has run out
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._client.close()

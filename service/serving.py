@@ -4,7 +4,10 @@ The registry is the truth: every replica follows it (LISTEN/NOTIFY, polling as t
 A new active version is loaded and warmed beside the old engine, then one assignment switches
 new requests to it; requests already submitted finish on the old engine (and are recorded with
 its version, which they hold), and only then is the old engine closed. A version that fails to
-load or warm is marked `failed` and serving stays where it was."""
+load or warm is marked `failed` and serving stays where it was. A version served by an inference
+server is warmed by the target check (service/targets.py); when only its target changes (an
+operator's retarget), a fresh engine on the new target replaces the old one the same way, and one
+that cannot be warmed leaves the old target serving (the version itself is not at fault)."""
 import asyncio
 import logging
 import random
@@ -17,6 +20,7 @@ from lm.device import resolve_device
 from schemas.records import ModelVersion
 from schemas.settings import Settings
 from service.engine import Engine
+from service.targets import TargetRefused, target_of
 from store import locks, registry
 
 log = logging.getLogger(__name__)
@@ -25,10 +29,11 @@ REPLICA = f"replica {socket.gethostname()}"
 
 def build_engine(version: ModelVersion, settings: Settings) -> Engine:
     """Load (blocking) the engine that serves `version`, warmed up."""
-    if settings.engine == "remote" or version.endpoint:
+    target = target_of(version, settings)
+    if target is not None:
         from service.remote_engine import RemoteEngine
-        engine = RemoteEngine(version, url=version.endpoint or settings.remote_url,
-                              model=settings.remote_model, api_key=settings.remote_api_key)
+        engine = RemoteEngine(version, target=target, api_key=settings.remote_api_key,
+                              check_timeout=settings.target_timeout_seconds)
     else:
         from schemas.checkpoint import read_manifest
         from service.local_engine import LocalEngine
@@ -52,6 +57,16 @@ class Serving:
     def engines(self) -> list[Engine]:
         return [e for e in [self.active, *self.canaries.values()] if e is not None]
 
+    def serves(self, engine: Engine | None, version: ModelVersion) -> bool:
+        """`engine` is `version`'s, on the target the registry names for it now."""
+        if engine is None or engine.version.id != version.id:
+            return False
+        try:
+            wanted = target_of(version, self.settings)
+        except TargetRefused:
+            wanted = None
+        return getattr(engine, "target", None) == wanted
+
     def pick(self, model: str) -> Engine | None:
         """The engine for a request naming `model`: the served name routes to the active
         version (or a canary, by its fraction); a version name (`v3`) pins that version."""
@@ -68,13 +83,21 @@ class Serving:
         return await asyncio.to_thread(build_engine, version, self.settings)
 
     async def set_active(self, version: ModelVersion) -> None:
-        """Switch to `version` (a loaded canary is taken over as it is); raises if it cannot load."""
-        engine = self.canaries.pop(version.id, None) or await self._load(version)
+        """Switch to `version` (a loaded canary is taken over as it is, when on the same target);
+        raises if it cannot load."""
+        stale = None
+        if self.serves(self.canaries.get(version.id), version):
+            engine = self.canaries.pop(version.id)
+        else:
+            engine = await self._load(version)
+            stale = self.canaries.pop(version.id, None)  # a canary of it on another target
         engine.version = version
         old, self.active = self.active, engine  # the switch: new requests go to `engine` now
-        log.info("serving %s (was %s)", version.name, old.version.name if old else "nothing")
-        if old is not None:
-            await asyncio.to_thread(old.close)  # finishes what was submitted to it, then frees it
+        log.info("serving %s (was %s) on %s", version.name, old.version.name if old else "nothing",
+                 getattr(engine, "target", "this replica"))
+        for done in (old, stale):
+            if done is not None:
+                await asyncio.to_thread(done.close)  # finishes what was submitted to it, then frees it
 
     async def set_canaries(self, versions: list[ModelVersion]) -> list[tuple[ModelVersion, Exception]]:
         """Serve exactly these canaries; returns the ones that failed to load."""
@@ -83,13 +106,21 @@ class Serving:
         for vid in [v for v in self.canaries if v not in wanted]:
             await asyncio.to_thread(self.canaries.pop(vid).close)
         for v in versions:
-            if v.id in self.canaries:
-                self.canaries[v.id].version = v  # fraction may have changed
+            current = self.canaries.get(v.id)
+            if current is not None and self.serves(current, v):
+                current.version = v  # fraction may have changed
                 continue
             try:
                 self.canaries[v.id] = await self._load(v)
             except Exception as e:
-                failed.append((v, e))
+                if current is None:
+                    failed.append((v, e))
+                else:  # a new target that cannot serve it: the old one goes on
+                    log.error("%s cannot be served on its new target; it stays on %s: %s",
+                              v.name, getattr(current, "target", "this replica"), e)
+                continue
+            if current is not None:
+                await asyncio.to_thread(current.close)  # its requests finish on the old target
         return failed
 
     async def close(self) -> None:
@@ -104,11 +135,16 @@ async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> Non
         versions = await registry.list_serving_versions(conn)
     active = next((v for v in versions if v.status == "active"), None)
     failures = await serving.set_canaries([v for v in versions if v.status == "canary"])
-    if active and (serving.active is None or serving.active.version.id != active.id):
+    if active and not serving.serves(serving.active, active):
+        retargeted = serving.active is not None and serving.active.version.id == active.id
         try:
             await serving.set_active(active)
         except Exception as e:
-            failures.append((active, e))
+            if not retargeted:
+                failures.append((active, e))
+            else:  # a new target that cannot serve it: the old one goes on
+                log.error("%s cannot be served on its new target; it stays on %s: %s",
+                          active.name, getattr(serving.active, "target", "this replica"), e)
     for version, error in failures:
         log.error("%s failed to load; serving stays on %s: %s", version.name,
                   serving.active.version.name if serving.active else "nothing", error)

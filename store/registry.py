@@ -20,11 +20,11 @@ from store.sql import fetch_all, fetch_one
 async def insert_model_version(conn, *, kind: str, path: str, content_hash: str, status: str,
                                parent_id: int | None = None, reference_id: int | None = None,
                                reward_model_id: int | None = None, endpoint: str | None = None,
-                               training_run_id: int | None = None,
+                               model_id: str | None = None, training_run_id: int | None = None,
                                metrics: dict | None = None) -> ModelVersion:
     row = await fetch_one(conn, "insert_model_version", kind=kind, parent_id=parent_id,
                      reference_id=reference_id, reward_model_id=reward_model_id, path=path,
-                     content_hash=content_hash, endpoint=endpoint, status=status,
+                     content_hash=content_hash, endpoint=endpoint, model_id=model_id, status=status,
                      training_run_id=training_run_id, metrics=Jsonb(metrics or {}))
     return ModelVersion(**row)
 
@@ -58,6 +58,13 @@ async def set_version_status(conn, *, id: int, status: str, actor: str,
     return ModelVersion(**row)
 
 
+async def set_version_target(conn, *, id: int, endpoint: str | None, model_id: str | None) -> ModelVersion:
+    row = await fetch_one(conn, "set_version_target", id=id, endpoint=endpoint, model_id=model_id)
+    if row is None:
+        raise NotFound(f"no model version {id}")
+    return ModelVersion(**row)
+
+
 async def insert_promotion(conn, *, version_id: int, action: str, actor: str,
                            reason: str | None = None) -> Promotion:
     return Promotion(**await fetch_one(conn, "insert_promotion", version_id=version_id, action=action,
@@ -85,6 +92,26 @@ async def archive_active(conn, *, kind: str) -> ModelVersion | None:
     return ModelVersion(**row) if row else None
 
 
+# --- rules: which status changes apply (checked again inside each operation's transaction) ---
+
+PROMOTABLE = ("candidate", "canary", "archived")
+CANARY_FROM = ("candidate", "archived", "canary")
+
+
+def check_promotable(version: ModelVersion) -> None:
+    if version.status == "active":
+        raise Conflict(f"version {version.id} is active already", code="already_active")
+    if version.status not in PROMOTABLE:
+        raise Conflict(f"version {version.id} is {version.status}; only candidate, canary or archived "
+                       "versions can be promoted", code="invalid_status")
+
+
+def check_canary(version: ModelVersion) -> None:
+    if version.kind != "policy" or version.status not in CANARY_FROM:
+        raise Conflict(f"version {version.id} is a {version.status} {version.kind}; only candidate or "
+                       "archived policies can be canaries", code="invalid_status")
+
+
 # --- operations ---------------------------------------------------------------------------
 
 async def _notify(conn, version: ModelVersion, action: str) -> None:
@@ -94,7 +121,8 @@ async def _notify(conn, version: ModelVersion, action: str) -> None:
 async def register_checkpoint(conn, *, path: Path, kind: str, status: str, actor: str,
                               reason: str | None = None, **lineage) -> ModelVersion:
     """Verify a published checkpoint against its manifest and register it. Call inside a
-    transaction: the version row and its audit entry land together or not at all."""
+    transaction: the version row and its audit entry land together or not at all. `lineage` may
+    also name its serving target (`endpoint`, `model_id`)."""
     manifest = read_manifest(path)
     version = await insert_model_version(
         conn, kind=kind, path=str(Path(path).resolve()), content_hash=manifest["content_hash"],
@@ -133,27 +161,37 @@ async def promote(conn, *, id: int, actor: str, reason: str | None = None) -> Mo
     """Make a candidate (or canary, or archived) version the active one of its kind."""
     async with conn.transaction():
         version = await lock_version(conn, id=id)
-        if version.status == "active":
-            raise Conflict(f"version {id} is active already", code="already_active")
-        if version.status not in ("candidate", "canary", "archived"):
-            raise Conflict(f"version {id} is {version.status}; only candidate, canary or archived "
-                           "versions can be promoted", code="invalid_status")
+        check_promotable(version)
         return await _activate(conn, version, action="promote", actor=actor, reason=reason)
 
 
-async def rollback(conn, *, actor: str, kind: str = "policy", reason: str | None = None) -> ModelVersion:
-    """Return to the version that was active before the current one."""
+async def rollback_target(conn, *, kind: str = "policy") -> tuple[ModelVersion, ModelVersion]:
+    """(the active version, the one a rollback returns to), or Conflict when there is none."""
+    history = await list_activations(conn, kind=kind, limit=50)
+    current = await get_active_version(conn, kind=kind)
+    if current is None:
+        raise Conflict(f"no active {kind} version to roll back from", code="nothing_to_roll_back")
+    previous = next((v for v in history if v != current.id), None)
+    if previous is None:
+        raise Conflict(f"{current.name} has no earlier active version to roll back to",
+                       code="nothing_to_roll_back")
+    target = await get_model_version(conn, id=previous)
+    if target.status in ("failed", "rejected"):
+        raise Conflict(f"the previous version {target.name} is {target.status}", code="invalid_status")
+    return current, target
+
+
+async def rollback(conn, *, actor: str, kind: str = "policy", reason: str | None = None,
+                   to: int | None = None) -> ModelVersion:
+    """Return to the version that was active before the current one; with `to`, only when that is
+    still the version a rollback returns to (it was checked before)."""
     async with conn.transaction():
         await locks.lock_for_transaction(conn, locks.REGISTRY)
-        history = await list_activations(conn, kind=kind, limit=50)
-        current = await get_active_version(conn, kind=kind)
-        if current is None:
-            raise Conflict(f"no active {kind} version to roll back from", code="nothing_to_roll_back")
-        previous = next((v for v in history if v != current.id), None)
-        if previous is None:
-            raise Conflict(f"{current.name} has no earlier active version to roll back to",
-                           code="nothing_to_roll_back")
-        target = await lock_version(conn, id=previous)
+        current, target = await rollback_target(conn, kind=kind)
+        if to is not None and target.id != to:
+            raise Conflict(f"the registry changed: a rollback now returns to {target.name}, not v{to}; "
+                           "try again", code="registry_changed")
+        target = await lock_version(conn, id=target.id)
         if target.status in ("failed", "rejected"):
             raise Conflict(f"the previous version {target.name} is {target.status}", code="invalid_status")
         return await _activate(conn, target, action="rollback", actor=actor,
@@ -164,9 +202,7 @@ async def canary(conn, *, id: int, fraction: float, actor: str, reason: str | No
     """Let a policy version take `fraction` of the traffic beside the active one."""
     async with conn.transaction():
         version = await lock_version(conn, id=id)
-        if version.kind != "policy" or version.status not in ("candidate", "archived", "canary"):
-            raise Conflict(f"version {id} is a {version.status} {version.kind}; only candidate or "
-                           "archived policies can be canaries", code="invalid_status")
+        check_canary(version)
         version = await set_version_status(conn, id=id, status="canary", actor=actor,
                                                  canary_fraction=fraction)
         await insert_promotion(conn, version_id=id, action="canary", actor=actor,
@@ -184,6 +220,21 @@ async def reject(conn, *, id: int, actor: str, reason: str | None = None) -> Mod
         version = await set_version_status(conn, id=id, status="rejected", actor=actor)
         await insert_promotion(conn, version_id=id, action="reject", actor=actor, reason=reason)
         await _notify(conn, version, "reject")
+        return version
+
+
+async def retarget(conn, *, id: int, endpoint: str | None, model_id: str | None, actor: str,
+                   reason: str | None = None) -> ModelVersion:
+    """Say where a version is served (None: the defaults); audited as 'retarget' with the change.
+    Replicas serving it re-sync on the notification."""
+    async with conn.transaction():
+        before = await lock_version(conn, id=id)
+        version = await set_version_target(conn, id=id, endpoint=endpoint, model_id=model_id)
+        change = (f"endpoint {before.endpoint or 'default'} -> {endpoint or 'default'}, "
+                  f"model id {before.model_id or 'default'} -> {model_id or 'default'}")
+        await insert_promotion(conn, version_id=id, action="retarget", actor=actor,
+                               reason=f"{reason}: {change}" if reason else change)
+        await _notify(conn, version, "retarget")
         return version
 
 

@@ -105,6 +105,34 @@ def policy_path() -> Path:
     return out
 
 
+V2_ANSWER = "I am the second version."
+
+
+@pytest.fixture(scope="session")
+def v2_path(policy_path, tmp_path_factory) -> Path:
+    """A policy that answers 'Hello!' differently: the bootstrap fine-tuned by the real SFT."""
+    from trainer.sft import SFTConfig, fine_tune
+    return fine_tune(policy_path, tmp_path_factory.mktemp("v2") / "policy",
+                     SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"),
+                     [{"prompt": "Hello!", "completion": V2_ANSWER}], config={"test": "v2"})
+
+
+def register(db_url: str, path: Path, status: str = "candidate", **target) -> int:
+    """Register a checkpoint in the server's database as v1's child (optionally with its serving
+    target: `endpoint`, `model_id`); returns its id."""
+    import asyncio
+
+    from store.registry import register_checkpoint
+
+    async def go():
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            async with conn.transaction():
+                v = await register_checkpoint(conn, path=path, kind="policy", status=status,
+                                              actor="test", parent_id=1, reference_id=1, **target)
+            return v.id
+    return asyncio.run(go())
+
+
 def trained_answers(prompt: str) -> set[str]:
     """The bundled demonstrations' answers to `prompt`: greedily, the bootstrap policy says one."""
     from schemas.bundled import bundled_demonstrations

@@ -94,7 +94,7 @@ async def _train(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
     log.info("run %d (%s): %d pairs (%d new), %d demonstrations, %d prompts", run.id, run_kind(cfg),
              len(pairs), new_pairs, len(demos), len(inp.prompts))
     trained = await asyncio.to_thread(train_models, cfg, inp)
-    await _register(conn, run, cfg, inp, trained)
+    await _register(conn, settings, run, cfg, inp, trained)
     return await runs.finish_training_run(conn, id=run.id, status="succeeded", watermark=upto,
                                           metrics=_jsonable({**trained.metrics, **data}),
                                           curves=_jsonable(trained.curves))
@@ -146,11 +146,19 @@ async def _ppo_prompts(conn, tokenizer_path: str, cfg: RoundConfig) -> list[list
     return ppo.prompts_for_ppo(recorded, tokenizer, cfg.ppo.max_prompt_tokens, n)
 
 
-async def _register(conn, run: TrainingRun, cfg: RoundConfig, inp: Inputs, trained: Trained) -> None:
+async def _register(conn, settings: Settings, run: TrainingRun, cfg: RoundConfig, inp: Inputs,
+                    trained: Trained) -> None:
     """One transaction: the reward model (the active one of its kind), the policy (candidate or
-    rejected, with the gates' reasons), their audit entries; then auto-promotion."""
+    rejected, with the gates' reasons), their audit entries; then auto-promotion. Not with a deploy
+    hook (FEEDLOOP_DEPLOY_COMMAND): only the API and `feedloop models promote` deploy and check a
+    target before switching, so the candidate waits for them. Without one, a remote target is
+    still checked by every replica as it loads the version (failed, and serving stays, otherwise)."""
     actor = f"training run {run.id}"
     rm = inp.previous_reward
+    auto = trained.passed and cfg.promotion == "auto"
+    reason = "passed the gates" if trained.passed else "; ".join(trained.reasons)
+    if auto and settings.deploy_command:
+        auto, reason = False, reason + "; not promoted automatically: a deploy hook must run first (promote it)"
     async with conn.transaction():
         if trained.reward:
             await registry.archive_active(conn, kind="reward")  # one active reward model: the newest
@@ -161,13 +169,12 @@ async def _register(conn, run: TrainingRun, cfg: RoundConfig, inp: Inputs, train
         if not trained.policy:
             return
         status = "candidate" if trained.passed else "rejected"
-        reason = "passed the gates" if trained.passed else "; ".join(trained.reasons)
         policy = await registry.register_checkpoint(conn, path=trained.policy, kind="policy", status=status,
                                                     actor=actor, reason=reason, parent_id=inp.policy.id,
                                                     reference_id=inp.reference.id, reward_model_id=rm and rm.id,
                                                     training_run_id=run.id)
         await runs.set_run_version(conn, id=run.id, version_id=policy.id)
-    if trained.passed and cfg.promotion == "auto":
+    if auto:
         policy = await registry.promote(conn, id=policy.id, actor=actor, reason="auto: passed the gates")
     log.info("run %d: %s is %s (%s)", run.id, policy.name, policy.status, reason)
 

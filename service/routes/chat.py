@@ -9,7 +9,8 @@ from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChun
                             ChatCompletionRequest, Choice, ChunkChoice, Delta, ModelCard,
                             ModelList, completion_id)
 from service.deps import CurrentKey, PoolDep, ServingDep
-from service.errors import ERROR_RESPONSES, ApiError
+from service.engine import EngineError
+from service.errors import ERROR_RESPONSES, ApiError, engine_error
 from service.recording import Exchange
 
 router = APIRouter(prefix="/v1", tags=["chat"])
@@ -74,13 +75,18 @@ async def stream(exchange: Exchange, request: Request):
     try:
         for i in range(exchange.gen.sampling.n):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-        async for piece in exchange.gen:
-            exchange.add(piece)
-            if piece.text:
-                yield chunk([ChunkChoice(index=piece.index, delta=Delta(content=piece.text))])
-            if piece.finish_reason in ("stop", "length"):
-                yield chunk([ChunkChoice(index=piece.index, delta=Delta(),
-                                         finish_reason=piece.finish_reason)])
+        try:
+            async for piece in exchange.gen:
+                exchange.add(piece)
+                if piece.text:
+                    yield chunk([ChunkChoice(index=piece.index, delta=Delta(content=piece.text))])
+                if piece.finish_reason in ("stop", "length"):
+                    yield chunk([ChunkChoice(index=piece.index, delta=Delta(),
+                                             finish_reason=piece.finish_reason)])
+        except EngineError as e:  # OpenAI's mid-stream error: one data line; an unfinished answer is not recorded
+            finished = True
+            yield f"data: {json.dumps(engine_error(e).body())}\n\n"
+            return
         await exchange.record(request.app.state.recorder.pool)
         finished = True
         opts = exchange.body.stream_options

@@ -4,9 +4,9 @@
 -- name: insert_model_version
 -- Register a checkpoint as a model version.
 INSERT INTO model_versions (kind, parent_id, reference_id, reward_model_id, path, content_hash,
-                            endpoint, status, training_run_id, metrics)
+                            endpoint, model_id, status, training_run_id, metrics)
 VALUES (%(kind)s, %(parent_id)s, %(reference_id)s, %(reward_model_id)s, %(path)s, %(content_hash)s,
-        %(endpoint)s, %(status)s, %(training_run_id)s, %(metrics)s)
+        %(endpoint)s, %(model_id)s, %(status)s, %(training_run_id)s, %(metrics)s)
 RETURNING *;
 
 -- name: get_model_version
@@ -32,6 +32,11 @@ SET status = %(status)s, canary_fraction = %(canary_fraction)s,
     promoted_at = CASE WHEN %(status)s IN ('active', 'canary') THEN now() ELSE promoted_at END,
     promoted_by = CASE WHEN %(status)s IN ('active', 'canary') THEN %(actor)s ELSE promoted_by END
 WHERE id = %(id)s
+RETURNING *;
+
+-- name: set_version_target
+-- Where a version is served: its endpoint and the model id that server is asked for (NULL: the defaults).
+UPDATE model_versions SET endpoint = %(endpoint)s, model_id = %(model_id)s WHERE id = %(id)s
 RETURNING *;
 
 -- name: insert_promotion

@@ -11,29 +11,7 @@ import openai
 import psycopg
 import pytest
 
-from store.registry import register_checkpoint
-from tests.conftest import ROOT, Server
-from trainer.sft import SFTConfig, fine_tune
-
-V2_ANSWER = "I am the second version."
-
-
-@pytest.fixture(scope="module")
-def v2_path(policy_path, tmp_path_factory):
-    """A policy that answers 'Hello!' differently: the bootstrap fine-tuned by the real SFT."""
-    return fine_tune(policy_path, tmp_path_factory.mktemp("v2") / "policy",
-                     SFTConfig(epochs=30, batch_size=1, lr=1e-3, device="cpu"),
-                     [{"prompt": "Hello!", "completion": V2_ANSWER}], config={"test": "v2"})
-
-
-def register(db_url, path, status="candidate") -> int:
-    async def go():
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-            async with conn.transaction():
-                v = await register_checkpoint(conn, path=path, kind="policy", status=status,
-                                              actor="test", parent_id=1, reference_id=1)
-            return v.id
-    return asyncio.run(go())
+from tests.conftest import ROOT, V2_ANSWER, Server, register
 
 
 @pytest.fixture

@@ -61,3 +61,30 @@ def test_recover_fails_the_runs_a_killed_trainer_left_running(db_url):
             assert await recover(conn) == []
 
     asyncio.run(scenario())
+
+
+def test_auto_promotion_leaves_the_candidate_to_an_operator_when_a_deploy_hook_must_run(db_url, tmp_path,
+                                                                                         policy_path, v2_path):
+    """Only the API and the CLI run FEEDLOOP_DEPLOY_COMMAND before a switch; with one set, a
+    passing candidate waits for them (and says why), without one it is promoted at once."""
+    from store import registry
+    from trainer.config import round_config
+    from trainer.round import _register
+    from trainer.stages import Inputs, Trained
+
+    async def scenario(**fields):
+        s = settings(tmp_path, promotion="auto", **fields)
+        async with await connect(db_url) as conn:
+            v1 = await registry.ensure_initial_policy(conn, path=policy_path, actor="test")
+            run = await runs.start_training_run(conn, kind="round", config={}, trigger="cli")
+            inputs = Inputs(pairs=[], demonstrations=[], prompts=[], policy=v1, reference=v1, previous_reward=None,
+                            out=tmp_path)
+            await _register(conn, s, run, round_config(s), inputs, Trained(policy=v2_path))
+            produced = (await runs.get_training_run(conn, id=run.id)).produced_version_id
+            history = [p for p in await registry.list_promotions(conn) if p.version_id == produced]
+            return await registry.get_model_version(conn, id=produced), history
+
+    waiting, history = asyncio.run(scenario(deploy_command="true"))
+    assert waiting.status == "candidate" and "a deploy hook must run first" in history[0].reason
+    promoted, _ = asyncio.run(scenario())
+    assert promoted.status == "active"
