@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_fiel
 from schemas.openai import Text
 
 Role = Literal["user", "operator"]
+RATE_LIMIT_MAX = 2**31 - 1  # the column is a Postgres integer
 T = TypeVar("T")
 
 
@@ -20,7 +21,7 @@ class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=200)
     role: Role = "user"
-    rate_limit: int | None = Field(None, ge=1, description="requests per minute")
+    rate_limit: int | None = Field(None, ge=1, le=RATE_LIMIT_MAX, description="requests per minute")
 
 
 class ApiKeyPublic(BaseModel):
@@ -96,6 +97,24 @@ class CompletionRecord(BaseModel):
     model_version_id: int
 
 
+class ExchangeCreate(BaseModel):
+    """One exchange as it is written: what `store.exchanges.record_exchange` takes, and what the
+    serving spool keeps on disk while the database is away."""
+    response_id: str
+    api_key_id: int
+    user: str | None
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    model_version_id: int
+    stream: bool
+    batch_rows: int
+    prompt_tokens: int
+    queue_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    choices: list[CompletionRecord]
+
+
 class ExchangeRecord(BaseModel):
     """Everything recorded about one chat request."""
     response_id: str
@@ -149,7 +168,7 @@ class Demonstration(BaseModel):
 
 class ModelAction(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str | None = Field(None, max_length=2000)
+    reason: Text | None = Field(None, max_length=2000)
 
 
 class CanaryAction(ModelAction):

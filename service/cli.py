@@ -13,6 +13,7 @@ import sys
 import psycopg
 
 from schemas.errors import DomainError
+from schemas.records import RATE_LIMIT_MAX
 from schemas.settings import get_settings
 from store import keys, registry
 from store.db import database_url, migrate
@@ -41,8 +42,8 @@ def cmd_migrate(args) -> None:
 
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    if not text.isdigit() or not 1 <= int(text) <= RATE_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number up to {RATE_LIMIT_MAX}")
     return int(text)
 
 

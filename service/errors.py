@@ -12,7 +12,8 @@ from schemas.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable"}
 # The domain's errors (schemas/errors.py) as HTTP: the one place this mapping lives.
 DOMAIN_STATUS = ((Invalid, 400), (NotFound, 404), (Conflict, 409), (Unavailable, 503))
@@ -34,7 +35,7 @@ class ApiError(Exception):
 
 
 # Routes declare these so the OpenAPI document shows the error shape.
-ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404)}
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 429, 503)}
 
 
 # Segments pydantic adds to a location for union members and validators, not field names.
@@ -88,10 +89,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        return ApiError(exc.status_code, str(exc.detail)).response()
+        return ApiError(exc.status_code, str(exc.detail), headers=exc.headers).response()  # 405's Allow
 
-    @app.exception_handler(Exception)
-    async def on_crash(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ApiError(500, "The server had an error while processing your request.",
-                        type="server_error").response()
+
+def server_error() -> ApiError:
+    """What a crash looks like to the caller (service/middleware.py sends it, with the request id)."""
+    return ApiError(500, "The server had an error while processing your request.", type="server_error")
