@@ -15,6 +15,7 @@ class ListPublic(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]
     count: int
+    has_more: bool = Field(False, description="a paged list: more items follow this page")
 
 
 class ApiKeyCreate(BaseModel):
@@ -66,7 +67,7 @@ class Promotion(BaseModel):
     """One entry of the registry's audit log."""
     id: int
     version_id: int
-    action: Literal["register", "promote", "rollback", "canary", "reject", "fail"]
+    action: Literal["register", "promote", "rollback", "canary", "reject", "fail", "restore"]
     actor: str
     reason: str | None
     created_at: datetime

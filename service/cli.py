@@ -58,7 +58,10 @@ def cmd_keys(args) -> None:
             state = "revoked" if k.revoked_at else "live"
             print(f"{k.id:>4}  {k.prefix}…  {k.role:<8}  {state:<7}  {k.name}")
     else:
-        key = asyncio.run(_with_conn(lambda c: keys.revoke_api_key(c, id=args.id)))
+        try:
+            key = asyncio.run(_with_conn(lambda c: keys.revoke_api_key(c, id=args.id)))
+        except DomainError as e:
+            sys.exit(f"feedloop: {e}")
         print(f"revoked key {key.id} ({key.name})")
 
 
@@ -71,6 +74,7 @@ def cmd_models(args) -> None:
         "rollback": lambda c: registry.rollback(c, actor=actor, reason=args.reason),
         "canary": lambda c: registry.canary(c, id=args.id, fraction=args.fraction, actor=actor, reason=args.reason),
         "reject": lambda c: registry.reject(c, id=args.id, actor=actor, reason=args.reason),
+        "verify": lambda c: _verify(c, args.id, actor, args.reason),
     }
     if args.action == "list":
         for v in asyncio.run(_with_conn(registry.list_model_versions)):
@@ -83,6 +87,18 @@ def cmd_models(args) -> None:
     except DomainError as e:
         sys.exit(f"feedloop: {e}")
     print(f"{v.name} is {v.status}")
+
+
+async def _verify(conn, version_id: int, actor: str, reason: str | None):
+    """The checkpoint hashed again: a failed version whose files match its registered hash is restored."""
+    from schemas.checkpoint import BadCheckpoint, read_manifest
+    version = await registry.get_model_version(conn, id=version_id)
+    try:
+        manifest = read_manifest(version.path)
+    except BadCheckpoint as e:
+        raise DomainError(f"{version.name} is still not intact: {e}") from e
+    return await registry.restore(conn, id=version_id, content_hash=manifest["content_hash"], actor=actor,
+                                  reason=reason)
 
 
 def cmd_export(args) -> None:
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     models = sub.add_parser("models", help="the model registry")
     models_sub = models.add_subparsers(dest="action", required=True)
     models_sub.add_parser("list")
-    for action in ("promote", "canary", "reject"):
+    for action in ("promote", "canary", "reject", "verify"):
         p = models_sub.add_parser(action)
         p.add_argument("id", type=int)
         p.add_argument("--reason")

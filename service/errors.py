@@ -74,7 +74,38 @@ def domain_error(exc: DomainError) -> ApiError:
     return ApiError(status, str(exc), param=exc.param, code=exc.code, headers=headers)
 
 
+def describe(app: FastAPI) -> None:
+    """The OpenAPI document says what the app does: no 422 (validation errors are 400s in the
+    error shape), and the bearer key on every /v1 route."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for op in operations.values():
+                responses = op.setdefault("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", {"description": "Bad Request", "content": error_ref})
+                if path.startswith("/v1/"):
+                    op["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        components.setdefault("schemas", {}).setdefault("ErrorResponse", ErrorResponse.model_json_schema(
+            ref_template="#/components/schemas/{model}"))
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                    "description": "an API key: fl-…"}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def install(app: FastAPI) -> None:
+    describe(app)
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()

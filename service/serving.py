@@ -30,9 +30,11 @@ def build_engine(version: ModelVersion, settings: Settings) -> Engine:
         engine = RemoteEngine(version, url=version.endpoint or settings.remote_url,
                               model=settings.remote_model, api_key=settings.remote_api_key)
     else:
-        from schemas.checkpoint import read_manifest
+        from schemas.checkpoint import BadCheckpoint, read_manifest
         from service.local_engine import LocalEngine
-        read_manifest(version.path)  # refuse files that no longer match what was registered
+        # refuse files that no longer match what was registered (the manifest included)
+        if read_manifest(version.path)["content_hash"] != version.content_hash:
+            raise BadCheckpoint(f"{version.path}: the manifest's content hash is not the registered one")
         engine = LocalEngine(version, device=resolve_device(settings.device),
                              max_batch_rows=settings.max_batch_rows)
     engine.warm()
@@ -115,6 +117,40 @@ async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> Non
         async with pool.connection() as conn:
             await registry.mark_failed(conn, id=version.id, actor=REPLICA, reason=f"load failed: {error}",
                                        restore=serving.active.version.id if serving.active else None)
+    if serving.active is None and (failures or active is None):
+        await fall_back(pool, serving, failed=failures[-1][0] if failures else None)
+
+
+async def fall_back(pool, serving: Serving, *, failed: ModelVersion | None) -> None:
+    """Nothing serves (the active version failed to load, or there is none): the most recently
+    active version that still loads takes over, audited as a rollback; failing that, the
+    checkpoint at FEEDLOOP_POLICY_PATH. A candidate that does not load is marked failed too."""
+    async with pool.connection() as conn:
+        candidates = await registry.fallback_candidates(conn, kind="policy")
+    why = f"{failed.name} failed to load" if failed else "no active policy"
+    for version in candidates:
+        try:
+            await serving.set_active(version)
+        except Exception as e:
+            log.error("fallback %s does not load either: %s", version.name, e)
+            async with pool.connection() as conn:
+                await registry.mark_failed(conn, id=version.id, actor=REPLICA, reason=f"load failed: {e}")
+            continue
+        async with pool.connection() as conn:
+            await registry.fall_back(conn, id=version.id, actor=REPLICA, reason=f"{why}: falling back to {version.name}")
+        log.warning("%s: serving %s, the most recent version that served before", why, version.name)
+        return
+    if serving.settings.policy_path:
+        from schemas.checkpoint import BadCheckpoint
+        try:
+            async with pool.connection() as conn:
+                version = await registry.ensure_initial_policy(conn, path=serving.settings.policy_path,
+                                                               actor="FEEDLOOP_POLICY_PATH")
+            await serving.set_active(version)
+        except BadCheckpoint as e:
+            log.error("%s, and FEEDLOOP_POLICY_PATH is not intact either: %s", why, e)
+        except Exception as e:
+            log.error("%s, and FEEDLOOP_POLICY_PATH does not load either: %s", why, e)
 
 
 async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:

@@ -7,6 +7,7 @@ integer, so `SELECT * FROM pg_locks` shows the same number everywhere and names 
   round     one training round at a time across every trainer replica
   initpol   serialises first starts, so only one registers the first policy
   registry  serialises rollbacks, which read the activation history before changing it
+  keys      serialises key revocations, so the last live operator key is never revoked
 """
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -23,8 +24,8 @@ def lock_key(name: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-MIGRATE, EVENTS, ROUND, INITIAL_POLICY, REGISTRY = map(lock_key, ("migrate", "events", "round", "initpol",
-                                                                  "registry"))
+MIGRATE, EVENTS, ROUND, INITIAL_POLICY, REGISTRY, KEYS = map(lock_key, ("migrate", "events", "round", "initpol",
+                                                                        "registry", "keys"))
 REGISTRY_CHANNEL = "feedloop_registry"  # a version's status changed: replicas re-sync
 
 
