@@ -15,7 +15,7 @@ import time
 import uuid
 from urllib.parse import parse_qsl
 
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from schemas.errors import DomainError
 from schemas.openai import text_problem
@@ -112,7 +112,7 @@ class Admission:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        route, path_params = match_route(scope)
+        json_body, path_params = match_route(scope)
         try:
             need = required_role(scope["path"], self.settings)
             if need is not None:
@@ -120,7 +120,7 @@ class Admission:
                                                       need)
             check_params(scope, path_params, headers)
             body = None
-            if getattr(route, "body_field", None) is not None and _json_content(headers.get("content-type")):
+            if json_body and _json_content(headers.get("content-type")):
                 body, receive = await _buffer(receive)
                 if body is not None:
                     check_json_body(body)
@@ -131,14 +131,29 @@ class Admission:
         await self.app(scope, receive, send)
 
 
-def match_route(scope) -> tuple[object | None, dict]:
-    """The route this request will reach and its path parameters by name (as the router will
-    find them), or (None, {})."""
-    for route in scope["app"].router.routes:
-        match, child = route.matches(scope)
-        if match == Match.FULL:
-            return route, child.get("path_params", {})
-    return None, {}
+def operations(app) -> list[tuple[re.Pattern, dict, set[str]]]:
+    """(path regex, its convertors, methods whose body is JSON) for every documented route, read
+    once from the app's OpenAPI document: the public description of its routes."""
+    table = getattr(app.state, "admission_table", None)
+    if table is None:
+        table = []
+        for template, ops in app.openapi().get("paths", {}).items():
+            regex, _, convertors = compile_path(template)
+            json_bodies = {m.upper() for m, op in ops.items()
+                           if "application/json" in op.get("requestBody", {}).get("content", {})}
+            table.append((regex, convertors, json_bodies))
+        app.state.admission_table = table
+    return table
+
+
+def match_route(scope) -> tuple[bool, dict]:
+    """(whether this request's body is read as JSON, its path parameters by name), as the
+    router will find them; (False, {}) for a path no route has."""
+    for regex, convertors, json_bodies in operations(scope["app"]):
+        m = regex.match(scope["path"])
+        if m:
+            return scope["method"] in json_bodies, {k: convertors[k].convert(v) for k, v in m.groupdict().items()}
+    return False, {}
 
 
 def _refuse(param: str | None, problem: str) -> ApiError:
