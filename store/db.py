@@ -115,7 +115,7 @@ class Database:
     The object has the two members of `AsyncConnectionPool` the service uses: `connection()` and
     `conninfo`."""
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 16, timeout: float = 1.5,
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 16, timeout: float = 1.0,
                  probe_interval: float = 0.25):
         self.conninfo = url
         self.min_size, self.max_size, self.timeout, self.probe_interval = min_size, max_size, timeout, probe_interval
@@ -166,6 +166,7 @@ class Database:
             if _alive(conn):
                 return pool, conn
             await pool.putconn(conn)  # dead: the pool drops it and opens another
+            self.lost("a pooled connection's server went away")  # restarted, or gone: find out which
         raise Unavailable("the database is not reachable right now; retry shortly")
 
     def lost(self, error: BaseException | None = None, *, renew: bool = True) -> None:
