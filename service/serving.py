@@ -10,14 +10,16 @@ import logging
 import random
 import socket
 
+import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from lm.device import resolve_device
+from schemas.errors import DomainError
 from schemas.records import ModelVersion
 from schemas.settings import Settings
 from service.engine import Engine
 from store import locks, registry
+from store.db import Database
 
 log = logging.getLogger(__name__)
 REPLICA = f"replica {socket.gethostname()}"
@@ -100,7 +102,7 @@ class Serving:
         self.active, self.canaries = None, {}
 
 
-async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
+async def sync_with_registry(pool: Database, serving: Serving) -> None:
     """Bring this replica to what the registry says serves; mark what cannot load as failed."""
     async with pool.connection() as conn:
         versions = await registry.list_serving_versions(conn)
@@ -153,7 +155,7 @@ async def fall_back(pool, serving: Serving, *, failed: ModelVersion | None) -> N
             log.error("%s, and FEEDLOOP_POLICY_PATH does not load either: %s", why, e)
 
 
-async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
+async def follow_registry(pool: Database, serving: Serving) -> None:
     """Sync on every NOTIFY, and every `poll_seconds` in case a notification was missed."""
     while True:
         try:
@@ -165,6 +167,8 @@ async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
                         pass
         except asyncio.CancelledError:
             raise
+        except (psycopg.OperationalError, DomainError) as e:  # the database is away: no traceback each poll
+            log.warning("registry follower lost its connection (%s); retrying", e)
         except Exception:
             log.exception("registry follower lost its connection; retrying")
-            await asyncio.sleep(serving.settings.poll_seconds)
+        await asyncio.sleep(serving.settings.poll_seconds)
