@@ -64,6 +64,8 @@ class Spool:
     def __init__(self, directory: Path, limit: int):
         self.dir, self.limit = directory, limit
         self.dir.mkdir(parents=True, exist_ok=True)
+        for partial in self.dir.glob(".*.tmp"):  # a write a crash cut short was never acknowledged
+            partial.unlink(missing_ok=True)
         self.ids = {p.stem for p in self.dir.glob("*.json")}
 
     def put(self, record: ExchangeCreate) -> bool:

@@ -124,6 +124,7 @@ class Database:
         self.recoveries = 0
         self.on_recovered: list = []
         self._probe: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
 
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(self.conninfo, open=False, min_size=self.min_size, max_size=self.max_size,
@@ -198,7 +199,9 @@ class Database:
                 await asyncio.sleep(self.probe_interval)
         if fresh is not None:
             old, self.pool = self.pool, fresh
-            asyncio.get_running_loop().create_task(old.close(timeout=5))
+            closing = asyncio.get_running_loop().create_task(old.close(timeout=5))
+            self._closing.add(closing)  # held until done: a task nobody holds may be collected
+            closing.add_done_callback(self._closing.discard)
             log.warning("database reachable again; connection pool renewed")
         self.available = True
         self.recoveries += 1

@@ -216,6 +216,7 @@ def test_a_restart_under_load(api, cluster, user_key):
         back = time.perf_counter()
         took = wait_ready_after(api, back)
         time.sleep(2)
+    print(f"restart: ready {took:.2f} s after; statuses {load.statuses()}")
     assert took <= READY_WITHIN_S, took
     assert_no_500s_and_503s_fail_fast(load)
     assert load.chats and load.thumbs
@@ -240,6 +241,8 @@ def test_an_outage_under_load(api, cluster, user_key, outage):
         time.sleep(2)
         for t in threads:
             t.join(60)
+    slowest = max((r[2] for r in load.results if r[1] == 503), default=0)
+    print(f"{outage} s outage: ready {took:.2f} s after; statuses {load.statuses()}; slowest 503 {slowest:.2f} s")
     assert took <= READY_WITHIN_S, took
     assert_no_500s_and_503s_fail_fast(load)
     assert [r.status_code for r in spooled] == [200, 200], [r.text for r in spooled]
@@ -254,6 +257,7 @@ def test_kill_9_of_the_api_under_load_and_with_a_spool(api, cluster, user_key):
         os.kill(api.proc.pid, signal.SIGKILL)
         api.proc.wait()
     api.start()  # same home, same database
+    print(f"kill -9: {len(load.chats)} chats and {len(load.thumbs)} thumbs acknowledged; {load.statuses()}")
     assert_nothing_lost(api, load)
     # answers spooled while the database is away survive a kill -9 and are recorded at the next start
     threads, spooled = long_chats(api, user_key, 2)
