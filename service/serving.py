@@ -143,8 +143,9 @@ async def fall_back(pool, serving: Serving, *, failed: ModelVersion | None) -> N
         log.warning("%s: serving %s, the most recent version that served before", why, version.name)
         return
     if serving.settings.policy_path:
-        from schemas.checkpoint import BadCheckpoint
+        from schemas.checkpoint import BadCheckpoint, read_manifest
         try:
+            await asyncio.to_thread(read_manifest, serving.settings.policy_path)  # hashed off the event loop
             async with pool.connection() as conn:
                 version = await registry.ensure_initial_policy(conn, path=serving.settings.policy_path,
                                                                actor="FEEDLOOP_POLICY_PATH")
