@@ -3,6 +3,8 @@ and a 4xx writes nothing. Text Postgres cannot hold (NUL, lone surrogates) is re
 for every field, path and query parameter and stored header; keys come before bodies; a crash is
 a 500 with its request id that does not poison the connection."""
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +13,7 @@ import psycopg
 import pytest
 import uvicorn
 
-from tests.conftest import OPERATOR_KEY, Server
+from tests.conftest import OPERATOR_KEY, ROOT, Server
 
 
 def tables(server) -> dict[str, int]:
@@ -180,8 +182,8 @@ def test_idempotency_keys_are_forgotten_after_their_time(server, user, response_
 
 def test_no_model_yet_is_503_and_introspection_can_need_a_key(new_database, tmp_path):
     s = Server(new_database(), tmp_path, FEEDLOOP_OPEN_METRICS="false", FEEDLOOP_OPEN_DOCS="false")
-    s.proc = __import__("subprocess").Popen([__import__("sys").executable, "-m", "service", "serve"],
-                                           env=s.env, stdout=open(s.log, "ab"), stderr=-2)
+    s.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=s.env,
+                              stdout=open(s.log, "ab"), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:

@@ -242,8 +242,11 @@ def test_a_tampered_only_version_starts_not_ready_and_comes_back_when_repaired(n
         s.stop()
     repair()
     s.start()  # the intact file is its own version again: v1, restored (audited), not a new version
-    with s.client() as op:
-        models = op.get("/v1/admin/models").json()["data"]
-        assert [(m["id"], m["status"]) for m in models] == [(1, "active")]
-        actions = [e["action"] for e in op.get("/v1/admin/models/history").json()["data"]]
-        assert actions[:3] == ["rollback", "restore", "fail"]
+    try:
+        with s.client() as op:
+            models = op.get("/v1/admin/models").json()["data"]
+            assert [(m["id"], m["status"]) for m in models] == [(1, "active")]
+            actions = [e["action"] for e in op.get("/v1/admin/models/history").json()["data"]]
+            assert actions[:3] == ["rollback", "restore", "fail"]
+    finally:
+        s.stop()
