@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from schemas.errors import Invalid
-from schemas.openai import no_nul
+from schemas.openai import storable
 from schemas.records import DemonstrationImport, ImportLineError, PreferenceImport
 
 T = TypeVar("T")
@@ -16,7 +16,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 def _text(value: str, param: str) -> str:
     try:
-        return no_nul(value)
+        return storable(value)
     except ValueError as e:
         raise Invalid(str(e), param=param) from None
 
@@ -114,6 +114,9 @@ def parse_jsonl(text: str, parse: Callable[[Any], T]) -> tuple[list[T], list[Imp
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             errors.append(ImportLineError(line=number, param=None, message=f"not JSON: {e.msg} (column {e.colno})"))
+            continue
+        except RecursionError:
+            errors.append(ImportLineError(line=number, param=None, message="not JSON we read: nested too deeply"))
             continue
         try:
             rows.append(parse(obj))

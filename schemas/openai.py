@@ -1,6 +1,7 @@
 """OpenAI's chat-completions wire models. Fields follow the order of OpenAI's API reference
 (https://platform.openai.com/docs/api-reference/chat/create); server extras are marked."""
 import logging
+import re
 import time
 import uuid
 from typing import Annotated, Literal
@@ -36,14 +37,30 @@ class ErrorResponse(BaseModel):
 
 # --- request --------------------------------------------------------------------------------
 
-def no_nul(text: str) -> str:
-    """Postgres text cannot hold NUL: refuse it at the edge rather than fail on the write."""
-    if "\x00" in text:
-        raise ValueError("must not contain NUL (\\u0000) characters")
+# What Postgres text cannot hold (NUL) and UTF-8 cannot encode (a lone UTF-16 surrogate, which
+# JSON's "\ud800" escapes can produce): no field may carry either to the database or a tokenizer.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be stored as it is, or None. The one rule: the HTTP edge applies it to
+    every field, path and query parameter and stored header (service/middleware.py), the import
+    parsers to every line, and `Text` to every model field."""
+    m = _UNSTORABLE.search(text)
+    if m is None:
+        return None
+    if m.group() == "\x00":
+        return "must not contain NUL (\\u0000) characters"
+    return f"must not contain an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x})"
+
+
+def storable(text: str) -> str:
+    if problem := text_problem(text):
+        raise ValueError(problem)
     return text
 
 
-Text = Annotated[str, AfterValidator(no_nul)]
+Text = Annotated[str, AfterValidator(storable)]
 
 
 class TextPart(BaseModel):
@@ -74,7 +91,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     n: int = Field(1, ge=1, le=8)
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, not applied")
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0, le=2)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_fiel
 from schemas.openai import Text
 
 Role = Literal["user", "operator"]
+RATE_LIMIT_MAX = 2**31 - 1  # the column is a Postgres integer
 T = TypeVar("T")
 
 
@@ -16,13 +17,14 @@ class ListPublic(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]
     count: int
+    has_more: bool = Field(False, description="a paged list: more items follow this page")
 
 
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=200)
     role: Role = "user"
-    rate_limit: int | None = Field(None, ge=1, description="requests per minute")
+    rate_limit: int | None = Field(None, ge=1, le=RATE_LIMIT_MAX, description="requests per minute")
 
 
 class ApiKeyPublic(BaseModel):
@@ -69,7 +71,7 @@ class Promotion(BaseModel):
     """One entry of the registry's audit log."""
     id: int
     version_id: int
-    action: Literal["register", "promote", "rollback", "canary", "reject", "fail", "retarget"]
+    action: Literal["register", "promote", "rollback", "canary", "reject", "fail", "retarget", "restore"]
     actor: str
     reason: str | None
     created_at: datetime
@@ -98,6 +100,24 @@ class CompletionRecord(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled"]
     completion_tokens: int
     model_version_id: int
+
+
+class ExchangeCreate(BaseModel):
+    """One exchange as it is written: what `store.exchanges.record_exchange` takes, and what the
+    serving spool keeps on disk while the database is away."""
+    response_id: str
+    api_key_id: int
+    user: str | None
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    model_version_id: int
+    stream: bool
+    batch_rows: int
+    prompt_tokens: int
+    queue_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    choices: list[CompletionRecord]
 
 
 class ExchangeRecord(BaseModel):
@@ -169,7 +189,7 @@ class Demonstration(BaseModel):
 
 class ModelAction(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str | None = Field(None, max_length=2000)
+    reason: Text | None = Field(None, max_length=2000)
 
 
 class CanaryAction(ModelAction):

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1 << 20
     model_name: str = Field("feedloop", description="the `model` name clients ask for")
     poll_seconds: float = Field(5.0, description="registry poll interval, the fallback to LISTEN/NOTIFY")
+    open_metrics: bool = Field(True, description="GET /metrics without a key; false: an operator key")
+    open_docs: bool = Field(True, description="/docs, /redoc, /openapi.json without a key; false: any key")
+    idempotency_key_hours: float = Field(24.0, gt=0, description="how long an Idempotency-Key is remembered")
+    spool_max_exchanges: int = Field(10_000, ge=0, description="answered exchanges kept on disk while the "
+                                                               "database is away; past it such answers are 503s")
 
     # bootstrap
     bootstrap_seed: int = 0
@@ -54,6 +59,10 @@ class Settings(BaseSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.home.resolve() / "checkpoints"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home.resolve() / "spool"
 
 
 @lru_cache

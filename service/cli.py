@@ -13,6 +13,7 @@ import sys
 import psycopg
 
 from schemas.errors import DomainError
+from schemas.records import RATE_LIMIT_MAX
 from schemas.settings import get_settings
 from store import keys, registry
 from store.db import database_url, migrate
@@ -41,8 +42,8 @@ def cmd_migrate(args) -> None:
 
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    if not text.isdigit() or not 1 <= int(text) <= RATE_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number up to {RATE_LIMIT_MAX}")
     return int(text)
 
 
@@ -57,7 +58,10 @@ def cmd_keys(args) -> None:
             state = "revoked" if k.revoked_at else "live"
             print(f"{k.id:>4}  {k.prefix}…  {k.role:<8}  {state:<7}  {k.name}")
     else:
-        key = asyncio.run(_with_conn(lambda c: keys.revoke_api_key(c, id=args.id)))
+        try:
+            key = asyncio.run(_with_conn(lambda c: keys.revoke_api_key(c, id=args.id)))
+        except DomainError as e:
+            sys.exit(f"feedloop: {e}")
         print(f"revoked key {key.id} ({key.name})")
 
 
@@ -101,6 +105,7 @@ def cmd_models(args) -> None:
         "target": lambda c: targets.retarget(c, settings, id=args.id, actor=actor, reason=args.reason,
                                              **update.changes()),
         "register": lambda c: _register(c, args, update, actor),
+        "verify": lambda c: _verify(c, args.id, actor, args.reason),
     }
     try:
         v = asyncio.run(_with_conn(ops[args.action]))
@@ -126,6 +131,18 @@ async def _register(conn, args, update, actor: str):
                                                       actor=actor, reason=args.reason, parent_id=args.parent, **target)
     except BadCheckpoint as e:
         sys.exit(f"feedloop: {e}")
+
+
+async def _verify(conn, version_id: int, actor: str, reason: str | None):
+    """The checkpoint hashed again: a failed version whose files match its registered hash is restored."""
+    from schemas.checkpoint import BadCheckpoint, read_manifest
+    version = await registry.get_model_version(conn, id=version_id)
+    try:
+        manifest = read_manifest(version.path)
+    except BadCheckpoint as e:
+        raise DomainError(f"{version.name} is still not intact: {e}") from e
+    return await registry.restore(conn, id=version_id, content_hash=manifest["content_hash"], actor=actor,
+                                  reason=reason)
 
 
 def cmd_export(args) -> None:
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     models = sub.add_parser("models", help="the model registry")
     models_sub = models.add_subparsers(dest="action", required=True)
     models_sub.add_parser("list")
-    for action in ("promote", "canary", "reject", "target"):
+    for action in ("promote", "canary", "reject", "target", "verify"):
         p = models_sub.add_parser(action)
         p.add_argument("id", type=int)
         p.add_argument("--reason")

@@ -13,7 +13,8 @@ from service.engine import EngineError
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable"}
 # The domain's errors (schemas/errors.py) as HTTP: the one place this mapping lives.
 DOMAIN_STATUS = ((Invalid, 400), (NotFound, 404), (Conflict, 409), (Unavailable, 503))
@@ -35,7 +36,7 @@ class ApiError(Exception):
 
 
 # Routes declare these so the OpenAPI document shows the error shape.
-ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404)}
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 429, 503)}
 
 
 # Segments pydantic adds to a location for union members and validators, not field names.
@@ -82,7 +83,38 @@ def engine_error(exc: EngineError) -> ApiError:
                     headers={"Retry-After": "1"})
 
 
+def describe(app: FastAPI) -> None:
+    """The OpenAPI document says what the app does: no 422 (validation errors are 400s in the
+    error shape), and the bearer key on every /v1 route."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for op in operations.values():
+                responses = op.setdefault("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", {"description": "Bad Request", "content": error_ref})
+                if path.startswith("/v1/"):
+                    op["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(name, None)
+        components.setdefault("schemas", {}).setdefault("ErrorResponse", ErrorResponse.model_json_schema(
+            ref_template="#/components/schemas/{model}"))
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                    "description": "an API key: fl-…"}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def install(app: FastAPI) -> None:
+    describe(app)
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()
@@ -101,10 +133,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        return ApiError(exc.status_code, str(exc.detail)).response()
+        return ApiError(exc.status_code, str(exc.detail), headers=exc.headers).response()  # 405's Allow
 
-    @app.exception_handler(Exception)
-    async def on_crash(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ApiError(500, "The server had an error while processing your request.",
-                        type="server_error").response()
+
+def server_error() -> ApiError:
+    """What a crash looks like to the caller (service/middleware.py sends it, with the request id)."""
+    return ApiError(500, "The server had an error while processing your request.", type="server_error")

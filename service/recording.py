@@ -1,15 +1,23 @@
 """Collect what a generation produced and commit it as an exchange: the request, the parameters
-actually used, the version that answered, timings, and every choice."""
+actually used, the version that answered, timings, and every choice.
+
+An answer that is generated is never thrown away for want of a database: when the database cannot
+take the exchange, it goes to a small durable spool (one file per exchange under
+`$FEEDLOOP_HOME/spool`, fsynced and renamed into place before the answer is sent) and is
+recorded from there as soon as the database is back, also after a restart or a crash. Recording
+is idempotent by response id, so a spooled exchange two replicas drain is written once."""
 import asyncio
 import logging
+import os
+from pathlib import Path
 
-from psycopg_pool import AsyncConnectionPool
-
+from schemas.errors import Conflict, DomainError, Unavailable
 from schemas.openai import ChatCompletionRequest, Usage
-from schemas.records import ApiKeyPublic, CompletionRecord
+from schemas.records import ApiKeyPublic, CompletionRecord, ExchangeCreate
 from service.engine import Engine, Generation, Piece
-from service.metrics import EXCHANGES
+from service.metrics import EXCHANGES, SPOOLED
 from store import exchanges
+from store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +46,86 @@ class Exchange:
         prompt, completion = len(self.gen.prompt_ids), sum(self.tokens)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    async def record(self, pool: AsyncConnectionPool) -> None:
+    def to_record(self) -> ExchangeCreate:
         version = self.engine.version
-        choices = [CompletionRecord(choice_index=i, text=t, finish_reason=f, completion_tokens=k,
-                                    model_version_id=version.id)
-                   for i, (t, f, k) in enumerate(zip(self.texts, self.finish, self.tokens))]
-        async with pool.connection() as conn, conn.transaction():
-            await exchanges.record_exchange(
-                conn, response_id=self.response_id, api_key_id=self.key.id, user=self.body.user,
-                messages=self.conversation, params=self.gen.sampling.model_dump(),
-                model_version_id=version.id, stream=self.body.stream, batch_rows=self.gen.batch_rows,
-                prompt_tokens=len(self.gen.prompt_ids), **self.gen.timings(), choices=choices)
-        for f in self.finish:
-            EXCHANGES.labels(version=version.name, finish=f).inc()
+        return ExchangeCreate(
+            response_id=self.response_id, api_key_id=self.key.id, user=self.body.user,
+            messages=self.conversation, params=self.gen.sampling.model_dump(), model_version_id=version.id,
+            stream=self.body.stream, batch_rows=self.gen.batch_rows, prompt_tokens=len(self.gen.prompt_ids),
+            **self.gen.timings(),
+            choices=[CompletionRecord(choice_index=i, text=t, finish_reason=f, completion_tokens=k,
+                                      model_version_id=version.id)
+                     for i, (t, f, k) in enumerate(zip(self.texts, self.finish, self.tokens))])
+
+
+class Spool:
+    """Exchanges answered while the database was away, one JSON file each, at most `limit`."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.dir, self.limit = directory, limit
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for partial in self.dir.glob(".*.tmp"):  # a write a crash cut short was never acknowledged
+            partial.unlink(missing_ok=True)
+        self.ids = {p.stem for p in self.dir.glob("*.json")}
+
+    def put(self, record: ExchangeCreate) -> bool:
+        """Keep `record` on disk for good (blocking); False when the spool is full."""
+        if len(self.ids) >= self.limit:
+            return False
+        final = self.dir / f"{record.response_id}.json"
+        tmp = self.dir / f".{record.response_id}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(record.model_dump_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a crash
+        finally:
+            os.close(fd)
+        self.ids.add(record.response_id)
+        return True
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.ids.discard(path.stem)
 
 
 class Recorder:
-    """Finishes exchanges whose client left: drains what the engine still sends after the
-    cancel, then records it. Runs detached from the request so the disconnect cannot cancel it;
-    shutdown waits for what is pending."""
+    """Records exchanges: at once when it can, through the spool when the database is away.
+    Also finishes exchanges whose client left: drains what the engine still sends after the
+    cancel, then records it, detached from the request so the disconnect cannot cancel it.
+    Shutdown waits for what is pending."""
 
-    def __init__(self, pool: AsyncConnectionPool):
-        self.pool, self.pending = pool, set()
+    def __init__(self, db: Database, spool: Spool):
+        self.db, self.spool, self.pending = db, spool, set()
+        self._wake = asyncio.Event()
+        self._drainer: asyncio.Task | None = None
+        db.on_recovered.append(self._wake.set)
+
+    def start(self) -> None:
+        self._drainer = asyncio.create_task(self._drain_forever())
+
+    async def record(self, exchange: Exchange) -> None:
+        """Committed, or kept in the spool; Unavailable only when neither could take it."""
+        record = exchange.to_record()
+        try:
+            await self.db.retrying(lambda conn: _insert(conn, record))
+        except Unavailable:
+            if not await asyncio.to_thread(self.spool.put, record):
+                raise
+            SPOOLED.inc()
+            log.warning("database away: exchange %s kept in the spool", record.response_id)
+            self._wake.set()
+        for f in exchange.finish:
+            EXCHANGES.labels(version=exchange.engine.version.name, finish=f).inc()
+
+    def is_spooled(self, response_id: str) -> bool:
+        return response_id in self.spool.ids
 
     def finish_later(self, exchange: Exchange) -> None:
         task = asyncio.create_task(self._finish(exchange))
@@ -69,10 +135,66 @@ class Recorder:
     async def _finish(self, exchange: Exchange) -> None:
         try:
             await exchange.drain()
-            await exchange.record(self.pool)
+            await self.record(exchange)
         except Exception:
             log.exception("could not record exchange %s", exchange.response_id)
+
+    async def drain_spool(self) -> int:
+        """Record what the spool holds, oldest first; stops at the first sign the database is away."""
+        done = 0
+        for path in await asyncio.to_thread(self.spool.files):
+            try:
+                record = ExchangeCreate.model_validate_json(await asyncio.to_thread(path.read_bytes))
+            except (OSError, ValueError) as e:
+                log.error("spooled exchange %s is unreadable (%s); moved aside", path.name, e)
+                path.rename(path.with_suffix(".unreadable"))
+                self.spool.ids.discard(path.stem)
+                continue
+            try:
+                await self.db.retrying(lambda conn: _insert(conn, record))
+            except Unavailable:
+                break
+            except DomainError as e:  # the database refuses it for good: keep it for a person
+                log.error("spooled exchange %s was refused (%s); moved aside", path.name, e)
+                path.rename(path.with_suffix(".refused"))
+                self.spool.ids.discard(path.stem)
+                continue
+            self.spool.remove(path)
+            done += 1
+        if done:
+            log.info("recorded %d spooled exchanges", done)
+        return done
+
+    async def _drain_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=5)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self.spool.ids and self.db.available:
+                try:
+                    await self.drain_spool()
+                except Exception:
+                    log.exception("draining the spool failed; trying again later")
 
     async def wait(self) -> None:
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
+        if self._drainer is not None:
+            self._drainer.cancel()
+        if self.spool.ids and self.db.available:
+            try:
+                await self.drain_spool()
+            except Exception:
+                log.exception("could not drain the spool at shutdown; the next start will")
+
+
+async def _insert(conn, record: ExchangeCreate) -> None:
+    try:
+        async with conn.transaction():
+            await exchanges.record_exchange(conn, **record.model_dump(exclude={"choices"}), choices=record.choices)
+    except Conflict as e:
+        if e.code != "already_exists":
+            raise
+        # recorded already: a retry after a commit whose answer was lost, or another drainer

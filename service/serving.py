@@ -13,15 +13,17 @@ import logging
 import random
 import socket
 
+import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from lm.device import resolve_device
+from schemas.errors import DomainError
 from schemas.records import ModelVersion
 from schemas.settings import Settings
 from service.engine import Engine
 from service.targets import TargetRefused, target_of
 from store import locks, registry
+from store.db import Database
 
 log = logging.getLogger(__name__)
 REPLICA = f"replica {socket.gethostname()}"
@@ -35,9 +37,11 @@ def build_engine(version: ModelVersion, settings: Settings) -> Engine:
         engine = RemoteEngine(version, target=target, api_key=settings.remote_api_key,
                               check_timeout=settings.target_timeout_seconds)
     else:
-        from schemas.checkpoint import read_manifest
+        from schemas.checkpoint import BadCheckpoint, read_manifest
         from service.local_engine import LocalEngine
-        read_manifest(version.path)  # refuse files that no longer match what was registered
+        # refuse files that no longer match what was registered (the manifest included)
+        if read_manifest(version.path)["content_hash"] != version.content_hash:
+            raise BadCheckpoint(f"{version.path}: the manifest's content hash is not the registered one")
         engine = LocalEngine(version, device=resolve_device(settings.device),
                              max_batch_rows=settings.max_batch_rows)
     engine.warm()
@@ -129,7 +133,7 @@ class Serving:
         self.active, self.canaries = None, {}
 
 
-async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
+async def sync_with_registry(pool: Database, serving: Serving) -> None:
     """Bring this replica to what the registry says serves; mark what cannot load as failed."""
     async with pool.connection() as conn:
         versions = await registry.list_serving_versions(conn)
@@ -151,9 +155,44 @@ async def sync_with_registry(pool: AsyncConnectionPool, serving: Serving) -> Non
         async with pool.connection() as conn:
             await registry.mark_failed(conn, id=version.id, actor=REPLICA, reason=f"load failed: {error}",
                                        restore=serving.active.version.id if serving.active else None)
+    if serving.active is None and (failures or active is None):
+        await fall_back(pool, serving, failed=failures[-1][0] if failures else None)
 
 
-async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
+async def fall_back(pool, serving: Serving, *, failed: ModelVersion | None) -> None:
+    """Nothing serves (the active version failed to load, or there is none): the most recently
+    active version that still loads takes over, audited as a rollback; failing that, the
+    checkpoint at FEEDLOOP_POLICY_PATH. A candidate that does not load is marked failed too."""
+    async with pool.connection() as conn:
+        candidates = await registry.fallback_candidates(conn, kind="policy")
+    why = f"{failed.name} failed to load" if failed else "no active policy"
+    for version in candidates:
+        try:
+            await serving.set_active(version)
+        except Exception as e:
+            log.error("fallback %s does not load either: %s", version.name, e)
+            async with pool.connection() as conn:
+                await registry.mark_failed(conn, id=version.id, actor=REPLICA, reason=f"load failed: {e}")
+            continue
+        async with pool.connection() as conn:
+            await registry.fall_back(conn, id=version.id, actor=REPLICA, reason=f"{why}: falling back to {version.name}")
+        log.warning("%s: serving %s, the most recent version that served before", why, version.name)
+        return
+    if serving.settings.policy_path:
+        from schemas.checkpoint import BadCheckpoint, read_manifest
+        try:
+            await asyncio.to_thread(read_manifest, serving.settings.policy_path)  # hashed off the event loop
+            async with pool.connection() as conn:
+                version = await registry.ensure_initial_policy(conn, path=serving.settings.policy_path,
+                                                               actor="FEEDLOOP_POLICY_PATH")
+            await serving.set_active(version)
+        except BadCheckpoint as e:
+            log.error("%s, and FEEDLOOP_POLICY_PATH is not intact either: %s", why, e)
+        except Exception as e:
+            log.error("%s, and FEEDLOOP_POLICY_PATH does not load either: %s", why, e)
+
+
+async def follow_registry(pool: Database, serving: Serving) -> None:
     """Sync on every NOTIFY, and every `poll_seconds` in case a notification was missed."""
     while True:
         try:
@@ -165,6 +204,8 @@ async def follow_registry(pool: AsyncConnectionPool, serving: Serving) -> None:
                         pass
         except asyncio.CancelledError:
             raise
+        except (psycopg.OperationalError, DomainError) as e:  # the database is away: no traceback each poll
+            log.warning("registry follower lost its connection (%s); retrying", e)
         except Exception:
             log.exception("registry follower lost its connection; retrying")
-            await asyncio.sleep(serving.settings.poll_seconds)
+        await asyncio.sleep(serving.settings.poll_seconds)

@@ -107,13 +107,15 @@ async def record_preference(conn, *, preference: PreferenceCreate, author_key_id
 # --- idempotency ----------------------------------------------------------------------------
 
 async def claim_idempotency_key(conn, *, author_key_id: int, key: str, route: str,
-                                request_hash: str) -> dict | None:
+                                request_hash: str, ttl_hours: float = 24.0) -> dict | None:
     """None: the key is this request's now (store its answer with `save_idempotent_response`
     before committing). Otherwise the answer to the first request with this key, to replay.
     A request in flight with the same key is waited for. Conflict: the key was used for a
-    different request."""
+    different request. Keys are remembered for `ttl_hours`: the author's older ones are
+    forgotten first, so an old key is free again and the table does not grow for ever."""
     _in_transaction(conn)
     params = dict(author_key_id=author_key_id, key=key)
+    await execute(conn, "forget_idempotency_keys", author_key_id=author_key_id, ttl_seconds=ttl_hours * 3600)
     for _ in range(3):  # a claimer that rolled back leaves the key free: claim it then
         if await fetch_one(conn, "claim_idempotency_key", **params, route=route, request_hash=request_hash):
             return None

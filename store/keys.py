@@ -2,8 +2,9 @@
 import hashlib
 import secrets
 
-from schemas.errors import NotFound
+from schemas.errors import Conflict, NotFound
 from schemas.records import ApiKeyCreated, ApiKeyPublic
+from store import locks
 from store.sql import fetch_all, fetch_one
 
 
@@ -35,15 +36,23 @@ async def take_rate_limited_request(conn, *, key_id: int, rate_limit: int) -> bo
     return await fetch_one(conn, "take_rate_limited_request", key_id=key_id, rate_limit=rate_limit) is not None
 
 
-async def list_api_keys(conn) -> list[ApiKeyPublic]:
-    return [ApiKeyPublic(**r) for r in await fetch_all(conn, "list_api_keys")]
+async def list_api_keys(conn, *, limit: int | None = None, before: int | None = None) -> list[ApiKeyPublic]:
+    """Keys newest first: `limit` of them with ids below `before` (all of them by default)."""
+    return [ApiKeyPublic(**r) for r in await fetch_all(conn, "list_api_keys", limit=limit, before=before)]
 
 
 async def revoke_api_key(conn, *, id: int) -> ApiKeyPublic:
-    row = await fetch_one(conn, "revoke_api_key", id=id)
-    if row is None:
-        raise NotFound(f"no live API key with id {id}")
-    return ApiKeyPublic(**row)
+    """Revoke a live key; never the last live operator key (nobody could run the system then).
+    Revocations are serialised, so two operators revoking each other's key cannot both win."""
+    async with conn.transaction():
+        await locks.lock_for_transaction(conn, locks.KEYS)
+        row = await fetch_one(conn, "get_live_api_key", id=id)
+        if row is None:
+            raise NotFound(f"no live API key with id {id}")
+        if row["role"] == "operator" and await count_live_operator_keys(conn) <= 1:
+            raise Conflict(f"key {id} is the last live operator key; create another operator key "
+                           "before revoking it", code="last_operator_key")
+        return ApiKeyPublic(**await fetch_one(conn, "revoke_api_key", id=id))
 
 
 async def count_live_operator_keys(conn) -> int:

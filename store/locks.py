@@ -9,6 +9,7 @@ integer, so `SELECT * FROM pg_locks` shows the same number everywhere and names 
   registry  serialises rollbacks, which read the activation history before changing it
   deploy    one switch of what serves at a time (promote, canary, rollback, retarget), across
             replicas and the CLI, held while its deploy hook runs and its target is checked
+  keys      serialises key revocations, so the last live operator key is never revoked
 """
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -25,8 +26,8 @@ def lock_key(name: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-MIGRATE, EVENTS, ROUND, INITIAL_POLICY, REGISTRY, DEPLOY = map(
-    lock_key, ("migrate", "events", "round", "initpol", "registry", "deploy"))
+MIGRATE, EVENTS, ROUND, INITIAL_POLICY, REGISTRY, DEPLOY, KEYS = map(
+    lock_key, ("migrate", "events", "round", "initpol", "registry", "deploy", "keys"))
 REGISTRY_CHANNEL = "feedloop_registry"  # a version's status changed: replicas re-sync
 
 

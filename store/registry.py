@@ -137,13 +137,26 @@ async def register_checkpoint(conn, *, path: Path, kind: str, status: str, actor
 
 
 async def ensure_initial_policy(conn, *, path: Path, actor: str) -> ModelVersion:
-    """The active policy; when there is none yet, `path` registered as the first, active."""
+    """The active policy; when there is none, the checkpoint at `path` becomes it: the version
+    registered from that directory with that very content when there is one (a `failed` one
+    whose files are intact again is restored first, audited), else a new version. Raises
+    BadCheckpoint when the files do not match their manifest."""
     async with conn.transaction():
         # Serialise concurrent first starts so only one registers version 1.
         await locks.lock_for_transaction(conn, locks.INITIAL_POLICY)
         active = await get_active_version(conn, kind="policy")
         if active is not None:
             return active
+        manifest = read_manifest(path)
+        for row in await fetch_all(conn, "find_version_by_path", path=str(Path(path).resolve()),
+                                   content_hash=manifest["content_hash"]):
+            known = await lock_version(conn, id=row["id"])
+            if known.kind != "policy" or known.status not in ("failed", "archived"):
+                continue
+            if known.status == "failed":
+                known = await _restore(conn, known, actor=actor, reason="its files match the registered hash again")
+            return await _activate(conn, known, action="rollback", actor=actor,
+                                   reason="no active policy: the intact checkpoint at FEEDLOOP_POLICY_PATH")
         return await register_checkpoint(conn, path=path, kind="policy", status="active",
                                          actor=actor, reason="initial policy")
 
@@ -236,6 +249,49 @@ async def retarget(conn, *, id: int, endpoint: str | None, model_id: str | None,
                                reason=f"{reason}: {change}" if reason else change)
         await _notify(conn, version, "retarget")
         return version
+
+
+async def fallback_candidates(conn, *, kind: str = "policy") -> list[ModelVersion]:
+    """Versions that served before and may serve again (archived), most recently active first."""
+    found, seen = [], set()
+    for vid in await list_activations(conn, kind=kind, limit=1000):
+        if vid not in seen:
+            seen.add(vid)
+            version = await get_model_version(conn, id=vid)
+            if version.status == "archived":
+                found.append(version)
+    return found
+
+
+async def fall_back(conn, *, id: int, actor: str, reason: str) -> ModelVersion | None:
+    """Make the archived version `id` active because none of its kind is (the active one failed);
+    None when another replica made a version active meanwhile."""
+    async with conn.transaction():
+        await locks.lock_for_transaction(conn, locks.REGISTRY)
+        version = await lock_version(conn, id=id)
+        if version.status != "archived" or await get_active_version(conn, kind=version.kind) is not None:
+            return None
+        return await _activate(conn, version, action="rollback", actor=actor, reason=reason)
+
+
+async def _restore(conn, version: ModelVersion, *, actor: str, reason: str) -> ModelVersion:
+    version = await set_version_status(conn, id=version.id, status="archived", actor=actor)
+    await insert_promotion(conn, version_id=version.id, action="restore", actor=actor, reason=reason)
+    await _notify(conn, version, "restore")
+    return version
+
+
+async def restore(conn, *, id: int, content_hash: str, actor: str, reason: str | None = None) -> ModelVersion:
+    """A `failed` version whose files were checked again and hash to `content_hash`: archived, so
+    it can be promoted again under its own name. Conflict when the hash is not the registered one."""
+    async with conn.transaction():
+        version = await lock_version(conn, id=id)
+        if content_hash != version.content_hash:
+            raise Conflict(f"{version.name}'s files hash to {content_hash}, not the registered "
+                           f"{version.content_hash}", code="checkpoint_mismatch")
+        if version.status != "failed":
+            return version
+        return await _restore(conn, version, actor=actor, reason=reason or "files verified against the registered hash")
 
 
 async def mark_failed(conn, *, id: int, actor: str, reason: str,

@@ -1,19 +1,30 @@
 """POST /v1/chat/completions and GET /v1/models, in OpenAI's protocol."""
+import asyncio
 import json
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from schemas.errors import DomainError
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                             ChatCompletionRequest, Choice, ChunkChoice, Delta, ModelCard,
                             ModelList, completion_id)
-from service.deps import CurrentKey, PoolDep, ServingDep
+from service.deps import CurrentKey, ServingDep
 from service.engine import EngineError
-from service.errors import ERROR_RESPONSES, ApiError, engine_error
+from service.errors import ERROR_RESPONSES, ApiError, domain_error, engine_error, server_error
 from service.recording import Exchange
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["chat"])
+# Tokenizing a long prompt takes a while (a megabyte: a third of a second): never on the event
+# loop. One thread, so a tokenizer is never used by two threads at once.
+TOKENIZER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+CHAT_RESPONSES = ERROR_RESPONSES | {200: {"content": {"text/event-stream": {
+    "schema": {"type": "string", "description": "with stream=true: server-sent events, each "
+               "`data: {chat.completion.chunk}`, then `data: [DONE]`"}}}}}
 
 
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
@@ -25,17 +36,20 @@ async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=CHAT_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, serving: ServingDep,
-                                 pool: PoolDep, request: Request):
-    """Answer with the served policy; the exchange is committed before the answer returns
-    (streams: when they end, however they end)."""
+                                 request: Request):
+    """Answer with the served policy; the exchange is committed (or, while the database is away,
+    spooled to disk) before the answer returns (streams: when they end, however they end)."""
     engine = serving.pick(body.model)
+    if engine is None and not serving.ready and body.model == serving.settings.model_name:
+        raise ApiError(503, "No model is loaded yet; retry shortly.", code="model_not_ready",
+                       headers={"Retry-After": "5"})
     if engine is None:
         raise ApiError(404, f"The model '{body.model}' does not exist or is not served.",
                        param="model", code="model_not_found")
     conversation = body.conversation()
-    prompt_ids = engine.encode(conversation)
+    prompt_ids = await asyncio.get_running_loop().run_in_executor(TOKENIZER, engine.encode, conversation)
     room = engine.context_length - len(prompt_ids)
     if room < 1:
         raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; "
@@ -53,7 +67,7 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
     except BaseException:
         exchange.gen.cancel()
         raise
-    await exchange.record(pool)
+    await request.app.state.recorder.record(exchange)
     return ChatCompletion(
         id=exchange.response_id, model=body.model, system_fingerprint=engine.version.name,
         choices=[Choice(index=i, message=AssistantMessage(content=t), finish_reason=f)
@@ -71,29 +85,36 @@ async def stream(exchange: Exchange, request: Request):
                                 usage=usage)
         return f"data: {json.dumps(c.model_dump(mode='json'))}\n\n"
 
+    recorder = request.app.state.recorder
     finished = False
     try:
         for i in range(exchange.gen.sampling.n):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-        try:
-            async for piece in exchange.gen:
-                exchange.add(piece)
-                if piece.text:
-                    yield chunk([ChunkChoice(index=piece.index, delta=Delta(content=piece.text))])
-                if piece.finish_reason in ("stop", "length"):
-                    yield chunk([ChunkChoice(index=piece.index, delta=Delta(),
-                                             finish_reason=piece.finish_reason)])
-        except EngineError as e:  # OpenAI's mid-stream error: one data line; an unfinished answer is not recorded
-            finished = True
-            yield f"data: {json.dumps(engine_error(e).body())}\n\n"
-            return
-        await exchange.record(request.app.state.recorder.pool)
+        async for piece in exchange.gen:
+            exchange.add(piece)
+            if piece.text:
+                yield chunk([ChunkChoice(index=piece.index, delta=Delta(content=piece.text))])
+            if piece.finish_reason in ("stop", "length"):
+                yield chunk([ChunkChoice(index=piece.index, delta=Delta(),
+                                         finish_reason=piece.finish_reason)])
         finished = True
+        await recorder.record(exchange)
         opts = exchange.body.stream_options
         if opts and opts.include_usage:
             yield chunk([], usage=exchange.usage())
         yield "data: [DONE]\n\n"
+    except Exception as e:
+        # The status line is sent: say what went wrong as OpenAI does mid-stream, an error
+        # event, and end the stream cleanly (no [DONE]: the answer is not whole or not kept).
+        if isinstance(e, EngineError):
+            error, finished = engine_error(e), True  # the engine ended it: nothing more to drain or record
+        elif isinstance(e, DomainError):
+            error = domain_error(e)
+        else:
+            error = server_error()
+            log.exception("stream %s failed", exchange.response_id)
+        yield f"data: {json.dumps(error.body())}\n\n"
     finally:
-        if not finished:  # the client went away: stop generating, record what was produced
+        if not finished:  # the client went away (or generation failed): stop, record what was produced
             exchange.gen.cancel()
-            request.app.state.recorder.finish_later(exchange)
+            recorder.finish_later(exchange)

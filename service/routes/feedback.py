@@ -8,11 +8,13 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel
 from psycopg import AsyncConnection
 
+from schemas.errors import Unavailable
 from schemas.openai import ErrorResponse
+from schemas.settings import get_settings
 from schemas.records import (ApiKeyPublic, FeedbackCreate, FeedbackPublic, PreferenceCreate,
                              PreferencePublic, RankingCreate, RankingPublic)
 from service.deps import ConnDep, CurrentKey
@@ -20,7 +22,7 @@ from service.errors import ERROR_RESPONSES
 from store import feedback
 
 M = TypeVar("M", bound=BaseModel)
-RESPONSES = ERROR_RESPONSES | {409: {"model": ErrorResponse}}
+RESPONSES = ERROR_RESPONSES | {409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
 router = APIRouter(prefix="/v1", tags=["feedback"], responses=RESPONSES)
 
 IdempotencyKey = Annotated[str | None, Header(
@@ -44,7 +46,8 @@ async def write_once(conn: AsyncConnection, *, key: ApiKeyPublic, idempotency_ke
     async with conn.transaction():
         if idempotency_key is not None:
             prior = await feedback.claim_idempotency_key(conn, author_key_id=key.id, key=idempotency_key,
-                                                         route=route, request_hash=request_hash)
+                                                         route=route, request_hash=request_hash,
+                                                         ttl_hours=get_settings().idempotency_key_hours)
             if prior is not None:
                 response.headers["Idempotent-Replayed"] = "true"
                 return model.model_validate(prior)
@@ -55,11 +58,20 @@ async def write_once(conn: AsyncConnection, *, key: ApiKeyPublic, idempotency_ke
     return result
 
 
+def recorded_yet(request: Request, *response_ids: str) -> None:
+    """An exchange answered while the database was away is recorded from the spool moments after
+    it is back: feedback on it meanwhile is a 503 to retry, not a 404."""
+    if any(request.app.state.recorder.is_spooled(r) for r in response_ids):
+        raise Unavailable("That response was answered while the database was away and is still being "
+                          "recorded; retry shortly.", param="response_id", code="exchange_not_recorded_yet")
+
+
 @router.post("/feedback", response_model=FeedbackPublic)
 async def give_feedback(body: FeedbackCreate, key: CurrentKey, conn: ConnDep, response: Response,
-                        idempotency_key: IdempotencyKey = None) -> FeedbackPublic:
+                        request: Request, idempotency_key: IdempotencyKey = None) -> FeedbackPublic:
     """Thumbs (+1/-1), a rating (1-7), a comment or a corrected answer on one completion; a
     second one of the same kind by the same key replaces the first."""
+    recorded_yet(request, body.response_id)
     return await write_once(
         conn, key=key, idempotency_key=idempotency_key, route="POST /v1/feedback",
         request=body.model_dump_json().encode(), response=response, model=FeedbackPublic,
@@ -69,9 +81,10 @@ async def give_feedback(body: FeedbackCreate, key: CurrentKey, conn: ConnDep, re
 
 @router.post("/rankings", response_model=RankingPublic)
 async def rank_choices(body: RankingCreate, key: CurrentKey, conn: ConnDep, response: Response,
-                       idempotency_key: IdempotencyKey = None) -> RankingPublic:
+                       request: Request, idempotency_key: IdempotencyKey = None) -> RankingPublic:
     """The choices of one response (n >= 2) best first, every choice once; an inner list is a tie.
     A ranking of K choices yields K(K-1)/2 training pairs (fewer with ties)."""
+    recorded_yet(request, body.response_id)
     return await write_once(
         conn, key=key, idempotency_key=idempotency_key, route="POST /v1/rankings",
         request=body.model_dump_json().encode(), response=response, model=RankingPublic,
@@ -81,9 +94,10 @@ async def rank_choices(body: RankingCreate, key: CurrentKey, conn: ConnDep, resp
 
 @router.post("/preferences", response_model=PreferencePublic)
 async def prefer(body: PreferenceCreate, key: CurrentKey, conn: ConnDep, response: Response,
-                 idempotency_key: IdempotencyKey = None) -> PreferencePublic:
+                 request: Request, idempotency_key: IdempotencyKey = None) -> PreferencePublic:
     """One completion preferred over another completion of the same prompt; `strength` (0-1) is
     the pair's margin."""
+    recorded_yet(request, body.chosen.response_id, body.rejected.response_id)
     return await write_once(
         conn, key=key, idempotency_key=idempotency_key, route="POST /v1/preferences",
         request=body.model_dump_json().encode(), response=response, model=PreferencePublic,

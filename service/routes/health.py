@@ -1,11 +1,16 @@
-"""Liveness, readiness and Prometheus metrics: open to anyone, no key needed."""
+"""Liveness, readiness and Prometheus metrics: open to anyone by default (service/auth.py)."""
+import logging
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import PoolDep, ServingDep
+from schemas.errors import Unavailable
+from schemas.openai import ErrorResponse
+from service.deps import DatabaseDep, ServingDep
 from service.errors import ApiError
 from store.db import ping
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -15,19 +20,22 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "database or model not ready"}})
-async def ready(pool: PoolDep, serving: ServingDep) -> dict:
-    """Ready to answer chats: the database answers and a policy is loaded."""
+@router.get("/ready", responses={503: {"model": ErrorResponse, "description": "database or model not ready"}})
+async def ready(db: DatabaseDep, serving: ServingDep) -> dict:
+    """Ready to answer chats: the database answers and a policy is loaded. What is wrong is said
+    in general terms; the details are in the server's log, not shown to anyone who asks."""
     try:
-        async with pool.connection(timeout=2) as conn:
-            await ping(conn)
-    except Exception as e:
-        raise ApiError(503, f"database not reachable: {e}", type="service_unavailable")
+        await db.retrying(ping)
+    except Unavailable:
+        raise ApiError(503, "The database is not reachable.", code="database_unavailable",
+                       headers={"Retry-After": "1"}) from None
     if not serving.ready:
-        raise ApiError(503, "no model loaded yet", type="service_unavailable")
+        raise ApiError(503, "No model is loaded yet.", code="model_not_ready", headers={"Retry-After": "5"})
     return {"status": "ready", "model": serving.active.version.name}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -29,6 +29,11 @@ VALUES (%(author_key_id)s, %(key)s, %(route)s, %(request_hash)s)
 ON CONFLICT (author_key_id, key) DO NOTHING
 RETURNING key;
 
+-- name: forget_idempotency_keys
+-- Forget an author's keys older than the time they are remembered for (before claiming one).
+DELETE FROM idempotency_keys
+WHERE author_key_id = %(author_key_id)s AND created_at < now() - make_interval(secs => %(ttl_seconds)s);
+
 -- name: get_idempotency_key
 -- What the first request with this key was, and what it answered.
 SELECT route, request_hash, response FROM idempotency_keys

@@ -13,9 +13,15 @@ SELECT id, prefix, name, role, rate_limit, created_at, revoked_at
 FROM api_keys WHERE key_hash = %(key_hash)s AND revoked_at IS NULL;
 
 -- name: list_api_keys
--- Every key, newest first, revoked ones included.
+-- One page of keys, newest first, revoked ones included: ids below `before` (null: from the newest).
 SELECT id, prefix, name, role, rate_limit, created_at, revoked_at
-FROM api_keys ORDER BY id DESC;
+FROM api_keys WHERE %(before)s::bigint IS NULL OR id < %(before)s
+ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: get_live_api_key
+-- A live key by id, locked for revoking.
+SELECT id, prefix, name, role, rate_limit, created_at, revoked_at
+FROM api_keys WHERE id = %(id)s AND revoked_at IS NULL FOR UPDATE;
 
 -- name: revoke_api_key
 -- Revoke a live key; returns nothing when there is no such live key.

@@ -61,6 +61,10 @@ RETURNING *;
 -- The audit log, newest first.
 SELECT * FROM promotions ORDER BY id DESC LIMIT %(limit)s;
 
+-- name: find_version_by_path
+-- The versions registered from this checkpoint directory with this content hash, newest first.
+SELECT * FROM model_versions WHERE path = %(path)s AND content_hash = %(content_hash)s ORDER BY id DESC;
+
 -- name: lock_version
 -- One version, locked for a status change.
 SELECT * FROM model_versions WHERE id = %(id)s FOR UPDATE;

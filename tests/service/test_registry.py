@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import psycopg
 import pytest
@@ -157,3 +158,73 @@ def test_no_failed_requests_across_a_swap(fresh_server, v2_path):
     for rid, fp, text in results:  # recorded with the version that answered, and it answered like it
         assert f"v{rows[rid]}" == fp
         assert (text == V2_ANSWER) == (fp == f"v{vid}")
+
+
+def tamper(path):
+    """Change a checkpoint's weights in place (a flipped tail: the manifest no longer matches)."""
+    weights = path / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-16] + bytes(b ^ 0xFF for b in original[-16:]))
+    return lambda: weights.write_bytes(original)
+
+
+def test_a_tampered_served_checkpoint_falls_back_to_the_previous_version(fresh_server, v2_path, tmp_path):
+    s = fresh_server
+    mine = tmp_path / "v2-copy"
+    shutil.copytree(v2_path, mine)
+    vid = register(s.db_url, mine)
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.create_key(), max_retries=0)
+    with s.client() as op:
+        assert op.post(f"/v1/admin/models/{vid}/promote").status_code == 200
+    wait_for(f"v{vid}", client)
+    s.stop()
+    repair = tamper(mine)
+    s.start()  # ready: it came up serving the previous intact version
+    assert hello(client).system_fingerprint == "v1"
+    with s.client() as op:
+        models = {m["id"]: m for m in op.get("/v1/admin/models").json()["data"]}
+        assert models[vid]["status"] == "failed" and models[1]["status"] == "active"
+        history = op.get("/v1/admin/models/history").json()["data"]
+        assert (history[0]["version_id"], history[0]["action"]) == (1, "rollback")
+        assert f"v{vid} failed to load" in history[0]["reason"] and history[0]["actor"].startswith("replica")
+        assert (history[1]["version_id"], history[1]["action"]) == (vid, "fail")
+        r = op.post(f"/v1/admin/models/{vid}/verify")  # still broken: said so, nothing changes
+        assert r.status_code == 409 and r.json()["error"]["code"] == "checkpoint_mismatch"
+        repair()  # the file comes back under its own name, by an operator
+        r = op.post(f"/v1/admin/models/{vid}/verify", json={"reason": "restored from backup"})
+        assert r.status_code == 200 and r.json()["status"] == "archived"
+        assert op.get("/v1/admin/models/history").json()["data"][0]["action"] == "restore"
+        assert op.post(f"/v1/admin/models/{vid}/promote").status_code == 200
+    wait_for(f"v{vid}", client)
+
+
+def test_a_tampered_only_version_starts_not_ready_and_comes_back_when_repaired(new_database, policy_path, tmp_path):
+    mine = tmp_path / "policy"
+    shutil.copytree(policy_path, mine)
+    s = Server(new_database(), tmp_path, FEEDLOOP_POLICY_PATH=mine).start()
+    s.stop()
+    repair = tamper(mine)
+    s.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=s.env,
+                              stdout=open(s.log, "ab"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # it starts (no crash on FEEDLOOP_POLICY_PATH) and says it is not ready
+            assert s.proc.poll() is None, s.log.read_text()[-2000:]
+            try:
+                r = httpx.get(s.url + "/ready", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+    finally:
+        s.stop()
+    repair()
+    s.start()  # the intact file is its own version again: v1, restored (audited), not a new version
+    try:
+        with s.client() as op:
+            models = op.get("/v1/admin/models").json()["data"]
+            assert [(m["id"], m["status"]) for m in models] == [(1, "active")]
+            actions = [e["action"] for e in op.get("/v1/admin/models/history").json()["data"]]
+            assert actions[:3] == ["rollback", "restore", "fail"]
+    finally:
+        s.stop()
