@@ -105,7 +105,7 @@ def cmd_models(args) -> None:
         "target": lambda c: targets.retarget(c, settings, id=args.id, actor=actor, reason=args.reason,
                                              **update.changes()),
         "register": lambda c: _register(c, args, update, actor),
-        "verify": lambda c: _verify(c, args.id, actor, args.reason),
+        "verify": lambda c: registry.verify(c, id=args.id, actor=actor, reason=args.reason),
     }
     try:
         v = asyncio.run(_with_conn(ops[args.action]))
@@ -131,18 +131,6 @@ async def _register(conn, args, update, actor: str):
                                                       actor=actor, reason=args.reason, parent_id=args.parent, **target)
     except BadCheckpoint as e:
         sys.exit(f"feedloop: {e}")
-
-
-async def _verify(conn, version_id: int, actor: str, reason: str | None):
-    """The checkpoint hashed again: a failed version whose files match its registered hash is restored."""
-    from schemas.checkpoint import BadCheckpoint, read_manifest
-    version = await registry.get_model_version(conn, id=version_id)
-    try:
-        manifest = read_manifest(version.path)
-    except BadCheckpoint as e:
-        raise DomainError(f"{version.name} is still not intact: {e}") from e
-    return await registry.restore(conn, id=version_id, content_hash=manifest["content_hash"], actor=actor,
-                                  reason=reason)
 
 
 def cmd_export(args) -> None:

@@ -4,11 +4,12 @@ Operations shared by the service, the trainer and the CLI. Each status change is
 that appends to the `promotions` audit log and notifies the registry channel (store/locks.py),
 which every serving replica listens on; Postgres delivers it on commit, so a replica never sees a
 change that was rolled back."""
+import asyncio
 from pathlib import Path
 
 from psycopg.types.json import Jsonb
 
-from schemas.checkpoint import read_manifest
+from schemas.checkpoint import BadCheckpoint, read_manifest
 from schemas.errors import Conflict, NotFound
 from schemas.records import ModelVersion, Promotion
 from store import locks
@@ -279,6 +280,17 @@ async def _restore(conn, version: ModelVersion, *, actor: str, reason: str) -> M
     await insert_promotion(conn, version_id=version.id, action="restore", actor=actor, reason=reason)
     await _notify(conn, version, "restore")
     return version
+
+
+async def verify(conn, *, id: int, actor: str, reason: str | None = None) -> ModelVersion:
+    """Hash the version's checkpoint again (blocking file reads, in a thread) and `restore` it when
+    it matches the registered hash; Conflict `checkpoint_mismatch` when it still does not."""
+    version = await get_model_version(conn, id=id)
+    try:
+        manifest = await asyncio.to_thread(read_manifest, version.path)
+    except BadCheckpoint as e:
+        raise Conflict(f"{version.name} is still not intact: {e}", code="checkpoint_mismatch") from e
+    return await restore(conn, id=id, content_hash=manifest["content_hash"], actor=actor, reason=reason)
 
 
 async def restore(conn, *, id: int, content_hash: str, actor: str, reason: str | None = None) -> ModelVersion:

@@ -2,12 +2,8 @@
 checkpoint, and say where each is served. Switches that change what serves go through
 service/targets.py: a version served by an inference server is deployed (the hook) and its target
 checked before the registry changes."""
-import asyncio
-
 from fastapi import APIRouter
 
-from schemas.checkpoint import BadCheckpoint, read_manifest
-from schemas.errors import Conflict
 from schemas.records import (CanaryAction, ListPublic, ModelAction, ModelVersion, ModelVersionPublic, Promotion,
                              ServingTarget, TargetUpdate)
 from service import targets
@@ -84,19 +80,13 @@ async def canary(version_id: int, body: CanaryAction, conn: ConnDep, operator: O
 
 
 @router.post("/{version_id}/verify", response_model=ModelVersionPublic, responses={409: ERROR_RESPONSES[400]})
-async def verify(version_id: int, conn: ConnDep, operator: OperatorKey,
+async def verify(version_id: int, conn: ConnDep, operator: OperatorKey, settings: SettingsDep,
                  body: ModelAction | None = None) -> ModelVersionPublic:
     """Hash the version's checkpoint again and compare it with the registered hash: a `failed`
     version whose files match again (repaired, restored from a backup) becomes `archived`, under
     its own name, ready to be promoted; a mismatch is a 409 that says so."""
-    version = await registry.get_model_version(conn, id=version_id)
-    try:
-        manifest = await asyncio.to_thread(read_manifest, version.path)
-    except BadCheckpoint as e:
-        raise Conflict(f"{version.name} is still not intact: {e}", code="checkpoint_mismatch") from e
-    version = await registry.restore(conn, id=version_id, content_hash=manifest["content_hash"],
-                                     actor=actor(operator), reason=body and body.reason)
-    return await public(conn, version)
+    version = await registry.verify(conn, id=version_id, actor=actor(operator), reason=body and body.reason)
+    return await public(conn, version, settings)
 
 
 @router.post("/{version_id}/reject", response_model=ModelVersionPublic)
