@@ -21,7 +21,7 @@ import pytest
 from store import runs
 from store.derive import wilson_interval
 from tests.conftest import OPERATOR_KEY, ROOT
-from tests.service.test_registry import V2_ANSWER, register, v2_path  # noqa: F401 (a fixture)
+from tests.conftest import V2_ANSWER, register
 from trainer.ppo import CURVE_KEYS
 
 pytestmark = pytest.mark.slow
