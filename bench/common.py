@@ -52,10 +52,9 @@ def loopback_env(**extra) -> dict[str, str]:
 
 def load_prompts() -> list[str]:
     """The bundled prompts (schemas/data/prompts.jsonl)."""
-    import json
+    from schemas.bundled import bundled_prompts
 
-    lines = (ROOT / "trainer" / "data" / "prompts.jsonl").read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return bundled_prompts()
 
 
 # --- the checkpoint -------------------------------------------------------------------------
