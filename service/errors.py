@@ -8,6 +8,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.openai import ErrorInfo, ErrorResponse
 from schemas.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
+from service.engine import EngineOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def domain_error(exc: DomainError) -> ApiError:
     return ApiError(status, str(exc), param=exc.param, code=exc.code, headers=headers)
 
 
+def overloaded(exc: EngineOverloaded) -> ApiError:
+    return ApiError(503, str(exc), code="engine_overloaded", headers={"Retry-After": str(exc.retry_after)})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
@@ -81,6 +86,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def on_domain_error(request: Request, exc: DomainError):
         return domain_error(exc).response()
+
+    @app.exception_handler(EngineOverloaded)
+    async def on_overloaded(request: Request, exc: EngineOverloaded):
+        return overloaded(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

@@ -34,7 +34,8 @@ def build_engine(version: ModelVersion, settings: Settings) -> Engine:
         from service.local_engine import LocalEngine
         read_manifest(version.path)  # refuse files that no longer match what was registered
         engine = LocalEngine(version, device=resolve_device(settings.device),
-                             max_batch_rows=settings.max_batch_rows)
+                             max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
+                             queue_timeout=settings.queue_timeout_seconds)
     engine.warm()
     return engine
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                            ChatCompletionRequest, Choice, ChunkChoice, Delta, ModelCard,
-                            ModelList, completion_id)
+                            ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorResponse,
+                            ModelCard, ModelList, completion_id)
 from service.deps import CurrentKey, PoolDep, ServingDep
 from service.errors import ERROR_RESPONSES, ApiError
 from service.recording import Exchange
@@ -24,11 +24,14 @@ async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses=ERROR_RESPONSES | {s: {"model": ErrorResponse} for s in (429, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, serving: ServingDep,
                                  pool: PoolDep, request: Request):
     """Answer with the served policy; the exchange is committed before the answer returns
-    (streams: when they end, however they end)."""
+    (streams: when they end, however they end). An engine that cannot take the request (its
+    queue full, or no place in the batch before the deadline) answers 503 engine_overloaded
+    with Retry-After, and nothing is recorded; a stream's headers wait for that decision."""
     engine = serving.pick(body.model)
     if engine is None:
         raise ApiError(404, f"The model '{body.model}' does not exist or is not served.",
@@ -42,8 +45,13 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
                        code="context_length_exceeded")
     sampling = body.to_sampling(serving.settings.default_max_tokens)
     sampling.max_tokens = min(sampling.max_tokens, room)  # the answer ends at the context's edge
-    exchange = Exchange(completion_id(), body, key, engine, engine.submit(prompt_ids, sampling, conversation),
-                        conversation)
+    gen = engine.submit(prompt_ids, sampling, conversation)  # EngineOverloaded: 503 (service/errors.py)
+    try:
+        await gen.admitted()
+    except BaseException:
+        gen.cancel()  # the client left while it waited: it never runs
+        raise
+    exchange = Exchange(completion_id(), body, key, engine, gen, conversation)
     if body.stream:
         return StreamingResponse(stream(exchange, request), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
