@@ -21,23 +21,23 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[fl
     temps = torch.tensor(temperatures, device=logits.device)
     probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)  # (B, V), row by row
     nucleus = [i for i, (t, p) in enumerate(zip(temperatures, top_ps)) if t != 0 and p < 1.0]
-    cut = {}
     if nucleus:  # only these rows are sorted (and cut): the others draw from probs as they are
+        rows = torch.tensor(nucleus, device=logits.device)
         top_p = torch.tensor([top_ps[i] for i in nucleus], device=logits.device)
-        sorted_p, order = probs[nucleus].sort(dim=-1, descending=True)  # (N, V)
+        sorted_p, order = probs[rows].sort(dim=-1, descending=True)  # (N, V)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # beyond the top_p nucleus
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        cut = dict(zip(nucleus, zip(sorted_p, order)))
-    out = []
+        probs[rows] = sorted_p.masked_fill(outside, 0.0)
+    # One draw per row from its own generator: what `torch.multinomial(p, 1, generator=g)`
+    # computes, argmax(p / q) with q ~ Exp(1) drawn from g, the noise drawn row by row and the
+    # division and argmax done once for the batch.
+    noise = torch.ones_like(probs)
     for i, (t, g) in enumerate(zip(temperatures, generators)):
-        if t == 0:
-            out.append(int(greedy[i]))
-        elif i in cut:  # one draw per row from its own generator
-            p, order = cut[i]
-            out.append(int(order[torch.multinomial(p, 1, generator=g)]))
-        else:
-            out.append(int(torch.multinomial(probs[i], 1, generator=g)))
-    return out
+        if t != 0:
+            noise[i].exponential_(1, generator=g)
+    drawn = (probs / noise).argmax(-1)  # (B,)
+    if nucleus:
+        drawn[rows] = order.gather(1, drawn[rows, None]).squeeze(1)  # back from sorted positions
+    return torch.where(temps == 0, greedy, drawn).tolist()
 
 
 def sample_batch(logits: torch.Tensor, temperature: float,
