@@ -31,6 +31,7 @@ Loopback only; scratch databases are dropped and every server stopped at the end
 """
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import random
@@ -180,6 +181,7 @@ def measure_http(system: str, base_url: str, key: str, model: str, prompts: list
     import openai
 
     async def run() -> list[Cell]:
+        gc.freeze()  # this process's heap (torch too, once generate ran) is no collector's work while it measures
         http = openai.DefaultAsyncHttpxClient(trust_env=False)
         client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300,
                                     http_client=http)

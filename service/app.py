@@ -12,7 +12,7 @@ from service.middleware import RequestGuard
 from service.recording import Recorder
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
                             feedback, health)
-from service.serving import Serving, follow_registry, sync_with_registry
+from service.serving import Serving, follow_registry, settle_heap, sync_with_registry
 from store import keys
 from store.db import database_url, migrate
 from store.registry import ensure_initial_policy
@@ -50,6 +50,7 @@ async def lifespan(app: FastAPI):
     await sync_with_registry(pool, serving)  # ready when start-up completes, if a policy exists
     if not serving.ready:
         log.warning("no active policy yet: /ready answers 503 until one is registered")
+    await asyncio.to_thread(settle_heap)
     follower = asyncio.create_task(follow_registry(pool, serving))
     try:
         yield
