@@ -77,6 +77,7 @@ class LocalEngine:
         return encode_prompt(self.tokenizer, conversation)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
+        gen = Generation(prompt_ids, sampling)
         with self._queued_lock:
             if self._queued >= self.max_queue:
                 REJECTED.labels(reason="queue_full").inc()
@@ -84,7 +85,6 @@ class LocalEngine:
                                        "Please retry shortly.")
             self._queued += 1
             QUEUE_DEPTH.labels(version=self.version.name).set(self._queued)
-        gen = Generation(prompt_ids, sampling)
         self._inbox.put(gen)
         return gen
 
