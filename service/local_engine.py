@@ -69,6 +69,8 @@ class LocalEngine:
         self._batch: Batch | None = None
         self._closing = False
         self._rate = (time.perf_counter(), 0)  # (since, tokens): generated tokens per second
+        self._occupancy = BATCH_OCCUPANCY.labels(version=version.name)
+        self._tokens_per_second = TOKENS_PER_SECOND.labels(version=version.name)
         self._worker = threading.Thread(target=self._run, name=f"engine-{version.name}", daemon=True)
         self._worker.start()
 
@@ -115,6 +117,7 @@ class LocalEngine:
             torch.cuda.empty_cache()
 
     # --- worker ---------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _run(self) -> None:
         while True:
             self._collect(block=not (self._rows or self._waiting or self._closing))
@@ -123,11 +126,10 @@ class LocalEngine:
             self._turn_away()
             admitted = self._admit()
             try:
-                with torch.inference_mode():
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._rows:
-                        self._decode()
+                if admitted:
+                    self._prefill(admitted)
+                if self._rows:
+                    self._decode()
             except Exception as e:  # one failed step must not kill the worker
                 failed = {r.gen for r in self._rows} | set(admitted)
                 log.exception("generation failed: %d requests in flight fail with it", len(failed))
@@ -208,7 +210,9 @@ class LocalEngine:
         open_ = [k for k, r in enumerate(rows) if not r.finish]
         if not open_:
             return
-        batch.take([source[k] for k in open_])
+        index = [source[k] for k in open_]
+        if index != list(range(batch.rows)):  # copies for n choices, drops for rows already done
+            batch.take(index)
         if self._batch is None:
             self._batch = batch
         else:
@@ -283,10 +287,9 @@ class LocalEngine:
     def _report(self) -> None:
         """Occupancy after this iteration; generated tokens per second about once a second (and
         zero as the worker goes idle)."""
-        name = self.version.name
-        BATCH_OCCUPANCY.labels(version=name).set(len(self._rows) / self.max_batch_rows)
+        self._occupancy.set(len(self._rows) / self.max_batch_rows)
         since, tokens = self._rate
         now = time.perf_counter()
         if now - since >= 1.0 or not (self._rows or self._waiting):
-            TOKENS_PER_SECOND.labels(version=name).set(tokens / max(now - since, 1e-3) if self._rows else 0.0)
+            self._tokens_per_second.set(tokens / max(now - since, 1e-3) if self._rows else 0.0)
             self._rate = (now, 0)
