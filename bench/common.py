@@ -69,6 +69,16 @@ def ensure_policy(path: Path = BENCH_POLICY) -> Path:
     return path.resolve()
 
 
+def checkout(ref: str, into: Path) -> Path:
+    """The repository's files at `ref` (a commit, tag or branch), exported into `into`: an older
+    version of the code to run beside this one, with the same Python environment."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 # --- a scratch database ---------------------------------------------------------------------
 
 class ScratchDatabase:
@@ -117,10 +127,10 @@ class Process:
     answers 200. It runs in its own session, so `stop` ends it and its children only."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path,
-                 ready_path: str):
+                 ready_path: str, cwd: Path = ROOT):
         self.name, self.port, self.log = name, port, log
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=open(log, "ab"),
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=open(log, "ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.ready_path = ready_path
 
@@ -180,10 +190,11 @@ def transformers_serve(work: Path, *args: str, threads: int = 1, timeout: float 
 
 
 def feedloop_serve(db_url: str, work: Path, *, policy: Path | None, key: str | None = None,
-                   ready_path: str = "/ready", timeout: float = 120, **env) -> Process:
+                   ready_path: str = "/ready", timeout: float = 120, source: Path = ROOT, **env) -> Process:
     """`python -m service serve` on a free loopback port against `db_url`, started and ready.
     `policy` becomes FEEDLOOP_POLICY_PATH (None: no model, so wait on /health instead); `key`
-    becomes FEEDLOOP_INIT_API_KEY, an operator key; `env` adds FEEDLOOP_* settings."""
+    becomes FEEDLOOP_INIT_API_KEY, an operator key; `source` is the tree whose code runs (this
+    one, or an older commit's from `checkout`); `env` adds FEEDLOOP_* settings."""
     port = free_port()
     child_env = loopback_env(DATABASE_URL=db_url, FEEDLOOP_HOME=work / "home", FEEDLOOP_HOST="127.0.0.1",
                              FEEDLOOP_PORT=port, **env)
@@ -193,7 +204,7 @@ def feedloop_serve(db_url: str, work: Path, *, policy: Path | None, key: str | N
     if key is not None:
         child_env["FEEDLOOP_INIT_API_KEY"] = key
     server = Process("feedloop serve", [sys.executable, "-m", "service", "serve"], child_env, port,
-                     work / "api.log", ready_path)
+                     work / f"api-{port}.log", ready_path, cwd=source)
     try:
         server.wait_ready(timeout)
     except BaseException:

@@ -1,9 +1,10 @@
 """Next-token choice from the last column's logits (B, V). Two samplers on purpose:
 
 - `sample_rows`: the serving engine's. Every row has its own temperature, top_p and seeded
-  generator and draws alone from it, so a seed replays the same text. (A batch where any row
-  has top_p < 1 draws every row from probabilities sorted high to low, so a top_p = 1 row's draw
-  there can differ from the same seed's in an unsorted batch.)
+  generator and draws alone from it by a procedure that depends on that row only (its
+  probabilities sorted high to low when it has a nucleus to cut, as they are otherwise), so a seed
+  replays the same text whichever rows share the step: with continuous batching they change
+  from one step to the next.
 - `sample_batch`: PPO's. One temperature and one generator for the batch, and the log-prob of the
   token under the distribution sampled from, which the PPO ratios need.
 """
@@ -14,25 +15,29 @@ import torch.nn.functional as F
 def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
                 generators: list[torch.Generator]) -> list[int]:
     """Next token per row: greedy at temperature 0, else nucleus sampling from logits / T."""
-    temps = torch.tensor(temperatures, device=logits.device)
-    top_p = torch.tensor(top_ps, device=logits.device)
     greedy = logits.argmax(-1)  # (B,)
     if all(t == 0 for t in temperatures):
         return greedy.tolist()
-    probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)  # (B, V)
-    if all(p >= 1.0 for p in top_ps):  # no nucleus to cut: skip the sort
-        sorted_p, order = probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-    else:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+    temps = torch.tensor(temperatures, device=logits.device)
+    probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)  # (B, V), row by row
+    nucleus = [i for i, (t, p) in enumerate(zip(temperatures, top_ps)) if t != 0 and p < 1.0]
+    if nucleus:  # only these rows are sorted (and cut): the others draw from probs as they are
+        rows = torch.tensor(nucleus, device=logits.device)
+        top_p = torch.tensor([top_ps[i] for i in nucleus], device=logits.device)
+        sorted_p, order = probs[rows].sort(dim=-1, descending=True)  # (N, V)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # beyond the top_p nucleus
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-    out = []
+        probs[rows] = sorted_p.masked_fill(outside, 0.0)
+    # One draw per row from its own generator: what `torch.multinomial(p, 1, generator=g)`
+    # computes, argmax(p / q) with q ~ Exp(1) drawn from g, the noise drawn row by row and the
+    # division and argmax done once for the batch.
+    noise = torch.ones_like(probs)
     for i, (t, g) in enumerate(zip(temperatures, generators)):
-        if t == 0:
-            out.append(int(greedy[i]))
-        else:  # one draw per row from its own generator: a seed replays the same text
-            out.append(int(order[i, torch.multinomial(sorted_p[i], 1, generator=g)]))
-    return out
+        if t != 0:
+            noise[i].exponential_(1, generator=g)
+    drawn = (probs / noise).argmax(-1)  # (B,)
+    if nucleus:
+        drawn[rows] = order.gather(1, drawn[rows, None]).squeeze(1)  # back from sorted positions
+    return torch.where(temps == 0, greedy, drawn).tolist()
 
 
 def sample_batch(logits: torch.Tensor, temperature: float,

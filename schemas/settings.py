@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, mps")
     torch_threads: int = Field(0, description="torch intra-op threads; 0 leaves torch's default")
     max_batch_rows: int = Field(32, description="most sequences (choices) one generation batch holds")
+    max_queue: int = Field(256, ge=1, description="requests that may wait for a place in the batch; "
+                                                  "one more is refused with 503 engine_overloaded")
+    queue_timeout_seconds: float = Field(30.0, gt=0, description="a request that waited this long for "
+                                                                 "a place in the batch is refused with 503")
     default_max_tokens: int = 128
     max_body_bytes: int = 1 << 20
     model_name: str = Field("feedloop", description="the `model` name clients ask for")

@@ -13,7 +13,7 @@ from service.middleware import Admission, RequestGuard
 from service.recording import Recorder, Spool
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
                             console, feedback, health, me)
-from service.serving import Serving, follow_registry, sync_with_registry
+from service.serving import Serving, follow_registry, settle_heap, sync_with_registry
 from store import keys
 from store.db import Database, database_url, migrate
 from store.registry import ensure_initial_policy
@@ -66,6 +66,7 @@ async def lifespan(app: FastAPI):
         log.warning("no active policy yet: /ready answers 503 until one is registered")
     await recorder.drain_spool()  # what a previous run answered while the database was away
     recorder.start()
+    await asyncio.to_thread(settle_heap)
     follower = asyncio.create_task(follow_registry(db, serving))
     try:
         yield

@@ -1,12 +1,14 @@
 """Generation engines behind one small interface, and what a submitted request looks like.
 
-An engine takes a tokenized prompt and sampling parameters and returns a `Generation`: an async
-iterator of `Piece`s (text deltas per choice, then each choice's finish). Model work never runs on
-the event loop: engines hand results back through `loop.call_soon_threadsafe` or their own I/O.
+An engine takes a tokenized prompt and sampling parameters and returns a `Generation`: admitted
+(or turned away with `EngineOverloaded`), then an async iterator of `Piece`s (text deltas per
+choice, then each choice's finish). Model work never runs on the event loop: engines hand results
+back through `loop.call_soon_threadsafe` or their own I/O.
 """
 import asyncio
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
@@ -30,26 +32,69 @@ class EngineError(RuntimeError):
     """Generation failed inside the engine; the request gets a 5xx."""
 
 
+class EngineOverloaded(EngineError):
+    """The engine cannot take the request now: its queue is full, or the request waited past its
+    deadline without a place in the batch. Nothing was generated; the client may retry."""
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Generation:
-    """One submitted request: the engine pushes pieces, the route consumes them."""
+    """One submitted request: the engine admits it (or turns it away), then pushes pieces; the
+    route consumes them."""
 
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams):
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.loop = asyncio.get_running_loop()
-        self._pieces: asyncio.Queue = asyncio.Queue()
+        # Pieces (or an exception) in arrival order. The engine's thread appends, the route takes
+        # one at a time, so a consumer that stops early loses nothing and another may drain the
+        # rest. One wake-up of the event loop stands for all pieces pushed until it is consumed.
+        self._pieces: deque[Piece | Exception] = deque()
+        self._ready = asyncio.Event()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._admitted: asyncio.Future = self.loop.create_future()
+        self._admitted.add_done_callback(_retrieved)  # a refusal nobody awaits is not an error
         self._cancelled = threading.Event()
         self.error: Exception | None = None
         """what the engine failed with; every later read raises it again"""
         self.open_choices = sampling.n
         self.batch_rows = 0
+        """the most rows it shared a decoding step with (its own included)"""
         self.submitted = time.perf_counter()
         self.started: float | None = None
         self.first_token: float | None = None
 
     # engine side (any thread) ----------------------------------------------------------------
+    def admit(self) -> None:
+        """It has a place in the batch: it will be generated, and answered 200."""
+        self.started = time.perf_counter()
+        self._call(_settle, self._admitted, None)
+
+    def reject(self, error: EngineOverloaded) -> None:
+        """It will not be generated: the route answers with `error` and records nothing."""
+        self._call(_settle, self._admitted, error)
+        self.push(error)
+
     def push(self, pieces: list[Piece] | Exception) -> None:
-        self.loop.call_soon_threadsafe(self._pieces.put_nowait, pieces)
+        if isinstance(pieces, Exception):
+            self._pieces.append(pieces)
+        else:
+            self._pieces.extend(pieces)
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._call(self._ready.set)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            pass
 
     @property
     def cancelled(self) -> bool:
@@ -57,29 +102,56 @@ class Generation:
 
     # route side ------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """The client went away: the engine stops this request's rows at its next step."""
+        """The client went away: the engine stops this request's rows at its next step (or
+        drops it from the queue)."""
         self._cancelled.set()
+
+    async def admitted(self) -> None:
+        """Wait for a place in the batch; raises `EngineOverloaded` when there will be none."""
+        await asyncio.shield(self._admitted)
 
     async def __aiter__(self) -> AsyncIterator[Piece]:
         # Progress lives on the object, so a consumer that stopped early can resume draining.
         while self.open_choices:
             if self.error is not None:  # a consumer that resumes draining (the Recorder) must not wait forever
-                raise EngineError(str(self.error)) from self.error
-            pieces = await self._pieces.get()
-            if isinstance(pieces, Exception):
-                self.error = pieces
+                raise self.error
+            if not self._pieces:
+                self._ready.clear()
+                with self._wake_lock:
+                    self._wake_pending = False
+                if not self._pieces:  # checked again: a push in between has scheduled a wake-up
+                    await self._ready.wait()
                 continue
-            for p in pieces:
-                if self.first_token is None and p.text:
-                    self.first_token = time.perf_counter()
-                self.open_choices -= p.finish_reason is not None
-                yield p
+            p = self._pieces.popleft()
+            if isinstance(p, Exception):  # kept: this read and every later one raise it
+                if not isinstance(p, EngineError):
+                    wrapped = EngineError(str(p))
+                    wrapped.__cause__, p = p, wrapped
+                self.error = p
+                continue
+            if self.first_token is None and p.text:
+                self.first_token = time.perf_counter()
+            self.open_choices -= p.finish_reason is not None
+            yield p
 
     def timings(self) -> dict[str, float | None]:
         ms = lambda a, b: None if a is None or b is None else round((b - a) * 1000, 2)
         return {"queue_ms": ms(self.submitted, self.started) or 0.0,
                 "first_token_ms": ms(self.submitted, self.first_token),
                 "total_ms": ms(self.submitted, time.perf_counter())}
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class Engine(Protocol):
@@ -90,7 +162,8 @@ class Engine(Protocol):
         """The chat-formatted prompt as token ids, ready for generation."""
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
-        """Queue a request (the prompt both tokenized and as messages); call from the event loop."""
+        """Queue a request (the prompt both tokenized and as messages); call from the event loop.
+        Raises `EngineOverloaded` when the queue is full."""
 
     def warm(self) -> None:
         """Run one tiny generation so the first real request pays no start-up cost (blocking)."""

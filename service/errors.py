@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.openai import ErrorInfo, ErrorResponse
 from schemas.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
-from service.engine import EngineError
+from service.engine import EngineError, EngineOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ def describe(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def overloaded(exc: EngineOverloaded) -> ApiError:
+    return ApiError(503, str(exc), code="engine_overloaded", headers={"Retry-After": str(exc.retry_after)})
+
+
 def install(app: FastAPI) -> None:
     describe(app)
     @app.exception_handler(ApiError)
@@ -126,6 +130,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, exc: EngineError):
         return engine_error(exc).response()
+
+    @app.exception_handler(EngineOverloaded)
+    async def on_overloaded(request: Request, exc: EngineOverloaded):
+        return overloaded(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

@@ -1,7 +1,18 @@
-"""The embedded engine: a transformers causal LM in this process, fed by one worker thread that
-batches whatever requests are waiting (each choice of each request is one row) and steps them
-together with a KV cache. Each row keeps its own sampling parameters, seed, stop strings and
-token budget; rows finish independently and the batch ends when the last one does."""
+"""The embedded engine: a transformers causal LM in this process, and one worker thread that
+schedules at the level of iterations (continuous batching, as Orca and vLLM do).
+
+Every iteration the worker
+1. turns away what waited past its deadline (503, nothing generated) and drops what its client
+   left before it ran;
+2. admits waiting requests, first come first served, while the batch has room for all their
+   choices: their prompts are prefilled together (a prompt once, however many choices ask for
+   it), each choice samples its first token from that prefill, and the prompt's cache is copied
+   to the choice's row and merged into the running batch;
+3. decodes one token for every row in one forward pass;
+4. lets every row that finished (EOS, a stop string, its token budget, its client gone) leave at
+   once, freeing its place for the next iteration.
+Each row keeps its own sampling parameters, seeded generator, stop strings and token budget. The
+queue is bounded (`max_queue` requests waiting): one more is refused at submission."""
 import logging
 import queue
 import random
@@ -14,12 +25,13 @@ import torch
 
 from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_policy, load_tokenizer
-from lm.decoding import generate, left_pad
+from lm.decoding import Batch, left_pad, prefill
 from lm.sampling import sample_rows
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import Generation, Piece
-from service.metrics import BATCH_ROWS, GENERATED_TOKENS
+from service.engine import EngineOverloaded, Generation, Piece
+from service.metrics import (BATCH_OCCUPANCY, BATCH_ROWS, GENERATED_TOKENS, QUEUE_DEPTH, REJECTED,
+                             TIME_TO_FIRST_TOKEN, TOKENS_PER_SECOND)
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +46,31 @@ class Row:
         seed = p.seed + index if p.seed is not None else random.getrandbits(63)
         self.rng = torch.Generator(device=device).manual_seed(seed % (2**63))
         self.tokens: list[int] = []
+        self.last = -1  # the token sampled last: the row's input at the next step
         self.sent = 0  # characters of the answer already pushed to the client
         self.finish: str | None = None
 
 
 class LocalEngine:
-    def __init__(self, version: ModelVersion, *, device: str = "cpu", max_batch_rows: int = 32):
+    def __init__(self, version: ModelVersion, *, device: str = "cpu", max_batch_rows: int = 32,
+                 max_queue: int = 256, queue_timeout: float = 30.0):
         self.version, self.device, self.max_batch_rows = version, device, max_batch_rows
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
         path = Path(version.path)
         self.tokenizer = load_tokenizer(path)
         self.model = load_policy(path, device)
         self.context_length = context_length(self.model.config)
         self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        self._inbox: queue.Queue[Generation | None] = queue.Queue()
+        self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
+        self._queued, self._queued_lock = 0, threading.Lock()  # submitted, not yet admitted
+        # The worker's own state: what waits, and the running batch (one Row per batch row).
+        self._waiting: deque[Generation] = deque()
+        self._rows: list[Row] = []
+        self._batch: Batch | None = None
+        self._closing = False
+        self._rate = (time.perf_counter(), 0)  # (since, tokens): generated tokens per second
+        self._occupancy = BATCH_OCCUPANCY.labels(version=version.name)
+        self._tokens_per_second = TOKENS_PER_SECOND.labels(version=version.name)
         self._worker = threading.Thread(target=self._run, name=f"engine-{version.name}", daemon=True)
         self._worker.start()
 
@@ -56,80 +80,173 @@ class LocalEngine:
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         gen = Generation(prompt_ids, sampling)
+        with self._queued_lock:
+            if self._queued >= self.max_queue:
+                REJECTED.labels(reason="queue_full").inc()
+                raise EngineOverloaded(f"The engine is overloaded: its queue of {self.max_queue} is full. "
+                                       "Please retry shortly.")
+            self._queued += 1
+            QUEUE_DEPTH.labels(version=self.version.name).set(self._queued)
         self._inbox.put(gen)
         return gen
 
     def warm(self) -> None:
+        """Two prompts of different lengths through prefill, merge, steps and a row leaving: the
+        worker's every path, on the caller's thread (the worker is idle until requests come)."""
         ids = self.encode([{"role": "user", "content": "Hello"}])
-        rows = [Row(_Offline(ids), 0, self.device)]
-        self._step_batch(rows)
+        with torch.inference_mode():
+            _, batch = prefill(self.model, *(t.to(self.device) for t in left_pad([ids], self.pad_id)))
+            _, other = prefill(self.model, *(t.to(self.device) for t in left_pad([ids[1:]], self.pad_id)))
+            if batch.repackable:
+                batch.extend(other)
+            for _ in range(3):
+                batch.step(self.model, torch.full((batch.rows,), ids[-1], device=self.device))
+            batch.take([0])
 
     def close(self) -> None:
+        """Finish everything submitted (queued requests too), then free the model."""
         self._inbox.put(None)
         self._worker.join()
         del self.model
+        for gauge in (QUEUE_DEPTH, BATCH_OCCUPANCY, TOKENS_PER_SECOND):
+            try:
+                gauge.remove(self.version.name)
+            except KeyError:
+                pass
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     # --- worker ---------------------------------------------------------------------------------
-    def _run(self) -> None:
-        waiting: deque[Generation] = deque()
-        while True:
-            if not waiting:
-                item = self._inbox.get()
-                if item is None:
-                    return
-                waiting.append(item)
-            while True:  # take everything that has arrived, then batch as much as fits
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._inbox.put(None)  # finish what is waiting first, then stop
-                    break
-                waiting.append(item)
-            batch, rows = [], 0
-            while waiting and (not batch or rows + waiting[0].sampling.n <= self.max_batch_rows):
-                gen = waiting.popleft()
-                batch.append(gen)
-                rows += gen.sampling.n
-            self._serve(batch)
-
-    def _serve(self, batch: list[Generation]) -> None:
-        rows = [Row(g, i, self.device) for g in batch for i in range(g.sampling.n)]
-        started = time.perf_counter()
-        for g in batch:
-            g.started, g.batch_rows = started, len(rows)
-        BATCH_ROWS.observe(len(rows))
-        try:
-            self._step_batch(rows)
-        except Exception as e:  # one bad batch must not kill the worker
-            log.exception("generation failed for a batch of %d rows", len(rows))
-            for g in batch:
-                g.push(e)
-
     @torch.inference_mode()
-    def _step_batch(self, rows: list[Row]) -> None:
-        ids, mask = (t.to(self.device) for t in left_pad([r.gen.prompt_ids for r in rows], self.pad_id))
-        temperatures, top_ps, rngs = [r.temperature for r in rows], [r.top_p for r in rows], [r.rng for r in rows]
+    def _run(self) -> None:
+        while True:
+            self._collect(block=not (self._rows or self._waiting or self._closing))
+            if self._closing and not self._rows and not self._waiting:
+                return
+            self._turn_away()
+            admitted = self._admit()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self._rows:
+                    self._decode()
+            except Exception as e:  # one failed step must not kill the worker
+                failed = {r.gen for r in self._rows} | set(admitted)
+                log.exception("generation failed: %d requests in flight fail with it", len(failed))
+                for gen in failed:
+                    gen.push(e)
+                self._rows, self._batch = [], None
+            self._report()
 
-        def step(logits: torch.Tensor) -> torch.Tensor | None:  # (B, V) -> (B,)
-            next_ids = sample_rows(logits, temperatures, top_ps, rngs)
-            self._advance(rows, next_ids)
-            if all(r.finish for r in rows):
-                return None
-            return torch.tensor(next_ids, device=self.device)  # finished rows keep stepping, ignored
+    def _collect(self, block: bool) -> None:
+        """Move what was submitted into the waiting line; wait for something when idle."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                self._closing = True  # finish what is waiting and running, then stop
+            else:
+                self._waiting.append(item)
 
-        generate(self.model, ids, mask, step)
+    def _turn_away(self) -> None:
+        """Requests whose client left while they waited end as cancelled without running; those
+        that waited past the deadline are refused (the route answers 503 and records nothing)."""
+        if not self._waiting:
+            return
+        now, kept = time.perf_counter(), deque()
+        for gen in self._waiting:
+            if gen.cancelled:
+                gen.admit()
+                gen.push([Piece(i, "", "cancelled", 0) for i in range(gen.sampling.n)])
+            elif now - gen.submitted > self.queue_timeout:
+                REJECTED.labels(reason="deadline").inc()
+                gen.reject(EngineOverloaded(f"The engine is overloaded: no place in the batch within "
+                                            f"{self.queue_timeout:g}s. Please retry shortly."))
+            else:
+                kept.append(gen)
+        self._dequeued(len(self._waiting) - len(kept))
+        self._waiting = kept
+
+    def _admit(self) -> list[Generation]:
+        """Waiting requests, in order, while all their choices fit in the batch. (A request with
+        more choices than the batch holds runs alone. A cache that cannot take rows of another
+        width, see `Batch.repackable`, admits only into an empty batch.)"""
+        if self._batch is not None and not self._batch.repackable:
+            return []
+        free, admitted = self.max_batch_rows - len(self._rows), []
+        while self._waiting and (self._waiting[0].sampling.n <= free or not (self._rows or admitted)):
+            gen = self._waiting.popleft()
+            free -= gen.sampling.n
+            admitted.append(gen)
+        self._dequeued(len(admitted))
+        return admitted
+
+    def _dequeued(self, count: int) -> None:
+        if count:
+            with self._queued_lock:
+                self._queued -= count
+                QUEUE_DEPTH.labels(version=self.version.name).set(self._queued)
+
+    def _prefill(self, admitted: list[Generation]) -> None:
+        """Each distinct prompt once; every choice samples its first token from its prompt's
+        logits and gets a copy of its prompt's cache; the open rows join the running batch."""
+        prompts: dict[tuple[int, ...], int] = {}
+        for gen in admitted:
+            prompts.setdefault(tuple(gen.prompt_ids), len(prompts))
+        ids, mask = (t.to(self.device) for t in left_pad([list(p) for p in prompts], self.pad_id))
+        for gen in admitted:
+            gen.admit()
+        logits, batch = prefill(self.model, ids, mask)  # (U, V)
+        rows = [Row(gen, i, self.device) for gen in admitted for i in range(gen.sampling.n)]
+        source = [prompts[tuple(r.gen.prompt_ids)] for r in rows]  # each row's prompt in `batch`
+        self._sample(rows, logits[source])
+        now = time.perf_counter()
+        for gen in admitted:
+            TIME_TO_FIRST_TOKEN.observe(now - gen.submitted)
+            gen.batch_rows = len(self._rows) + len(rows)
+        open_ = [k for k, r in enumerate(rows) if not r.finish]
+        if not open_:
+            return
+        index = [source[k] for k in open_]
+        if index != list(range(batch.rows)):  # copies for n choices, drops for rows already done
+            batch.take(index)
+        if self._batch is None:
+            self._batch = batch
+        else:
+            self._batch.extend(batch)
+        self._rows += [rows[k] for k in open_]
+
+    def _decode(self) -> None:
+        """One token for every row, then the finished rows leave."""
+        rows = self._rows
+        BATCH_ROWS.observe(len(rows))
+        for r in rows:
+            r.gen.batch_rows = max(r.gen.batch_rows, len(rows))
+        logits = self._batch.step(self.model, torch.tensor([r.last for r in rows], device=self.device))
+        self._sample(rows, logits)
+        open_ = [k for k, r in enumerate(rows) if not r.finish]
+        if len(open_) == len(rows):
+            return
+        self._rows = [rows[k] for k in open_]
+        if open_:
+            self._batch.take(open_)
+        else:
+            self._batch = None
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+        next_ids = sample_rows(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+                               [r.rng for r in rows])
+        self._advance(rows, next_ids)
 
     def _advance(self, rows: list[Row], next_ids: list[int]) -> None:
         """Append each open row's token, decide whether it finished, push new text per request."""
         pushed: dict[Generation, list[Piece]] = {}
         generated = 0
         for r, tok in zip(rows, next_ids):
-            if r.finish:
-                continue
+            r.last = tok
             if r.gen.cancelled:
                 r.finish = "cancelled"
             elif tok == self.eos_id:
@@ -147,6 +264,7 @@ class LocalEngine:
             if piece.text or piece.finish_reason:
                 pushed.setdefault(r.gen, []).append(piece)
         GENERATED_TOKENS.inc(generated)
+        self._rate = (self._rate[0], self._rate[1] + generated)
         for gen, pieces in pushed.items():
             gen.push(pieces)
 
@@ -166,14 +284,12 @@ class LocalEngine:
         hold = max((len(s) - 1 for s in r.stops), default=0)
         return text[:max(r.sent, len(text) - hold)], False
 
-
-class _Offline:
-    """A Generation stand-in for warm-up, which runs on the caller's thread without a client."""
-
-    def __init__(self, prompt_ids: list[int]):
-        self.prompt_ids = prompt_ids
-        self.sampling = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=4, stop=[], seed=0)
-        self.cancelled = False
-
-    def push(self, pieces) -> None:
-        pass
+    def _report(self) -> None:
+        """Occupancy after this iteration; generated tokens per second about once a second (and
+        zero as the worker goes idle)."""
+        self._occupancy.set(len(self._rows) / self.max_batch_rows)
+        since, tokens = self._rate
+        now = time.perf_counter()
+        if now - since >= 1.0 or not (self._rows or self._waiting):
+            self._tokens_per_second.set(tokens / max(now - since, 1e-3) if self._rows else 0.0)
+            self._rate = (now, 0)

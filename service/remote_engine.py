@@ -63,7 +63,8 @@ class RemoteEngine:
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         self._loop = asyncio.get_running_loop()
         gen = Generation(prompt_ids, sampling)
-        gen.started, gen.batch_rows = gen.submitted, sampling.n
+        gen.batch_rows = sampling.n
+        gen.admit()  # the remote server queues (and refuses) on its own
         for index in range(sampling.n):
             task = asyncio.create_task(self._stream(gen, index, conversation))
             self._tasks.add(task)

@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from schemas.errors import DomainError
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                            ChatCompletionRequest, Choice, ChunkChoice, Delta, ModelCard,
-                            ModelList, completion_id)
+                            ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorResponse,
+                            ModelCard, ModelList, completion_id)
 from service.deps import CurrentKey, ServingDep
 from service.engine import EngineError
 from service.errors import ERROR_RESPONSES, ApiError, domain_error, engine_error, server_error
@@ -36,11 +36,15 @@ async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=CHAT_RESPONSES)
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses=CHAT_RESPONSES | {s: {"model": ErrorResponse} for s in (429, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, serving: ServingDep,
                                  request: Request):
     """Answer with the served policy; the exchange is committed (or, while the database is away,
-    spooled to disk) before the answer returns (streams: when they end, however they end)."""
+    spooled to disk) before the answer returns (streams: when they end, however they end). An
+    engine that cannot take the request (its queue full, or no place in the batch before the
+    deadline) answers 503 engine_overloaded with Retry-After, and nothing is recorded; a stream's
+    headers wait for that decision."""
     engine = serving.pick(body.model)
     if engine is None and not serving.ready and body.model == serving.settings.model_name:
         raise ApiError(503, "No model is loaded yet; retry shortly.", code="model_not_ready",
@@ -57,8 +61,13 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
                        code="context_length_exceeded")
     sampling = body.to_sampling(serving.settings.default_max_tokens)
     sampling.max_tokens = min(sampling.max_tokens, room)  # the answer ends at the context's edge
-    exchange = Exchange(completion_id(), body, key, engine, engine.submit(prompt_ids, sampling, conversation),
-                        conversation)
+    gen = engine.submit(prompt_ids, sampling, conversation)  # EngineOverloaded: 503 (service/errors.py)
+    try:
+        await gen.admitted()
+    except BaseException:
+        gen.cancel()  # the client left while it waited: it never runs
+        raise
+    exchange = Exchange(completion_id(), body, key, engine, gen, conversation)
     if body.stream:
         return StreamingResponse(stream(exchange, request), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})

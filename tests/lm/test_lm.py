@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from lm.chat import as_messages, context_length, encode_prompt
-from lm.decoding import generate, left_pad, position_ids
+from lm.decoding import generate, left_pad, position_ids, prefill
 from lm.sampling import draw, sample_batch, sample_rows
 from trainer.tokenizer import build_tokenizer
 
@@ -66,15 +66,59 @@ def test_generate_with_the_cache_matches_recomputing_every_step(model, tokenizer
     assert torch.stack(cached, 1).tolist() == torch.stack(plain, 1).tolist()
 
 
+def test_rows_joining_leaving_and_copied_decode_as_they_would_alone(model, tokenizer):
+    """A batch that takes rows in mid-flight (narrower than itself), copies a row (n choices of
+    one prompt) and loses rows gives every row the greedy tokens it gets alone."""
+    prompts = [encode_prompt(tokenizer, p) for p in ("Why is the sky blue?", "Hi", "Cats sleep a lot.")]
+
+    def alone(prompt, steps):
+        logits, batch = prefill(model, *left_pad([prompt], tokenizer.pad_token_id))
+        out = []
+        for _ in range(steps):
+            out.append(int(logits.argmax(-1)))
+            logits = batch.step(model, logits.argmax(-1))
+        return out
+
+    got = {0: [], 1: [], 2: [], 3: []}
+    logits, batch = prefill(model, *left_pad([prompts[0]], tokenizer.pad_token_id))
+    rows = [0]
+    for step in range(10):
+        if step == 2:  # a shorter prompt joins: it is padded to the batch's width
+            joined, other = prefill(model, *left_pad([prompts[1]], tokenizer.pad_token_id))
+            batch.extend(other)
+            logits, rows = torch.cat([logits, joined]), rows + [1]
+        if step == 4:  # another joins, with two choices: one prefill row, copied
+            joined, other = prefill(model, *left_pad([prompts[2]], tokenizer.pad_token_id))
+            other.take([0, 0])
+            batch.extend(other)
+            logits, rows = torch.cat([logits, joined, joined]), rows + [2, 3]
+        if step == 7:  # the first, widest row leaves: the columns only it used go with it
+            batch.take([1, 2, 3])
+            logits, rows = logits[1:], rows[1:]
+        tokens = logits.argmax(-1)
+        for r, t in zip(rows, tokens.tolist()):
+            got[r].append(t)
+        logits = batch.step(model, tokens)
+    assert got[0] == alone(prompts[0], 7)
+    assert got[1] == alone(prompts[1], 8)
+    assert got[2] == got[3] == alone(prompts[2], 6)
+    assert batch.width == len(prompts[2]) + 6  # as wide as its longest row now
+
+
 def test_sample_rows_replays_a_seed():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     mixed = sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
     assert mixed[0] == int(logits[0].argmax())
     assert mixed == sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
-    # Without a nucleus anywhere in the batch, a row draws the same alone as beside others.
-    beside = sample_rows(logits, [0.0, 1.0, 0.7], [1.0] * 3, gens())[2]
-    assert beside == sample_rows(logits[2:], [0.7], [1.0], gens()[2:])[0]
+    # A row draws the same alone as beside others, whatever their temperatures and nuclei: with
+    # continuous batching its batch-mates change from step to step.
+    for i in range(3):
+        alone = sample_rows(logits[i:i + 1], [[0.0, 1.0, 0.7][i]], [[1.0, 0.9, 1.0][i]], gens()[i:i + 1])
+        assert mixed[i] == alone[0]
+    # ... and as `torch.multinomial` draws with that generator: seeds give what they gave before.
+    probs = torch.softmax(logits[2] / 0.7, -1)
+    assert mixed[2] == int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)))
 
 
 def test_sample_batch_logprobs_are_of_the_tempered_distribution():

@@ -144,3 +144,13 @@ def test_prompt_longer_than_context_is_refused(server, openai_client):
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     with psycopg.connect(server.db_url) as conn:
         assert conn.execute("SELECT count(*) FROM chat_requests").fetchone()[0] == before
+
+
+def test_seed_gives_the_same_text_streamed_or_not(openai_client):
+    kw = dict(temperature=1.3, top_p=0.9, max_tokens=30, seed=77, n=2)
+    plain = [c.message.content for c in ask(openai_client, "Tell me about the moon.", **kw).choices]
+    streamed = ["", ""]
+    for chunk in ask(openai_client, "Tell me about the moon.", stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == plain
