@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     # machine OpenMP workers waiting on each other make every step many times slower.
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system measured")
     args = p.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
+    args.clients = [int(c) for c in args.clients.split(",") if c]
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.systems = args.systems.split(",")
     return args
@@ -188,7 +188,7 @@ def measure_http(system: str, base_url: str, key: str, model: str, prompts: list
         cells = []
         try:
             # warm-up: the first request (and first batch) pays one-off costs on every server
-            for n in (1, max(args.clients)):
+            for n in (1, max(args.clients, default=16)):
                 await asyncio.gather(*(streamed(client, model, p, 4, extra_body) for p in prompts[:n]))
             loads = [("closed", n) for n in args.clients] + [("open", r) for r in args.rates]
             for load, level in loads:
@@ -278,7 +278,7 @@ def bench_generate(policy: Path, prompts: list[str], args) -> list[Cell]:
 
     order = itertools.count()
     one_batch([encoded[0]], 4)  # warm-up
-    one_batch([encoded[i % len(encoded)] for i in range(max(args.clients))], 4)
+    one_batch([encoded[i % len(encoded)] for i in range(max(args.clients, default=16))], 4)
     cells = []
     for n in args.clients:
         cell, start = Cell("generate", "closed", n, note=f"batch {n}"), time.perf_counter()

@@ -73,39 +73,36 @@ class Batch:
         """Keep these rows, in this order (an index may repeat: the row is copied). Columns left
         holding padding only are dropped, so the batch is as wide as its longest row."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
-        if self.repackable and self.rows:
-            first = int(self.mask.any(0).int().argmax())  # the first column a row still uses
-            if first:
-                self.mask = self.mask[:, first:]
-                for layer in self.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.mask, self.next_pos = self.mask.index_select(0, index), self.next_pos.index_select(0, index)
+        if not self.repackable:
+            self.cache.batch_select_indices(index)
+            return
+        first = int(self.mask.any(0).int().argmax()) if self.rows else 0  # the first column in use
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:  # one copy of what stays (index_select: 4x faster than [index])
+            layer.keys = layer.keys[:, :, first:].index_select(0, index)
+            layer.values = layer.values[:, :, first:].index_select(0, index)
 
     def extend(self, other: "Batch") -> None:
-        """Append `other`'s rows below these: the narrower batch is left-padded to the wider
-        one's width (padding keys and values are zeros, masked out), then rows are stacked."""
+        """Append `other`'s rows below these: both are laid into one batch as wide as the wider
+        one, each right-aligned (the padding on the left: zero keys and values, masked out)."""
         if not (self.repackable and other.repackable):
             raise ValueError("this model's cache cannot take rows of another width")
-        width = max(self.width, other.width)
-        padded = [_pad_left(b, width) for b in (self, other)]
-        self.mask = torch.cat([m for m, _ in padded])
-        for i, layer in enumerate(self.cache.layers):
-            kvs = [p[i] for _, p in padded]
-            layer.keys = torch.cat([k for k, _ in kvs])
-            layer.values = torch.cat([v for _, v in kvs])
+        rows, width = self.rows + other.rows, max(self.width, other.width)
+        parts = ((slice(0, self.rows), self), (slice(self.rows, rows), other))
+        mask = self.mask.new_zeros((rows, width))
+        for at, b in parts:
+            mask[at, width - b.width:] = b.mask
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                t = getattr(mine, name)
+                joined = t.new_zeros((rows, t.shape[1], width, t.shape[3]))  # (B, H, T, D)
+                for at, layer in zip((p[0] for p in parts), (mine, theirs)):
+                    src = getattr(layer, name)
+                    joined[at, :, width - src.shape[2]:] = src
+                setattr(mine, name, joined)
+        self.mask = mask
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
-
-
-def _pad_left(batch: Batch, width: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(mask (B, width), per layer (keys, values) (B, H, width, D)): zeros on the left."""
-    extra = width - batch.width
-    layers = [(layer.keys, layer.values) for layer in batch.cache.layers]
-    if not extra:
-        return batch.mask, layers
-    zeros = lambda t: t.new_zeros((*t.shape[:2], extra, t.shape[3]))
-    mask = torch.cat([batch.mask.new_zeros((batch.rows, extra)), batch.mask], dim=1)
-    return mask, [(torch.cat([zeros(k), k], dim=2), torch.cat([zeros(v), v], dim=2)) for k, v in layers]
 
 
 @torch.no_grad()

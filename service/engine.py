@@ -79,16 +79,20 @@ class Generation:
         self._call(_settle, self._admitted, error)
         self.push(error)
 
-    def push(self, pieces: list[Piece] | Exception) -> None:
+    def push(self, pieces: list[Piece] | Exception, *, wake: bool = True) -> bool:
+        """Hand pieces (or an exception) to the route. Returns whether its event loop still has
+        to be woken for them; with `wake=False` that is left to the caller (`wake_all`)."""
         if isinstance(pieces, Exception):
             self._pieces.append(pieces)
         else:
             self._pieces.extend(pieces)
         with self._wake_lock:
             if self._wake_pending:
-                return
+                return False
             self._wake_pending = True
-        self._call(self._ready.set)
+        if wake:
+            self._call(self._ready.set)
+        return True
 
     def _call(self, fn, *args) -> None:
         try:
@@ -139,6 +143,21 @@ class Generation:
         return {"queue_ms": ms(self.submitted, self.started) or 0.0,
                 "first_token_ms": ms(self.submitted, self.first_token),
                 "total_ms": ms(self.submitted, time.perf_counter())}
+
+
+def wake_all(gens: list[Generation]) -> None:
+    """Wake the routes of these generations with one call per event loop, not one each: an
+    engine step that pushed to every request in its batch costs their loop one wake-up."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Generation]] = {}
+    for gen in gens:
+        by_loop.setdefault(gen.loop, []).append(gen)
+    for loop, woken in by_loop.items():
+        woken[0]._call(_set_ready, woken)
+
+
+def _set_ready(gens: list[Generation]) -> None:
+    for gen in gens:
+        gen._ready.set()
 
 
 def _retrieved(future: asyncio.Future) -> None:

@@ -29,7 +29,7 @@ from lm.decoding import Batch, left_pad, prefill
 from lm.sampling import sample_rows
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import EngineOverloaded, Generation, Piece
+from service.engine import EngineOverloaded, Generation, Piece, wake_all
 from service.metrics import (BATCH_OCCUPANCY, BATCH_ROWS, GENERATED_TOKENS, QUEUE_DEPTH, REJECTED,
                              TIME_TO_FIRST_TOKEN, TOKENS_PER_SECOND)
 
@@ -265,8 +265,7 @@ class LocalEngine:
                 pushed.setdefault(r.gen, []).append(piece)
         GENERATED_TOKENS.inc(generated)
         self._rate = (self._rate[0], self._rate[1] + generated)
-        for gen, pieces in pushed.items():
-            gen.push(pieces)
+        wake_all([gen for gen, pieces in pushed.items() if gen.push(pieces, wake=False)])
 
     def _visible_text(self, r: Row) -> tuple[str, bool]:
         """The answer so far as it may be shown: cut at a stop string (then stopped), and while

@@ -189,6 +189,23 @@ def test_a_full_queue_refuses_and_a_deadline_turns_away(engine, forwards):
     assert asyncio.run(main())
 
 
+def test_a_request_whose_client_left_while_it_waited_never_runs(engine, forwards):
+    f = forwards(hold_at=1)
+
+    async def main():
+        running = submit(engine, PROMPT, max_tokens=4)
+        await asyncio.to_thread(f.held.wait, 60)
+        left = submit(engine, OTHER, n=2, max_tokens=4)
+        left.cancel()
+        f.release.set()
+        await answer(running)
+        await left.admitted()
+        return [p.finish_reason async for p in left]
+
+    assert asyncio.run(main()) == ["cancelled", "cancelled"]
+    assert all(cols == 1 for rows, cols in f.calls[1:])  # no prefill but the running one's
+
+
 # --- through the route: 503 in OpenAI's shape, nothing recorded ---------------------------------
 
 @pytest.fixture
