@@ -221,3 +221,15 @@ def user(server, user_key) -> httpx.Client:
 def openai_client(server, user_key):
     import openai
     return openai.OpenAI(base_url=server.url + "/v1", api_key=user_key, max_retries=0)
+
+
+def answer_from(fingerprint: str, ask, timeout: float = 60):
+    """Ask (`ask()` returns a chat completion) until the answer comes from version `fingerprint`
+    (a swap reaches serving asynchronously); that answer."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = ask()
+        if r.system_fingerprint == fingerprint:
+            return r
+        time.sleep(0.1)
+    raise AssertionError(f"still not serving {fingerprint}")

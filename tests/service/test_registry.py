@@ -12,7 +12,7 @@ import openai
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, V2_ANSWER, Server, register
+from tests.conftest import ROOT, V2_ANSWER, Server, answer_from, register
 
 
 @pytest.fixture
@@ -28,13 +28,7 @@ def hello(client, **kw):
 
 
 def wait_for(fingerprint, client, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = hello(client)
-        if r.system_fingerprint == fingerprint:
-            return r
-        time.sleep(0.1)
-    raise AssertionError(f"still not serving {fingerprint}")
+    return answer_from(fingerprint, lambda: hello(client), timeout)
 
 
 def test_promote_then_rollback(fresh_server, v2_path):

@@ -18,7 +18,7 @@ import openai
 import psycopg
 import pytest
 
-from tests.conftest import OPERATOR_KEY, V2_ANSWER, Server, free_port, register
+from tests.conftest import OPERATOR_KEY, V2_ANSWER, Server, answer_from, free_port, register
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 MAX_TOKENS = 12
@@ -130,13 +130,7 @@ def hello(client, **kw):
 
 
 def wait_for(fingerprint, client, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = hello(client)
-        if r.system_fingerprint == fingerprint:
-            return r
-        time.sleep(0.1)
-    raise AssertionError(f"still not serving {fingerprint}")
+    return answer_from(fingerprint, lambda: hello(client), timeout)
 
 
 def registry_state(op) -> dict[int, str]:
