@@ -135,6 +135,14 @@ class Process:
         self.ready_path = ready_path
 
     def wait_ready(self, timeout: float) -> None:
+        """Return once ready; a process that exits or is not ready in time is stopped, then raised."""
+        try:
+            self._poll_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _poll_ready(self, timeout: float) -> None:
         import httpx
 
         deadline = time.time() + timeout
@@ -181,11 +189,7 @@ def transformers_serve(work: Path, *args: str, threads: int = 1, timeout: float 
     server = Process("transformers serve", [exe, "serve", *args, "--device", "cpu", "--host", "127.0.0.1",
                                             "--port", str(port)],
                      loopback_env(OMP_NUM_THREADS=threads), port, work / f"transformers-serve-{port}.log", "/health")
-    try:
-        server.wait_ready(timeout)
-    except BaseException:
-        server.stop()
-        raise
+    server.wait_ready(timeout)
     return server
 
 
@@ -205,9 +209,5 @@ def feedloop_serve(db_url: str, work: Path, *, policy: Path | None, key: str | N
         child_env["FEEDLOOP_INIT_API_KEY"] = key
     server = Process("feedloop serve", [sys.executable, "-m", "service", "serve"], child_env, port,
                      work / f"api-{port}.log", ready_path, cwd=source)
-    try:
-        server.wait_ready(timeout)
-    except BaseException:
-        server.stop()
-        raise
+    server.wait_ready(timeout)
     return server

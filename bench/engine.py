@@ -56,19 +56,19 @@ def closed(submit_and_wait, prompts, clients: int, seconds: float) -> Tally:
         while time.perf_counter() - start < seconds:
             tally.add(submit_and_wait(prompts[next(order) % len(prompts)]))
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    tally.seconds = time.perf_counter() - start
-    return tally
+    return _run(tally, start, [client] * clients)
 
 
 def burst(submit_and_wait, prompts, n: int) -> Tally:
+    """`n` requests at once, one thread each."""
     tally, start = Tally(), time.perf_counter()
-    threads = [threading.Thread(target=lambda i=i: tally.add(submit_and_wait(prompts[i % len(prompts)])))
-               for i in range(n)]
+    return _run(tally, start, [lambda i=i: tally.add(submit_and_wait(prompts[i % len(prompts)]))
+                               for i in range(n)])
+
+
+def _run(tally: Tally, start: float, targets) -> Tally:
+    """Each target on its own thread, all joined; the tally's seconds count from `start`."""
+    threads = [threading.Thread(target=t) for t in targets]
     for t in threads:
         t.start()
     for t in threads:

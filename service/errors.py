@@ -76,8 +76,11 @@ def domain_error(exc: DomainError) -> ApiError:
 
 
 def engine_error(exc: EngineError) -> ApiError:
-    """A generation that could not finish (a remote server failed, an engine was shut down):
-    retryable; the details stay in the log, not in the caller's answer."""
+    """A generation that did not start (the engine is overloaded: its own message) or could not
+    finish (a remote server failed, an engine was shut down: the details stay in the log, not in
+    the caller's answer); retryable either way."""
+    if isinstance(exc, EngineOverloaded):
+        return ApiError(503, str(exc), code="engine_overloaded", headers={"Retry-After": str(exc.retry_after)})
     log.warning("generation failed: %s", exc)
     return ApiError(503, "The model could not finish this answer; please retry.", code="engine_error",
                     headers={"Retry-After": "1"})
@@ -113,12 +116,9 @@ def describe(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def overloaded(exc: EngineOverloaded) -> ApiError:
-    return ApiError(503, str(exc), code="engine_overloaded", headers={"Retry-After": str(exc.retry_after)})
-
-
 def install(app: FastAPI) -> None:
     describe(app)
+
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()
@@ -130,10 +130,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, exc: EngineError):
         return engine_error(exc).response()
-
-    @app.exception_handler(EngineOverloaded)
-    async def on_overloaded(request: Request, exc: EngineOverloaded):
-        return overloaded(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
