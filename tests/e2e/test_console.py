@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from playwright.sync_api import expect
 
 from store import runs
 from store.derive import wilson_interval
-from tests.conftest import OPERATOR_KEY, ROOT
-from tests.conftest import V2_ANSWER, register
+from tests.conftest import OPERATOR_KEY, ROOT, V2_ANSWER, register
 from trainer.ppo import CURVE_KEYS
 
 pytestmark = pytest.mark.slow
@@ -366,9 +366,9 @@ def test_an_operator_promotes_a_candidate_and_the_chat_shows_the_new_version(pag
     # a rollback needs a reason: the dialog will not send without one
     page.locator(f"button.act.rollback[data-version='{v2}']").click()
     page.get_by_role("button", name="Roll back").last.click()
-    assert page.locator("dialog[open]").count() == 1  # still asking
+    expect(page.locator("dialog[open]")).to_have_count(1)  # still asking
     page.get_by_role("button", name="Cancel").click()
-    assert page.locator("dialog").count() == 0
+    expect(page.locator("dialog")).to_have_count(0)  # closing is asynchronous: waited for, not sampled
 
     go(page, "chat")
     answer = chat(page, "Hello!", temperature="0")
