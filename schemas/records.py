@@ -102,7 +102,17 @@ class CompletionRecord(BaseModel):
     model_version_id: int
 
 
-class ExchangeCreate(BaseModel):
+class ClientRef(BaseModel):
+    """What a chat client says of one exchange, in request headers (service/routes/chat.py):
+    its own id for the answer, its conversation id, and its task kind. A non-empty task marks the
+    client's housekeeping (Open WebUI: title_generation, tags_generation, follow_up_generation...),
+    which is not a user's conversation and is never trained on."""
+    client_ref: str | None = None
+    client_chat_id: str | None = None
+    client_task: str | None = None
+
+
+class ExchangeCreate(ClientRef):
     """One exchange as it is written: what `store.exchanges.record_exchange` takes, and what the
     serving spool keeps on disk while the database is away."""
     response_id: str
@@ -120,7 +130,7 @@ class ExchangeCreate(BaseModel):
     choices: list[CompletionRecord]
 
 
-class ExchangeRecord(BaseModel):
+class ExchangeRecord(ClientRef):
     """Everything recorded about one chat request."""
     response_id: str
     api_key_id: int

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from schemas.errors import Conflict, DomainError, Unavailable
 from schemas.openai import ChatCompletionRequest, Usage
-from schemas.records import ApiKeyPublic, CompletionRecord, ExchangeCreate
+from schemas.records import ApiKeyPublic, ClientRef, CompletionRecord, ExchangeCreate
 from service.engine import Engine, Generation, Piece
 from service.metrics import EXCHANGES, SPOOLED
 from store import exchanges
@@ -26,9 +26,9 @@ class Exchange:
     """One request in flight: its choices as they grow."""
 
     def __init__(self, response_id: str, body: ChatCompletionRequest, key: ApiKeyPublic,
-                 engine: Engine, gen: Generation, conversation: list[dict]):
+                 engine: Engine, gen: Generation, conversation: list[dict], client: ClientRef | None = None):
         self.response_id, self.body, self.key, self.engine, self.gen = response_id, body, key, engine, gen
-        self.conversation = conversation
+        self.conversation, self.client = conversation, client or ClientRef()
         n = gen.sampling.n
         self.texts, self.finish, self.tokens = [""] * n, [None] * n, [0] * n
 
@@ -52,7 +52,7 @@ class Exchange:
             response_id=self.response_id, api_key_id=self.key.id, user=self.body.user,
             messages=self.conversation, params=self.gen.sampling.model_dump(), model_version_id=version.id,
             stream=self.body.stream, batch_rows=self.gen.batch_rows, prompt_tokens=len(self.gen.prompt_ids),
-            **self.gen.timings(),
+            **self.gen.timings(), **self.client.model_dump(),
             choices=[CompletionRecord(choice_index=i, text=t, finish_reason=f, completion_tokens=k,
                                       model_version_id=version.id)
                      for i, (t, f, k) in enumerate(zip(self.texts, self.finish, self.tokens))])

@@ -23,14 +23,17 @@ async def record_exchange(conn, *, response_id: str, api_key_id: int, user: str 
                           messages: list[dict], params: dict, model_version_id: int, stream: bool,
                           batch_rows: int, prompt_tokens: int, queue_ms: float,
                           first_token_ms: float | None, total_ms: float,
-                          choices: list[CompletionRecord]) -> None:
-    """Write a request and all its choices in the caller's transaction."""
+                          choices: list[CompletionRecord], client_ref: str | None = None,
+                          client_chat_id: str | None = None, client_task: str | None = None) -> None:
+    """Write a request and all its choices in the caller's transaction; `client_*` are what the
+    client said of it (schemas.records.ClientRef)."""
     row = await fetch_one(conn, "insert_chat_request", response_id=response_id, api_key_id=api_key_id,
                           user_field=user, messages=Jsonb(messages), prompt_hash=prompt_hash(messages),
                           params=Jsonb(params), model_version_id=model_version_id, stream=stream,
                           batch_rows=batch_rows, prompt_tokens=prompt_tokens,
                           completion_tokens=sum(c.completion_tokens for c in choices),
-                          queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms)
+                          queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms,
+                          client_ref=client_ref, client_chat_id=client_chat_id, client_task=client_task)
     await execute_many(conn, "insert_completion", [dict(c.model_dump(), request_id=row["id"]) for c in choices])
 
 
@@ -62,10 +65,17 @@ async def list_exchanges(conn, *, limit: int = 50, before: str | None = None,
     return [ExchangeSummary(**r) for r in rows]
 
 
+async def find_client_exchange(conn, *, client_ref: str) -> dict | None:
+    """The user's-turn exchange a client named `client_ref` (its response id and the client's
+    conversation id), None when there is none: housekeeping calls are never matched."""
+    return await fetch_one(conn, "find_client_exchange", client_ref=client_ref)
+
+
 async def requests_per_version(conn) -> dict[int, int]:
     return {r["id"]: r["requests"] for r in await fetch_all(conn, "requests_per_version")}
 
 
 async def recent_conversations(conn, *, limit: int = 1000) -> list[list[dict]]:
-    """Distinct recorded prompts (conversations), newest first."""
+    """Distinct recorded prompts (conversations), newest first; a client's housekeeping calls
+    (titles, tags...) are not among them."""
     return [r["messages"] for r in await fetch_all(conn, "recent_conversations", limit=limit)]

@@ -36,6 +36,18 @@ async def _join_event_writers(conn: AsyncConnection) -> None:
 
 # --- the things feedback is about -----------------------------------------------------------
 
+def _not_housekeeping(row: dict, param: str | None) -> None:
+    """A client's housekeeping call (a title, tags, follow-ups: a client task, see
+    `schemas.records.ClientRef`) is not a user's conversation and is never trained on, so feedback
+    on it is refused rather than kept and left out of training unseen. This check is what keeps such
+    exchanges out of every training pair and demonstration; PPO's prompts leave them out in
+    `recent_conversations`."""
+    if row["client_task"] is not None:
+        raise Invalid(f"Response '{row['response_id']}' is a client's housekeeping call (task "
+                      f"'{row['client_task']}'), not a user's conversation; it is not trained on, so "
+                      "it takes no feedback.", param=param or "response_id", code="client_task_exchange")
+
+
 async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
                           param: str | None = None) -> CompletionTarget:
     """The completion `ref` names when key `owned_by` produced it (any key's when None), to judge
@@ -47,6 +59,7 @@ async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
     if row is None:
         raise NotFound(f"No completion with response_id '{ref.response_id}' and choice_index "
                        f"{ref.choice_index}.", param=param)
+    _not_housekeeping(row, param)
     return CompletionTarget(**row)
 
 
@@ -72,6 +85,7 @@ async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
                               lock=locks.EVENTS)
     if request is None:
         raise NotFound(f"No response with id '{ranking.response_id}'.", param="response_id")
+    _not_housekeeping(request, "response_id")
     n = request["choices"]
     if n < 2:
         raise Invalid(f"Response '{ranking.response_id}' has {n} choice; a ranking orders "

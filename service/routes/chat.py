@@ -4,11 +4,13 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
 from schemas.errors import DomainError
+from schemas.records import ClientRef
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                             ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorResponse,
                             ModelCard, ModelList, completion_id)
@@ -27,6 +29,20 @@ CHAT_RESPONSES = ERROR_RESPONSES | {200: {"content": {"text/event-stream": {
                "`data: {chat.completion.chunk}`, then `data: [DONE]`"}}}}}
 
 
+# What a chat client says of an exchange, recorded with it (schemas.records.ClientRef). Any client may
+# send them; Open WebUI fills them from its connection's custom headers: {{MESSAGE_ID}}, {{CHAT_ID}},
+# {{TASK}} (an empty value, as Open WebUI sends for a placeholder it has no value for, is none).
+def _client_header(name: str, description: str):
+    return Annotated[str | None, Header(alias=name, max_length=200, description=description)]
+
+
+ClientRefHeader = _client_header("X-Feedloop-Client-Ref", "the client's own id for this answer (Open "
+                                 "WebUI: the assistant message id its feedback names), to join feedback by")
+ClientChatHeader = _client_header("X-Feedloop-Client-Chat", "the client's conversation id")
+ClientTaskHeader = _client_header("X-Feedloop-Client-Task", "the client's task kind: empty for a user's "
+                                  "turn; a client's housekeeping (titles, tags...) is never trained on")
+
+
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
     """The served name (routed to the active version) and each version taking traffic."""
@@ -39,7 +55,8 @@ async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
 @router.post("/chat/completions", response_model=ChatCompletion,
              responses=CHAT_RESPONSES | {s: {"model": ErrorResponse} for s in (429, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, serving: ServingDep,
-                                 request: Request):
+                                 request: Request, client_ref: ClientRefHeader = None,
+                                 client_chat: ClientChatHeader = None, client_task: ClientTaskHeader = None):
     """Answer with the served policy; the exchange is committed (or, while the database is away,
     spooled to disk) before the answer returns (streams: when they end, however they end). An
     engine that cannot take the request (its queue full, or no place in the batch before the
@@ -67,7 +84,9 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
     except BaseException:
         gen.cancel()  # the client left while it waited: it never runs
         raise
-    exchange = Exchange(completion_id(), body, key, engine, gen, conversation)
+    client = ClientRef(client_ref=client_ref or None, client_chat_id=client_chat or None,
+                       client_task=client_task or None)
+    exchange = Exchange(completion_id(), body, key, engine, gen, conversation, client)
     if body.stream:
         return StreamingResponse(stream(exchange, request), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})

@@ -4,10 +4,10 @@
 -- Record one chat request with what was used to answer it.
 INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt_hash, params,
                            model_version_id, stream, batch_rows, prompt_tokens, completion_tokens,
-                           queue_ms, first_token_ms, total_ms)
+                           queue_ms, first_token_ms, total_ms, client_ref, client_chat_id, client_task)
 VALUES (%(response_id)s, %(api_key_id)s, %(user_field)s, %(messages)s, %(prompt_hash)s, %(params)s,
         %(model_version_id)s, %(stream)s, %(batch_rows)s, %(prompt_tokens)s, %(completion_tokens)s,
-        %(queue_ms)s, %(first_token_ms)s, %(total_ms)s)
+        %(queue_ms)s, %(first_token_ms)s, %(total_ms)s, %(client_ref)s, %(client_chat_id)s, %(client_task)s)
 RETURNING id;
 
 -- name: insert_completion
@@ -27,11 +27,21 @@ SELECT choice_index, text, finish_reason, completion_tokens, model_version_id
 FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
 
 -- name: recent_conversations
--- What users asked lately: each distinct prompt once, newest first (PPO's prompts).
+-- What users asked lately: each distinct prompt once, newest first (PPO's prompts). A client's
+-- housekeeping calls (a non-empty client task: titles, tags, follow-ups) are not users' questions.
 SELECT messages FROM (
     SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, created_at
-    FROM chat_requests ORDER BY prompt_hash, created_at DESC
+    FROM chat_requests
+    WHERE client_task IS NULL
+    ORDER BY prompt_hash, created_at DESC
 ) latest ORDER BY created_at DESC LIMIT %(limit)s;
+
+-- name: find_client_exchange
+-- The user's-turn exchange a client named by its own id for the answer (newest first when a client
+-- sent one id twice, a retry), with the client's conversation id.
+SELECT response_id, client_chat_id FROM chat_requests
+WHERE client_ref = %(client_ref)s AND client_task IS NULL
+ORDER BY id DESC LIMIT 1;
 
 -- name: requests_per_version
 -- How many chat requests each version answered.

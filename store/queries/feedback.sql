@@ -8,7 +8,7 @@ SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_
 -- name: find_completion
 -- A completion to judge by response id and choice index, when `owner` produced it (anyone's when owner
 -- is null); finding one joins the event writers for the rest of the transaction, saving a round trip.
-SELECT c.id, c.request_id, c.choice_index, rq.response_id, rq.prompt_hash,
+SELECT c.id, c.request_id, c.choice_index, rq.response_id, rq.prompt_hash, rq.client_task,
        pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
 FROM completions c JOIN chat_requests rq ON rq.id = c.request_id
 WHERE rq.response_id = %(response_id)s AND c.choice_index = %(choice_index)s
@@ -18,7 +18,7 @@ WHERE rq.response_id = %(response_id)s AND c.choice_index = %(choice_index)s
 -- A recorded request to rank and how many choices it has, when `owner` produced it (anyone's when null);
 -- finding one joins the event writers for the rest of the transaction.
 SELECT rq.id, rq.response_id, (SELECT count(*) FROM completions c WHERE c.request_id = rq.id) AS choices,
-       pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
+       rq.client_task, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
 FROM chat_requests rq
 WHERE rq.response_id = %(response_id)s AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
 
