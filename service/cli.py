@@ -19,7 +19,7 @@ from store import keys, registry
 from store.db import database_url, migrate
 
 log = logging.getLogger("feedloop")
-TRAINER_COMMANDS = ("bootstrap", "train", "trainer")
+TRAINER_COMMANDS = ("bootstrap", "train", "trainer", "import")
 SIM_COMMANDS = ("simulate",)
 
 

@@ -11,6 +11,8 @@ thumbs-up on another and the pair is new. Writers join a shared advisory lock be
 id and keep it until they commit; `current_watermark` takes it exclusively for a moment, so every
 id at or below the watermark it returns belongs to a row that is committed or rolled back for good.
 """
+from datetime import datetime
+
 from psycopg import AsyncConnection, pq
 from psycopg.types.json import Jsonb
 
@@ -116,6 +118,13 @@ async def record_preference(conn, *, preference: PreferenceCreate, author_key_id
     if row is None:
         row = await fetch_one(conn, "get_preference", **key)
     return PreferencePublic(**row)
+
+
+async def transaction_time(conn) -> datetime:
+    """Now, as the caller's transaction sees it: a row written in it has this `updated_at`, a row a
+    repeat left alone an older one."""
+    _in_transaction(conn)
+    return (await fetch_one(conn, "transaction_time"))["now"]
 
 
 # --- idempotency ----------------------------------------------------------------------------

@@ -57,3 +57,10 @@ async def revoke_api_key(conn, *, id: int) -> ApiKeyPublic:
 
 async def count_live_operator_keys(conn) -> int:
     return (await fetch_one(conn, "count_live_operator_keys"))["n"]
+
+
+async def external_author(conn, *, source: str, person: str, name: str) -> int:
+    """The key id that feedback imported from `source` (e.g. 'openwebui') is attributed to, one per
+    `person` there (their id in it), named `name`; made the first time. It can never authenticate."""
+    row = await fetch_one(conn, "ensure_external_author", key_hash=f"{source}:{person}", name=name)
+    return row["id"]

@@ -65,6 +65,16 @@ def train(args) -> None:
     sys.exit(0 if run.status in ("succeeded", "skipped") else 1)
 
 
+def import_openwebui(args) -> None:
+    """Open WebUI's feedback, joined to the exchanges it is about, recorded as feedloop feedback;
+    prints what was recorded and what could not be joined (JSON)."""
+    from trainer.openwebui import run_import
+    url = database_url(get_settings())
+    migrate(url)
+    report = asyncio.run(run_import(url, args.url, args.api_key))
+    print(json.dumps(report.as_dict(), indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,12 +90,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="a whole round (default) or one stage")
     p.add_argument("--config", help='JSON overrides of the round config, e.g. \'{"ppo": {"steps": 8}}\'')
     p.set_defaults(run=train)
+    p = sub.add_parser("import", help="feedback from another system")
+    p.add_argument("system", choices=["openwebui"])
+    settings = get_settings()
+    p.add_argument("--url", default=settings.openwebui_url, required=not settings.openwebui_url,
+                   help="Open WebUI's base URL (default: FEEDLOOP_OPENWEBUI_URL)")
+    p.add_argument("--api-key", default=settings.openwebui_api_key, required=not settings.openwebui_api_key,
+                   help="an Open WebUI admin's API key (default: FEEDLOOP_OPENWEBUI_API_KEY)")
+    p.set_defaults(run=import_openwebui)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("apscheduler", "pgserver"):  # no log line for every scheduler tick
+    for name in ("apscheduler", "pgserver", "httpx"):  # no log line for every scheduler tick or page
         logging.getLogger(name).setLevel(logging.WARNING)
-    settings = get_settings()
     if settings.torch_threads:
         import torch
         torch.set_num_threads(settings.torch_threads)

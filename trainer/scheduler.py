@@ -33,6 +33,15 @@ def queued_rounds(url: str, settings: Settings) -> None:
         log.info("requested round %d: %s", run.id, run.status)
 
 
+def openwebui_import(url: str, settings: Settings) -> None:
+    """Open WebUI's feedback since last time (all of it: a repeat changes nothing)."""
+    from trainer.openwebui import run_import
+    try:
+        asyncio.run(run_import(url, settings.openwebui_url, settings.openwebui_api_key or ""))
+    except Exception:  # Open WebUI away, say: the next tick tries again; rounds go on regardless
+        log.exception("Open WebUI import failed")
+
+
 def serve(settings: Settings) -> None:
     url = database_url(settings)
     migrate(url)
@@ -45,6 +54,9 @@ def serve(settings: Settings) -> None:
                       id="round")
     scheduler.add_job(queued_rounds, IntervalTrigger(seconds=settings.queue_poll_seconds, timezone="UTC"),
                       args=(url, settings), max_instances=1, coalesce=True, id="queued")
+    if settings.openwebui_url and settings.openwebui_import_seconds:
+        scheduler.add_job(openwebui_import, IntervalTrigger(seconds=settings.openwebui_import_seconds, timezone="UTC"),
+                          args=(url, settings), max_instances=1, coalesce=True, id="openwebui")
     log.info("trainer up: rounds %s, min %d new pairs, promotion %s",
              settings.train_cron or f"every {settings.train_interval_seconds:g}s", settings.min_new_pairs,
              settings.promotion)

@@ -318,3 +318,7 @@ SELECT version AS id, sum(won)::bigint AS wins, sum(lost)::bigint AS losses
 FROM (SELECT winner AS version, 1 AS won, 0 AS lost FROM duels
       UNION ALL SELECT loser, 0, 1 FROM duels) sides
 GROUP BY version;
+
+-- name: transaction_time
+-- The caller's transaction's timestamp: what a write in it sets `updated_at` to (so a caller can tell a changed row).
+SELECT now() AS now;

@@ -45,3 +45,14 @@ VALUES (%(key_id)s, date_trunc('minute', now()), 1)
 ON CONFLICT (key_id, window_start) DO UPDATE SET requests = u.requests + 1
     WHERE u.requests < %(rate_limit)s
 RETURNING requests;
+
+-- name: ensure_external_author
+-- The author row for one person of another system (feedback imported from it): made once, revoked
+-- from birth so it can never sign in (its hash is no key's digest either); its id either way.
+WITH made AS (
+    INSERT INTO api_keys (key_hash, prefix, name, role, revoked_at)
+    VALUES (%(key_hash)s, 'import', %(name)s, 'user', now())
+    ON CONFLICT (key_hash) DO NOTHING
+    RETURNING id
+)
+SELECT id FROM made UNION ALL SELECT id FROM api_keys WHERE key_hash = %(key_hash)s;
