@@ -12,8 +12,10 @@ from tests.conftest import ROOT
 
 
 def test_migrations_are_numbered_in_order():
+    """Each number once, from 1 up. Gaps are allowed: parallel branches reserve numbers (008 may
+    land after 009), and the runner applies whatever a database lacks, in order."""
     numbers = [n for n, _, _ in migrations()]
-    assert numbers == list(range(1, len(numbers) + 1))
+    assert numbers[0] == 1 and numbers == sorted(set(numbers))
 
 
 def test_migrate_is_idempotent(db_url):
