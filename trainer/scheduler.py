@@ -33,13 +33,15 @@ def queued_rounds(url: str, settings: Settings) -> None:
         log.info("requested round %d: %s", run.id, run.status)
 
 
-def openwebui_import(url: str, settings: Settings) -> None:
-    """Open WebUI's feedback since last time (all of it: a repeat changes nothing)."""
+def openwebui_import(url: str, settings: Settings):
+    """Open WebUI's feedback, all of it every time (a repeat changes nothing); its report, or None
+    when it failed (Open WebUI away, say: the next tick tries again; rounds go on regardless)."""
     from trainer.openwebui import run_import
     try:
-        asyncio.run(run_import(url, settings.openwebui_url, settings.openwebui_api_key or ""))
-    except Exception:  # Open WebUI away, say: the next tick tries again; rounds go on regardless
+        return asyncio.run(run_import(url, settings.openwebui_url, settings.openwebui_api_key))
+    except Exception:
         log.exception("Open WebUI import failed")
+        return None
 
 
 def serve(settings: Settings) -> None:
@@ -54,7 +56,7 @@ def serve(settings: Settings) -> None:
                       id="round")
     scheduler.add_job(queued_rounds, IntervalTrigger(seconds=settings.queue_poll_seconds, timezone="UTC"),
                       args=(url, settings), max_instances=1, coalesce=True, id="queued")
-    if settings.openwebui_url and settings.openwebui_import_seconds:
+    if settings.openwebui_url and settings.openwebui_api_key and settings.openwebui_import_seconds:
         scheduler.add_job(openwebui_import, IntervalTrigger(seconds=settings.openwebui_import_seconds, timezone="UTC"),
                           args=(url, settings), max_instances=1, coalesce=True, id="openwebui")
     log.info("trainer up: rounds %s, min %d new pairs, promotion %s",

@@ -209,6 +209,12 @@ def test_open_webui_feedback_flows_into_training_data(server, openwebui, operato
     again = run_import(server, str(owui.base_url), token)
     assert again["changed"] == dict.fromkeys(("thumbs", "rating", "comment", "preference"), 0)
     assert again["recorded"] == report["recorded"]
+    # and so does the trainer service's scheduled job (the function its scheduler calls)
+    from schemas.settings import Settings
+    from trainer.scheduler import openwebui_import
+    job = openwebui_import(server.db_url, Settings(openwebui_url=str(owui.base_url), openwebui_api_key=token,
+                                                   openwebui_import_seconds=60))
+    assert job.changed == again["changed"] and job.recorded == report["recorded"]
     assert [operator.get(f"/v1/admin/exchanges/{e['response_id']}").json() for e in (one, left, right)] == before
     assert export_pairs(operator) == pairs
 
