@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     round_config: dict = Field(default_factory=dict, description="JSON overrides of the round config, e.g. {\"ppo\": {\"steps\": 8}}")
 
     # Open WebUI feedback import (trainer/openwebui.py): a scheduled job of the trainer service when
-    # both the URL and an interval are set; off by default
+    # the URL, the key and an interval are all set; off by default
     openwebui_url: str | None = Field(None, description="Open WebUI's base URL, e.g. http://127.0.0.1:8080")
     openwebui_api_key: str | None = Field(None, description="an Open WebUI admin's API key or token")
     openwebui_import_seconds: float = Field(0.0, ge=0, description="how often its feedback is imported; 0: never")

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
 from schemas.errors import DomainError
-from schemas.records import ClientRef
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                             ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorResponse,
                             ModelCard, ModelList, completion_id)
+from schemas.records import ClientRef
 from service.deps import CurrentKey, ServingDep
 from service.engine import EngineError
 from service.errors import ERROR_RESPONSES, ApiError, domain_error, engine_error, server_error

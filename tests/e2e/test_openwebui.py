@@ -172,16 +172,18 @@ def test_open_webui_feedback_flows_into_training_data(server, openwebui, operato
     assert {e["chat_id"] for e in housekeeping} <= {chat_one, chat_two}, recorded
 
     # a thumbs-down with a comment, a reason, tags and a 1-10 rating; a side-by-side vote for v1's answer
-    give_feedback(owui, chat_one, answers_one["feedloop"],
-                  {"rating": -1, "comment": "Too curt.", "reason": "Not helpful", "tags": ["tone"],
-                   "details": {"rating": 3}})
+    thumbs_down = give_feedback(owui, chat_one, answers_one["feedloop"],
+                                {"rating": -1, "comment": "Too curt.", "reason": "Not helpful", "tags": ["tone"],
+                                 "details": {"rating": 3}})
     give_feedback(owui, chat_two, answers_two["v1"], {"rating": 1, "comment": "v1 is friendlier"})
-    owui.post("/api/v1/evaluations/feedback", json={"type": "rating", "data": {"rating": 1},
-                                                    "meta": {"message_id": "never-sent-to-feedloop"}})
+    # answers feedloop never saw with the headers (more than a page of Open WebUI's list: 30)
+    for i in range(31):
+        owui.post("/api/v1/evaluations/feedback", json={"type": "rating", "data": {"rating": 1},
+                                                        "meta": {"message_id": f"elsewhere-{i}"}}).raise_for_status()
 
     report = run_import(server, str(owui.base_url), token)
-    assert (report["items"], report["joined"], report["unjoined_count"], report["refused_count"]) == (3, 2, 1, 0)
-    assert report["unjoined"][0]["message_id"] == "never-sent-to-feedloop"
+    assert (report["items"], report["joined"], report["unjoined_count"], report["refused_count"]) == (33, 2, 31, 0)
+    assert sorted(u["message_id"] for u in report["unjoined"]) == sorted(f"elsewhere-{i}" for i in range(31))
     assert report["changed"] == {"thumbs": 2, "rating": 1, "comment": 2, "preference": 1}
 
     # feedloop's exchange view shows each on the right completion, by the Open WebUI user
@@ -217,6 +219,16 @@ def test_open_webui_feedback_flows_into_training_data(server, openwebui, operato
     assert job.changed == again["changed"] and job.recorded == report["recorded"]
     assert [operator.get(f"/v1/admin/exchanges/{e['response_id']}").json() for e in (one, left, right)] == before
     assert export_pairs(operator) == pairs
+
+    # an item edited in Open WebUI replaces its value: 9 of 1..10 is 6 of 1..7
+    edited = {k: thumbs_down[k] for k in ("type", "data", "meta")}
+    edited["data"] = edited["data"] | {"details": {"rating": 9}}
+    owui.post(f"/api/v1/evaluations/feedback/{thumbs_down['id']}", json=edited).raise_for_status()
+    third = run_import(server, str(owui.base_url), token)
+    assert third["changed"] == {"thumbs": 0, "rating": 1, "comment": 0, "preference": 0}
+    ratings = [f for f in operator.get(f"/v1/admin/exchanges/{one['response_id']}").json()["feedback"]
+               if f["kind"] == "rating"]
+    assert [(f["value"], f["id"]) for f in ratings] == [(6, got["rating"]["id"])]
 
     # Open WebUI's title and tags calls are never PPO prompts nor in a pair, and take no feedback
     from store.exchanges import recent_conversations
