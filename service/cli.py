@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--upto", type=int, help="up to this watermark (default: now)")
     export.set_defaults(run=cmd_export)
     for name in TRAINER_COMMANDS:
-        sub.add_parser(name, help="training (python -m trainer)")
+        sub.add_parser(name, help="feedback from another system, e.g. `import openwebui --url … --api-key …` "
+                       "(python -m trainer)" if name == "import" else "training (python -m trainer)")
     sub.add_parser("simulate", help="simulated users with hidden preferences drive the API and measure the "
                    "served policy round after round (python -m sim)")
     args = parser.parse_args(argv)

@@ -68,10 +68,15 @@ def train(args) -> None:
 def import_openwebui(args) -> None:
     """Open WebUI's feedback, joined to the exchanges it is about, recorded as feedloop feedback;
     prints what was recorded and what could not be joined (JSON)."""
+    import httpx
+
     from trainer.openwebui import run_import
     url = database_url(get_settings())
     migrate(url)
-    report = asyncio.run(run_import(url, args.url, args.api_key))
+    try:
+        report = asyncio.run(run_import(url, args.url, args.api_key))
+    except httpx.HTTPError as e:  # unreachable, a wrong key (401), not an admin's (403)...
+        sys.exit(f"feedloop: could not read Open WebUI's feedback at {args.url}: {e}")
     print(json.dumps(report.as_dict(), indent=2))
 
 
