@@ -6,7 +6,10 @@ saying why, only when that install fails). It runs offline on loopback only: aut
 Ollama off, no embedding model, no update check, and its one OpenAI connection is feedloop with the
 README's X-Feedloop-Client-* headers. Its title and tags prompts are shortened
 (TITLE/TAGS_GENERATION_PROMPT_TEMPLATE) so they fit the bootstrap policy's 256-token context: those
-housekeeping calls reach feedloop and are recorded, which is what the last checks need."""
+housekeeping calls reach feedloop and are recorded, which is what the last checks need. Its builtin
+tools stay on, as by default: each user turn carries 28 tool definitions (about 21 KB), which
+feedloop's chat route does not act on yet (issue 20). DATABASE_URL is kept from it: Open WebUI would
+take it for its own database."""
 import asyncio
 import json
 import os
