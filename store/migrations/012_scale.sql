@@ -68,6 +68,11 @@ LANGUAGE sql STABLE AS $$
     WHERE p.event_id > after
 $$;
 
+-- The versions a pair compares, each once.
+CREATE FUNCTION sides(a bigint, b bigint) RETURNS bigint[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN a IS NULL THEN '{}'::bigint[] WHEN a = b THEN ARRAY[a] ELSE ARRAY[a, b] END
+$$;
+
 -- Every derived pair as of `training_pairs_state.watermark`: exactly what the full derivation
 -- gives at that watermark. A round rolls it forward from the rows past it (store/derive.py).
 CREATE TABLE training_pairs (
@@ -81,6 +86,7 @@ CREATE TABLE training_pairs (
     rejected_completion_id  bigint,
     preference_id           bigint,             -- pairwise and import
     ranking_id              bigint,
+    versions                bigint[] NOT NULL,  -- the policy versions on either side (none for imports)
     margin                  double precision NOT NULL,
     origin                  jsonb NOT NULL
 );
@@ -233,4 +239,6 @@ FROM training_pairs tp
 LEFT JOIN completions cc ON cc.id = tp.chosen_completion_id
 LEFT JOIN chat_requests rq ON rq.id = cc.request_id
 LEFT JOIN completions rc ON rc.id = tp.rejected_completion_id
-LEFT JOIN preferences p ON p.id = tp.preference_id AND tp.chosen_completion_id IS NULL;
+LEFT JOIN preferences p ON p.id = tp.preference_id AND p.source = 'import';
+-- Imports are few among preferences: reading pairs finds theirs without reading the rest.
+CREATE INDEX preferences_imports ON preferences (id) WHERE source = 'import';

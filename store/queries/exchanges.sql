@@ -27,11 +27,13 @@ SELECT choice_index, text, finish_reason, completion_tokens, model_version_id
 FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
 
 -- name: recent_conversations
--- What users asked lately: each distinct prompt once, newest first (PPO's prompts).
+-- What users asked lately: each distinct prompt once, newest first, among the newest `scan` requests
+-- (PPO's prompts; read backwards along the primary key, so the history's length costs nothing).
 SELECT messages FROM (
-    SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, created_at
-    FROM chat_requests ORDER BY prompt_hash, created_at DESC
-) latest ORDER BY created_at DESC LIMIT %(limit)s;
+    SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, id
+    FROM (SELECT prompt_hash, messages, id FROM chat_requests ORDER BY id DESC LIMIT %(scan)s) recent
+    ORDER BY prompt_hash, id DESC
+) latest ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: requests_per_version
 -- How many chat requests each version answered.

@@ -16,15 +16,17 @@ DELETE FROM training_pairs WHERE preference_id IN (SELECT id FROM preferences WH
 -- name: store_explicit_pairs
 -- Pairwise preferences and imported pairs with events in (after, upto], as given.
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, preference_id, margin, origin)
+                            rejected_completion_id, preference_id, versions, margin, origin)
 SELECT 'preference:' || p.id, p.source, 'preference:' || p.id, p.event_id, p.updated_at,
-       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.id, p.margin,
+       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.id,
+       sides(cc.model_version_id, rc.model_version_id), p.margin,
        jsonb_build_object('event_id', p.event_id, 'preference', p.id)
        || CASE WHEN p.chosen_completion_id IS NULL THEN '{}'::jsonb
           ELSE jsonb_build_object('completions', jsonb_build_array(p.chosen_completion_id, p.rejected_completion_id)) END
 FROM preferences p
 LEFT JOIN completions cc ON cc.id = p.chosen_completion_id
 LEFT JOIN chat_requests rq ON rq.id = cc.request_id
+LEFT JOIN completions rc ON rc.id = p.rejected_completion_id
 WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
 
 -- name: forget_ranking_pairs
@@ -43,9 +45,9 @@ WITH tiers AS (
     FROM tiers t CROSS JOIN LATERAL jsonb_array_elements_text(t.members) AS m(choice)
 )
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, ranking_id, margin, origin)
+                            rejected_completion_id, ranking_id, versions, margin, origin)
 SELECT 'ranking:' || b.id || ':' || b.choice || '>' || w.choice, 'ranking', 'ranking:' || b.id, b.event_id,
-       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.id, 0,
+       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.id, sides(cb.model_version_id, cw.model_version_id), 0,
        jsonb_build_object('event_id', b.event_id, 'ranking', b.id, 'choices', jsonb_build_array(b.choice, w.choice),
                           'completions', jsonb_build_array(cb.id, cw.id))
 FROM placed b JOIN placed w ON w.id = b.id AND w.rank > b.rank
@@ -66,9 +68,10 @@ DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating') AND prompt_hash 
 -- name: store_judged_pairs
 -- Thumbs and rating pairs of these prompts judged at `upto` (the rules are migration 012's functions).
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, margin, origin)
+                            rejected_completion_id, versions, margin, origin)
 SELECT j.source || ':' || j.chosen_id || '>' || j.rejected_id, j.source, j.source || ':' || j.chosen_id || '>' || j.rejected_id,
-       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id, j.margin,
+       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id,
+       sides(a.model_version_id, b.model_version_id), j.margin,
        jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
                           'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
 FROM (SELECT 'thumbs' AS source, t.chosen_id, t.rejected_id, t.prompt_hash, 0::double precision AS margin,
@@ -76,7 +79,8 @@ FROM (SELECT 'thumbs' AS source, t.chosen_id, t.rejected_id, t.prompt_hash, 0::d
       FROM thumbs_pairs_of(%(prompts)s, %(upto)s) t
       UNION ALL
       SELECT 'rating', r.chosen_id, r.rejected_id, r.prompt_hash, r.margin, r.event_id, r.feedback_ids, r.judged_at
-      FROM rating_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) r) j;
+      FROM rating_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) r) j
+JOIN completions a ON a.id = j.chosen_id JOIN completions b ON b.id = j.rejected_id;
 
 -- name: stored_pairs
 -- Stored pairs newer than `after`, with their texts, in event order.
@@ -84,14 +88,11 @@ SELECT * FROM training_pair_rows WHERE event_id > %(after)s ORDER BY event_id, p
 
 -- name: pair_window
 -- The newest `limit` stored pairs (all when null) judged since `since` (any time when null), newest
--- first; whole groups: a ranking's pairs share their event, so the cut falls between events.
+-- first; whole groups: a ranking's pairs share their event, and ties on the event are kept.
 SELECT * FROM training_pair_rows
-WHERE (%(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz)
-  AND event_id >= coalesce((SELECT min(event_id) FROM (
-          SELECT event_id FROM training_pairs
-          WHERE %(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz
-          ORDER BY event_id DESC LIMIT %(limit)s) newest), 0)
-ORDER BY event_id DESC, pair_key;
+WHERE %(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz
+ORDER BY event_id DESC
+FETCH FIRST coalesce(%(limit)s::bigint, 9223372036854775807) ROWS WITH TIES;
 
 -- name: count_stored_pairs
 -- How many stored pairs are newer than `after`.
@@ -99,13 +100,10 @@ SELECT count(*) AS n FROM training_pairs WHERE event_id > %(after)s;
 
 -- name: count_stored_pairs_by_version
 -- Stored pairs newer than `after` per policy version: once for each version on either side.
-SELECT version AS id, count(*)::bigint AS pairs FROM (
-    SELECT tp.pair_key, c.model_version_id AS version
-    FROM training_pairs tp JOIN completions c ON c.id = tp.chosen_completion_id WHERE tp.event_id > %(after)s
-    UNION
-    SELECT tp.pair_key, c.model_version_id
-    FROM training_pairs tp JOIN completions c ON c.id = tp.rejected_completion_id WHERE tp.event_id > %(after)s
-) sides GROUP BY version;
+SELECT v AS id, count(*)::bigint AS pairs
+FROM training_pairs tp CROSS JOIN LATERAL unnest(tp.versions) AS v
+WHERE tp.event_id > %(after)s
+GROUP BY v;
 
 -- name: version_stats
 -- Per policy version, the counters the triggers of migration 012 keep, summed over their shards.
