@@ -160,7 +160,8 @@ def serve() -> None:
     # `finally` blocks and atexit (the trainer child, the embedded database) instead of killing us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = get_settings()
-    uvicorn.run("service.app:app", host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run("service.app:app", host=s.host, port=s.port, workers=s.workers, log_level="info",
+                timeout_graceful_shutdown=30)
 
 
 def cmd_up(args) -> None:

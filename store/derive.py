@@ -24,12 +24,13 @@ up (desirable) or down.
 import json
 import math
 from datetime import datetime
+from typing import AsyncIterator
 
 from schemas.errors import Invalid
 from schemas.records import (Demonstration, ExportFormat, KtoExample, StatsPublic, TrainingPair,
                              VersionStats, ranking_tiers)
 from store import feedback, runs
-from store.sql import execute, fetch_all, fetch_one
+from store.sql import execute, fetch_all, fetch_one, stream_all
 
 RATING_SCALE = 6.0  # 7 against 1 is margin 1, as a pairwise preference of strength 1 is
 NO_LIMIT = 2**63 - 1
@@ -76,10 +77,18 @@ async def derive_pairs(conn, *, after: int = 0, upto: int | None = None) -> list
     rows with events <= upto (None: all so far), in event order. The rules are in the module doc.
     Read from the stored pairs, rolled forward to `upto` first; an `upto` older than the store
     is derived in full."""
+    return [p async for p in stream_pairs(conn, after=after, upto=upto)]
+
+
+async def stream_pairs(conn, *, after: int = 0, upto: int | None = None) -> AsyncIterator[TrainingPair]:
+    """`derive_pairs` one at a time, read in batches: for exports of any size."""
     _window(after, upto)
     if await _stored_upto(conn, upto) is None:
-        return await derive_pairs_in_full(conn, after=after, upto=upto)
-    return [_stored_pair(r) for r in await fetch_all(conn, "stored_pairs", after=after)]
+        for p in await derive_pairs_in_full(conn, after=after, upto=upto):
+            yield p
+        return
+    async for r in stream_all(conn, "stored_pairs", after=after):
+        yield _stored_pair(r)
 
 
 async def count_new_pairs(conn, *, after: int, upto: int | None = None) -> int:
@@ -90,15 +99,18 @@ async def count_new_pairs(conn, *, after: int, upto: int | None = None) -> int:
     return (await fetch_one(conn, "count_stored_pairs", after=after))["n"]
 
 
-async def pair_window(conn, *, upto: int | None = None, limit: int | None = None,
+async def pair_window(conn, *, upto: int, limit: int | None = None,
                       since: datetime | None = None) -> list[TrainingPair]:
-    """The reward model's training window: the newest `limit` pairs (all when None) judged at
-    `upto`, only those judged since `since` when given, newest first, each with `judged_at` (its
-    age, for recency weighting). A ranking's pairs come whole, so a window may run over `limit`."""
+    """The reward model's training window: the newest `limit` pairs (all when None) with events
+    up to `upto`, only those judged since `since` when given, newest first, each with `judged_at`
+    (its age, for recency weighting). A ranking's pairs come whole, so a window may run over
+    `limit`. Read from the stored pairs rolled forward to `upto` or further (another caller may
+    have got further: a pair whose rows changed since `upto` is then left out, and is new to the
+    next round)."""
     if limit is not None and limit < 1:
         raise Invalid(f"a pair window holds at least one pair (got limit={limit})", param="limit")
-    await _stored_upto(conn, upto, require=True)
-    return [_stored_pair(r) for r in await fetch_all(conn, "pair_window", limit=limit, since=since)]
+    await refresh_pairs(conn, upto=upto)
+    return [_stored_pair(r) for r in await fetch_all(conn, "pair_window", upto=upto, limit=limit, since=since)]
 
 
 async def refresh_pairs(conn, *, upto: int) -> int:
@@ -126,17 +138,12 @@ async def refresh_pairs(conn, *, upto: int) -> int:
         return upto
 
 
-async def _stored_upto(conn, upto: int | None, require: bool = False) -> int | None:
+async def _stored_upto(conn, upto: int | None) -> int | None:
     """The watermark the stored pairs answer `upto` at (None: now) after rolling them forward;
-    None when `upto` is older than the store (derive in full then, or refuse with `require`)."""
+    None when `upto` is older than the store (derive in full then)."""
     now = await feedback.current_watermark(conn)
     target = now if upto is None else min(upto, now)  # past `now`: nothing more is committed yet
-    if await refresh_pairs(conn, upto=target) == target:
-        return target
-    if require:
-        raise Invalid(f"the stored pairs are past watermark {upto}; a window is read at the latest one",
-                      param="upto")
-    return None
+    return target if await refresh_pairs(conn, upto=target) == target else None
 
 
 def _stored_pair(r: dict) -> TrainingPair:

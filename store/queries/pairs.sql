@@ -87,10 +87,10 @@ JOIN completions a ON a.id = j.chosen_id JOIN completions b ON b.id = j.rejected
 SELECT * FROM training_pair_rows WHERE event_id > %(after)s ORDER BY event_id, pair_key;
 
 -- name: pair_window
--- The newest `limit` stored pairs (all when null) judged since `since` (any time when null), newest
--- first; whole groups: a ranking's pairs share their event, and ties on the event are kept.
+-- The newest `limit` stored pairs (all when null) up to `upto`, judged since `since` (any time when
+-- null), newest first; whole groups: a ranking's pairs share their event, and ties on it are kept.
 SELECT * FROM training_pair_rows
-WHERE %(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz
+WHERE event_id <= %(upto)s AND (%(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz)
 ORDER BY event_id DESC
 FETCH FIRST coalesce(%(limit)s::bigint, 9223372036854775807) ROWS WITH TIES;
 

@@ -74,7 +74,7 @@ ROUND = {
     "forget_judged_pairs": dict(prompts=["a", "b"]),
     "store_judged_pairs": dict(prompts=["a", "b"], upto=2**62, rating_scale=RATING_SCALE),
     "stored_pairs": RECENT,
-    "pair_window": dict(limit=1000, since=None),
+    "pair_window": dict(upto=2**62, limit=1000, since=None),
     "derive_demonstrations": dict(RECENT, upto=2**62),
     "recent_conversations": dict(limit=256, scan=5120),
 }
