@@ -200,25 +200,37 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-async def export_rows(conn, *, format: ExportFormat, after: int = 0, upto: int | None = None) -> list[dict]:
-    """Rows as TRL's trainers take them: `preference` (prompt, chosen, rejected, margin) for
-    RewardTrainer/DPOTrainer, `kto` (prompt, completion, label) for KTOTrainer, `sft` (prompt,
-    completion) for SFTTrainer. Extra columns (source, origin as a JSON string) are ignored by
-    TRL and keep every row traceable to its source rows."""
+async def export_rows(conn, *, format: ExportFormat, after: int = 0,
+                      upto: int | None = None) -> AsyncIterator[dict]:
+    """Rows as TRL's trainers take them, one at a time (preference pairs stream from the store;
+    KTO examples, one per judged completion, are derived at once): `preference` (prompt, chosen,
+    rejected, margin) for RewardTrainer/DPOTrainer, `kto` (prompt, completion, label) for
+    KTOTrainer, `sft` (prompt, completion) for SFTTrainer. Extra columns (source, origin as a
+    JSON string) are ignored by TRL and keep every row traceable to its source rows."""
     if format == "preference":
-        return [{"prompt": p.prompt, "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected),
-                 "margin": float(p.margin), "source": p.source, "prompt_hash": p.prompt_hash,
-                 "group": p.group, "origin": json.dumps(p.origin)}
-                for p in await derive_pairs(conn, after=after, upto=upto)]
-    if format == "kto":
-        return [{"prompt": k.prompt, "completion": _assistant(k.completion), "label": k.label,
-                 "prompt_hash": k.prompt_hash, "origin": json.dumps(k.origin)}
-                for k in await derive_kto(conn, after=after, upto=upto)]
+        async for p in stream_pairs(conn, after=after, upto=upto):
+            yield {"prompt": p.prompt, "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected),
+                   "margin": float(p.margin), "source": p.source, "prompt_hash": p.prompt_hash,
+                   "group": p.group, "origin": json.dumps(p.origin)}
+    elif format == "kto":
+        for k in await derive_kto(conn, after=after, upto=upto):
+            yield {"prompt": k.prompt, "completion": _assistant(k.completion), "label": k.label,
+                   "prompt_hash": k.prompt_hash, "origin": json.dumps(k.origin)}
+    elif format == "sft":
+        for d in await derive_demonstrations(conn, after=after, upto=upto):
+            yield {"prompt": d.prompt, "completion": _assistant(d.completion), "source": d.source,
+                   "origin": json.dumps(d.origin)}
+    else:
+        raise ValueError(f"unknown export format {format!r}")
+
+
+async def export_count(conn, *, format: ExportFormat, after: int = 0, upto: int | None = None) -> int:
+    """How many rows `export_rows` yields, counted before streaming them."""
+    if format == "preference":
+        return await count_new_pairs(conn, after=after, upto=upto)
     if format == "sft":
-        return [{"prompt": d.prompt, "completion": _assistant(d.completion), "source": d.source,
-                 "origin": json.dumps(d.origin)}
-                for d in await derive_demonstrations(conn, after=after, upto=upto)]
-    raise ValueError(f"unknown export format {format!r}")
+        return (await fetch_one(conn, "count_demonstrations", **_window(after, upto)))["n"]
+    return len(await derive_kto(conn, after=after, upto=upto))
 
 
 def jsonl_line(row: dict) -> str:
