@@ -6,7 +6,7 @@ each: thumbs or rating, several authors), then at each size the same work is mea
             transaction), from --clients concurrent connections, --ops times
   feedback  what POST /v1/feedback runs (`store.feedback.record_feedback`: ownership lookup,
             the watermark lock, the upsert, commit) on random recorded answers
-  stats     GET /v1/admin/stats' work (`store.derive.feedback_stats`), median of 5
+  stats     GET /v1/admin/stats' work (`store.derive.feedback_stats`), median of 21
   round     a round's derivation: the stored pairs rolled forward over the feedback events the
             feedback phase just wrote (the same number at every size), counted, and the new
             pairs read (a round before the phases read the seeded history)
@@ -162,7 +162,7 @@ async def measure(url: str, size: int, key0: int, version: int, args) -> dict:
         feedback_ms = await timed_ops(pool, args.clients, args.ops, judge)
         async with pool.connection() as conn:
             stats_ms = []
-            for _ in range(5):
+            for _ in range(21):
                 t0 = time.perf_counter()
                 await derive.feedback_stats(conn)
                 stats_ms.append((time.perf_counter() - t0) * 1000)

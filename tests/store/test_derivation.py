@@ -182,9 +182,13 @@ class World:
 
     async def reset(self):
         await self.conn.execute("TRUNCATE feedback, rankings, preferences, demonstrations, idempotency_keys,"
-                                " training_pairs")
+                                " training_pairs, version_stats")
+        # what TRUNCATE does not tell the triggers: no pairs, and the exchanges' counts alone
         await self.conn.execute("UPDATE training_pairs_state SET watermark ="
                                 " (SELECT last_value FROM feedback_events)")
+        await self.conn.execute("INSERT INTO version_stats (version_id, shard, requests, completions)"
+                                " SELECT model_version_id, 0, count(DISTINCT request_id), count(*)"
+                                " FROM completions GROUP BY 1")
 
     async def apply(self, o):
         conn, kind = self.conn, o[0]
@@ -323,9 +327,42 @@ def test_the_stored_pairs_are_the_full_derivation_at_every_watermark(world, step
         window = world.run(derive.pair_window(world.conn, upto=watermark))
         assert sorted(map(_comparable, window)) == sorted(map(_comparable, full))
         assert all(p.judged_at is not None for p in window)
+        assert world.run(counters(world)) == world.run(counted_from_rows(world))
         last = watermark
     # a round after nothing new reads nothing
     assert world.run(derive.derive_pairs(world.conn, after=world.run(feedback.current_watermark(world.conn)))) == []
+
+
+async def counters(world) -> dict:
+    """What stats show per version: the counters the triggers kept."""
+    stats = await derive.feedback_stats(world.conn)
+    return {v.model_version_id: (v.requests, v.completions, v.feedback, v.thumbs_up, v.thumbs_down,
+                                 v.mean_rating and round(v.mean_rating, 9)) for v in stats.data}
+
+
+async def counted_from_rows(world) -> dict:
+    """The same, counted from every row (the version's feedback, rankings and pairwise preferences)."""
+    row = await (await world.conn.execute("""
+        SELECT mv.id, (SELECT count(*) FROM chat_requests WHERE model_version_id = mv.id),
+               (SELECT count(*) FROM completions WHERE model_version_id = mv.id),
+               f.thumbs, f.rating, f.comment, f.correction,
+               (SELECT count(*) FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
+                WHERE rq.model_version_id = mv.id),
+               (SELECT count(*) FROM preferences WHERE source = 'pairwise'),
+               f.up, f.down, f.mean
+        FROM model_versions mv, LATERAL (
+            SELECT count(*) FILTER (WHERE kind = 'thumbs') AS thumbs, count(*) FILTER (WHERE kind = 'rating') AS rating,
+                   count(*) FILTER (WHERE kind = 'comment') AS comment,
+                   count(*) FILTER (WHERE kind = 'correction') AS correction,
+                   count(*) FILTER (WHERE kind = 'thumbs' AND value > 0) AS up,
+                   count(*) FILTER (WHERE kind = 'thumbs' AND value < 0) AS down,
+                   (avg(value) FILTER (WHERE kind = 'rating'))::double precision AS mean
+            FROM feedback f JOIN completions c ON c.id = f.completion_id WHERE c.model_version_id = mv.id) f
+        WHERE mv.kind = 'policy'""")).fetchone()
+    v, requests, completions, thumbs, rating, comment, correction, ranking, preference, up, down, mean = row
+    return {v: (requests, completions, dict(thumbs=thumbs, rating=rating, comment=comment, correction=correction,
+                                            ranking=ranking, preference=preference), up, down,
+                mean and round(mean, 9))}
 
 
 def _comparable(p):
