@@ -81,12 +81,12 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
     Returns the keys and the first key's id."""
     migrate(url)
     tag = uuid.uuid4().hex[:8]
-    keys = [f"fl-bench-{tag}-{i}" for i in range(clients)]  # pgbench-tx rebuilds them: KEY_PREFIX + i
+    secrets = [f"fl-bench-{tag}-{i}" for i in range(clients)]  # pgbench-tx rebuilds them: KEY_PREFIX + i
     hashes = [exchanges.prompt_hash([{"role": "user", "content": f"Question {i}?"}]) for i in range(PROMPTS)]
     with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
         ids = [conn.execute("INSERT INTO api_keys (key_hash, prefix, name, role) VALUES (%s, %s, %s, 'user')"
                             " RETURNING id", (keys.hash_key(k), k[:7], f"bench-{i}")).fetchone()[0]
-               for i, k in enumerate(keys)]
+               for i, k in enumerate(secrets)]
         assert ids == list(range(ids[0], ids[0] + clients))
         version = conn.execute("INSERT INTO model_versions (kind, path, content_hash, status)"
                                " VALUES ('policy', '/bench', '0', 'archived') RETURNING id").fetchone()[0]
@@ -104,7 +104,7 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
         first = conn.execute("SELECT min(id) FROM completions").fetchone()[0]
         assert first == 1, "completion ids start at 1 in a fresh database"
         conn.execute("ANALYZE")
-    return keys, ids[0]
+    return secrets, ids[0]
 
 
 # --- (a) the API ----------------------------------------------------------------------------
