@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from schemas.errors import Invalid
 from store import derive, exchanges, feedback, keys, registry
 from schemas.records import (CompletionRecord, CompletionRef, FeedbackCreate, PreferenceCreate,
                              PreferenceImport, RankingCreate, ranking_pair_count)
@@ -185,7 +186,7 @@ class World:
                                 " training_pairs, version_stats")
         # what TRUNCATE does not tell the triggers: no pairs, and the exchanges' counts alone
         await self.conn.execute("UPDATE training_pairs_state SET watermark ="
-                                " (SELECT last_value FROM feedback_events)")
+                                " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM feedback_events)")
         await self.conn.execute("INSERT INTO version_stats (version_id, shard, requests, completions)"
                                 " SELECT model_version_id, 0, count(DISTINCT request_id), count(*)"
                                 " FROM completions GROUP BY 1")
@@ -368,3 +369,22 @@ async def counted_from_rows(world) -> dict:
 def _comparable(p):
     """A pair as the two derivations both give it (the stored one adds its age)."""
     return json.dumps(p.model_dump(exclude={"judged_at"}), sort_keys=True)
+
+
+def test_the_reward_window_is_the_newest_pairs_in_whole_groups(world):
+    """A window of N pairs: the newest events first, a ranking's pairs all in or all out, each
+    pair with the time its newest row was written; `since` leaves older judgements out."""
+    world.run(world.reset())
+    world.run(world.apply(("preference", 0, ("chatcmpl-a1", 0), ("chatcmpl-a1", 1), 1.0)))
+    world.run(world.apply(("ranking", 1, "chatcmpl-a1", [[2], [0], [1]])))  # three pairs, one event
+    upto = world.run(feedback.current_watermark(world.conn))
+    newest = world.run(derive.pair_window(world.conn, upto=upto, limit=1))
+    assert [p.source for p in newest] == ["ranking"] * 3 and len({p.group for p in newest}) == 1
+    both = world.run(derive.pair_window(world.conn, upto=upto, limit=4))
+    assert [p.source for p in both] == ["ranking"] * 3 + ["pairwise"]
+    assert all(p.judged_at is not None for p in both)
+    assert both[0].judged_at >= both[-1].judged_at
+    since = world.run(derive.pair_window(world.conn, upto=upto, since=both[0].judged_at))
+    assert sorted(map(_comparable, since)) == sorted(map(_comparable, newest))
+    with pytest.raises(Invalid):
+        world.run(derive.pair_window(world.conn, upto=upto, limit=0))
