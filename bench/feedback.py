@@ -14,7 +14,7 @@ rate for a single-row insert of the same shape, measured in the same run on the 
 
 The API server is stopped before pgbench runs, so each has the machine to itself.
 
-    python bench/feedback.py [--seconds 8] [--clients 64] [--completions 16384]
+    python bench/feedback.py [--seconds 8] [--clients 64] [--completions 16384] [--workers N]
 
 Loopback only; the scratch database is dropped and the server stopped at the end.
 """
@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=8.0, help="measured time per system")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (and pgbench connections)")
     p.add_argument("--completions", type=int, default=16384, help="recorded answers to give feedback on")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="API worker processes (FEEDLOOP_WORKERS; feedback needs no engine)")
     return p.parse_args()
 
 
@@ -79,12 +81,12 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
     Returns the keys and the first key's id."""
     migrate(url)
     tag = uuid.uuid4().hex[:8]
-    keys = [f"fl-bench-{tag}-{i}" for i in range(clients)]  # pgbench-tx rebuilds them: KEY_PREFIX + i
+    secrets = [f"fl-bench-{tag}-{i}" for i in range(clients)]  # pgbench-tx rebuilds them: KEY_PREFIX + i
     hashes = [exchanges.prompt_hash([{"role": "user", "content": f"Question {i}?"}]) for i in range(PROMPTS)]
     with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
         ids = [conn.execute("INSERT INTO api_keys (key_hash, prefix, name, role) VALUES (%s, %s, %s, 'user')"
                             " RETURNING id", (keys.hash_key(k), k[:7], f"bench-{i}")).fetchone()[0]
-               for i, k in enumerate(keys)]
+               for i, k in enumerate(secrets)]
         assert ids == list(range(ids[0], ids[0] + clients))
         version = conn.execute("INSERT INTO model_versions (kind, path, content_hash, status)"
                                " VALUES ('policy', '/bench', '0', 'archived') RETURNING id").fetchone()[0]
@@ -102,7 +104,7 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
         first = conn.execute("SELECT min(id) FROM completions").fetchone()[0]
         assert first == 1, "completion ids start at 1 in a fresh database"
         conn.execute("ANALYZE")
-    return keys, ids[0]
+    return secrets, ids[0]
 
 
 # --- (a) the API ----------------------------------------------------------------------------
@@ -155,13 +157,18 @@ async def closed_loop(port: int, keys: list[str], completions: int, seconds: flo
         result.seconds = time.perf_counter() - start
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time a process has used (Linux /proc), to show where an API event's time goes."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
+def cpu_seconds(pgid: int) -> float | None:
+    """CPU time the processes of a process group (the server and its workers) have used (Linux
+    /proc), to show where an API event's time goes."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid):
+            total, found = total + int(fields[11]) + int(fields[12]), True
+    return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
 def key_prefix(keys: list[str]) -> str:
@@ -170,13 +177,14 @@ def key_prefix(keys: list[str]) -> str:
 
 def bench_api(url: str, keys: list[str], args, work: Path) -> Result:
     # no model: feedback never touches the engine, so the server is ready when it answers /health
-    with feedloop_serve(url, work, policy=None, ready_path="/health", timeout=60) as server:
+    with feedloop_serve(url, work, policy=None, ready_path="/health", timeout=60,
+                        FEEDLOOP_WORKERS=args.workers) as server:
         asyncio.run(closed_loop(server.port, keys, args.completions, 1.0, None))  # warm-up
         result = Result("api", args.clients)
         before = cpu_seconds(server.proc.pid)
         asyncio.run(closed_loop(server.port, keys, args.completions, args.seconds, result))
         used = cpu_seconds(server.proc.pid) - before if before is not None else None
-        result.note = "POST /v1/feedback over HTTP: auth, ownership, upsert, commit"
+        result.note = f"POST /v1/feedback over HTTP ({args.workers} workers): auth, ownership, upsert, commit"
         if used is not None and result.events:
             result.note += f"; server {used / result.seconds:.2f} cores, {1000 * used / result.events:.2f} ms CPU/event"
         print(f"  api      {fmt(result.rate)} events/s", flush=True)

@@ -185,6 +185,8 @@ class TrainingPair(BaseModel):
     prompt_hash: str = Field(description="groups one prompt's pairs; the train/held-out split key")
     group: str = Field(description="pairs of one group (one ranking) go in the same batch")
     origin: dict[str, Any] = Field(default_factory=dict, description="source rows it came from")
+    judged_at: datetime | None = Field(None, description="when its newest source row was written: its "
+                                       "age, for recency weighting (stored pairs carry it)")
 
 
 class Demonstration(BaseModel):

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     # serving
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = Field(1, ge=1, description="API worker processes (uvicorn --workers); each runs its own "
+                         "engine, so more than one suits a remote engine or replicas that only take feedback")
     init_api_key: str | None = Field(None, description="operator key created at start-up when missing")
     policy_path: Path | None = Field(None, description="checkpoint registered as version 1 instead of the bootstrap")
     engine: Literal["local", "remote"] = "local"

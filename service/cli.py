@@ -138,18 +138,21 @@ def cmd_export(args) -> None:
     from store import derive, feedback
     migrate(database_url(get_settings()))
 
-    async def rows(conn):
+    async def write(conn):  # row by row, as read: an export of any size fits in memory
         upto = await feedback.current_watermark(conn) if args.upto is None else args.upto
-        return upto, await derive.export_rows(conn, format=args.format, after=args.after, upto=upto)
+        n = 0
+        async for r in derive.export_rows(conn, format=args.format, after=args.after, upto=upto):
+            out.write(derive.jsonl_line(r))
+            n += 1
+        return upto, n
 
-    upto, data = asyncio.run(_with_conn(rows))
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        out.writelines(derive.jsonl_line(r) for r in data)
+        upto, n = asyncio.run(_with_conn(write))
     finally:
         if args.out:
             out.close()
-    print(f"exported {len(data)} {args.format} rows, events ({args.after}, {upto}]; "
+    print(f"exported {n} {args.format} rows, events ({args.after}, {upto}]; "
           f"next time: --after {upto}", file=sys.stderr)
 
 
@@ -160,7 +163,8 @@ def serve() -> None:
     # `finally` blocks and atexit (the trainer child, the embedded database) instead of killing us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = get_settings()
-    uvicorn.run("service.app:app", host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run("service.app:app", host=s.host, port=s.port, workers=s.workers, log_level="info",
+                timeout_graceful_shutdown=30)
 
 
 def cmd_up(args) -> None:

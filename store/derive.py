@@ -23,12 +23,14 @@ up (desirable) or down.
 """
 import json
 import math
+from datetime import datetime
+from typing import AsyncIterator
 
 from schemas.errors import Invalid
 from schemas.records import (Demonstration, ExportFormat, KtoExample, StatsPublic, TrainingPair,
                              VersionStats, ranking_tiers)
-from store import runs
-from store.sql import fetch_all, fetch_one
+from store import feedback, runs
+from store.sql import execute, fetch_all, fetch_one, stream_all
 
 RATING_SCALE = 6.0  # 7 against 1 is margin 1, as a pairwise preference of strength 1 is
 NO_LIMIT = 2**63 - 1
@@ -72,7 +74,87 @@ def _judged_pair(row: dict, source: str) -> TrainingPair:
 
 async def derive_pairs(conn, *, after: int = 0, upto: int | None = None) -> list[TrainingPair]:
     """Every training pair whose newest source row has its event in (after, upto], judged by the
-    rows with events <= upto (None: all so far), in event order. The rules are in the module doc."""
+    rows with events <= upto (None: all so far), in event order. The rules are in the module doc.
+    Read from the stored pairs, rolled forward to `upto` first; an `upto` older than the store
+    is derived in full."""
+    return [p async for p in stream_pairs(conn, after=after, upto=upto)]
+
+
+async def stream_pairs(conn, *, after: int = 0, upto: int | None = None) -> AsyncIterator[TrainingPair]:
+    """`derive_pairs` one at a time, read in batches: for exports of any size."""
+    _window(after, upto)
+    if await _stored_upto(conn, upto) is None:
+        for p in await derive_pairs_in_full(conn, after=after, upto=upto):
+            yield p
+        return
+    async for r in stream_all(conn, "stored_pairs", after=after):
+        yield _stored_pair(r)
+
+
+async def count_new_pairs(conn, *, after: int, upto: int | None = None) -> int:
+    """How many pairs `derive_pairs(after=after, upto=upto)` yields: a count of stored rows."""
+    window = _window(after, upto)
+    if await _stored_upto(conn, upto) is None:
+        return (await fetch_one(conn, "count_pairs", **window, rating_scale=RATING_SCALE))["n"]
+    return (await fetch_one(conn, "count_stored_pairs", after=after))["n"]
+
+
+async def pair_window(conn, *, upto: int, limit: int | None = None,
+                      since: datetime | None = None) -> list[TrainingPair]:
+    """The reward model's training window: the newest `limit` pairs (all when None) with events
+    up to `upto`, only those judged since `since` when given, newest first, each with `judged_at`
+    (its age, for recency weighting). A ranking's pairs come whole, so a window may run over
+    `limit`. Read from the stored pairs rolled forward to `upto` or further (another caller may
+    have got further: a pair whose rows changed since `upto` is then left out, and is new to the
+    next round)."""
+    if limit is not None and limit < 1:
+        raise Invalid(f"a pair window holds at least one pair (got limit={limit})", param="limit")
+    await refresh_pairs(conn, upto=upto)
+    return [_stored_pair(r) for r in await fetch_all(conn, "pair_window", upto=upto, limit=limit, since=since)]
+
+
+async def refresh_pairs(conn, *, upto: int) -> int:
+    """Roll the stored pairs forward to watermark `upto` (every event at or below it committed:
+    `feedback.current_watermark`), reading only the rows whose events are past the store's
+    watermark: a changed preference or ranking is re-derived alone, a new thumbs or rating
+    re-judges its prompt's completions. Returns the store's watermark (above `upto` when a
+    later round got there first)."""
+    async with conn.transaction():
+        stored = (await fetch_one(conn, "lock_pairs_state"))["watermark"]
+        if upto <= stored:
+            return stored
+        # Rows changed past `upto` (written after the watermark was read) are forgotten and left
+        # out here, and re-derived by the next roll-forward: their events are past this one's.
+        window = dict(after=stored, upto=upto)
+        await execute(conn, "forget_explicit_pairs", after=stored)
+        await execute(conn, "store_explicit_pairs", **window)
+        await execute(conn, "forget_ranking_pairs", after=stored)
+        await execute(conn, "store_ranking_pairs", **window)
+        prompts = (await fetch_one(conn, "touched_prompts", after=stored))["prompts"]
+        if prompts:
+            await execute(conn, "forget_judged_pairs", prompts=prompts)
+            await execute(conn, "store_judged_pairs", prompts=prompts, upto=upto, rating_scale=RATING_SCALE)
+        await execute(conn, "set_pairs_watermark", upto=upto)
+        return upto
+
+
+async def _stored_upto(conn, upto: int | None) -> int | None:
+    """The watermark the stored pairs answer `upto` at (None: now) after rolling them forward;
+    None when `upto` is older than the store (derive in full then)."""
+    now = await feedback.current_watermark(conn)
+    target = now if upto is None else min(upto, now)  # past `now`: nothing more is committed yet
+    return target if await refresh_pairs(conn, upto=target) == target else None
+
+
+def _stored_pair(r: dict) -> TrainingPair:
+    return TrainingPair(prompt=_prompt(r["prompt"]), chosen=r["chosen"], rejected=r["rejected"],
+                        margin=r["margin"], source=r["source"], prompt_hash=r["prompt_hash"], group=r["grp"],
+                        origin=r["origin"], judged_at=r["judged_at"])
+
+
+async def derive_pairs_in_full(conn, *, after: int = 0, upto: int | None = None) -> list[TrainingPair]:
+    """`derive_pairs` from every row up to `upto`, not from the store: for an old watermark, and
+    the reference the stored pairs are tested against."""
     window, pairs = _window(after, upto), []
     for r in await fetch_all(conn, "derive_explicit_pairs", **window):
         origin = {"event_id": r["event_id"], "preference": r["id"]}
@@ -88,11 +170,6 @@ async def derive_pairs(conn, *, after: int = 0, upto: int | None = None) -> list
               for r in await fetch_all(conn, "derive_rating_pairs", **window, rating_scale=RATING_SCALE)]
     pairs.sort(key=lambda p: p.origin["event_id"])  # stable: sources keep their order within an event
     return pairs
-
-
-async def count_new_pairs(conn, *, after: int, upto: int | None = None) -> int:
-    """How many pairs `derive_pairs(after=after, upto=upto)` yields, counted in SQL."""
-    return (await fetch_one(conn, "count_pairs", **_window(after, upto), rating_scale=RATING_SCALE))["n"]
 
 
 async def derive_demonstrations(conn, *, after: int = 0, upto: int | None = None) -> list[Demonstration]:
@@ -123,25 +200,37 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-async def export_rows(conn, *, format: ExportFormat, after: int = 0, upto: int | None = None) -> list[dict]:
-    """Rows as TRL's trainers take them: `preference` (prompt, chosen, rejected, margin) for
-    RewardTrainer/DPOTrainer, `kto` (prompt, completion, label) for KTOTrainer, `sft` (prompt,
-    completion) for SFTTrainer. Extra columns (source, origin as a JSON string) are ignored by
-    TRL and keep every row traceable to its source rows."""
+async def export_rows(conn, *, format: ExportFormat, after: int = 0,
+                      upto: int | None = None) -> AsyncIterator[dict]:
+    """Rows as TRL's trainers take them, one at a time (preference pairs stream from the store;
+    KTO examples, one per judged completion, are derived at once): `preference` (prompt, chosen,
+    rejected, margin) for RewardTrainer/DPOTrainer, `kto` (prompt, completion, label) for
+    KTOTrainer, `sft` (prompt, completion) for SFTTrainer. Extra columns (source, origin as a
+    JSON string) are ignored by TRL and keep every row traceable to its source rows."""
     if format == "preference":
-        return [{"prompt": p.prompt, "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected),
-                 "margin": float(p.margin), "source": p.source, "prompt_hash": p.prompt_hash,
-                 "group": p.group, "origin": json.dumps(p.origin)}
-                for p in await derive_pairs(conn, after=after, upto=upto)]
-    if format == "kto":
-        return [{"prompt": k.prompt, "completion": _assistant(k.completion), "label": k.label,
-                 "prompt_hash": k.prompt_hash, "origin": json.dumps(k.origin)}
-                for k in await derive_kto(conn, after=after, upto=upto)]
+        async for p in stream_pairs(conn, after=after, upto=upto):
+            yield {"prompt": p.prompt, "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected),
+                   "margin": float(p.margin), "source": p.source, "prompt_hash": p.prompt_hash,
+                   "group": p.group, "origin": json.dumps(p.origin)}
+    elif format == "kto":
+        for k in await derive_kto(conn, after=after, upto=upto):
+            yield {"prompt": k.prompt, "completion": _assistant(k.completion), "label": k.label,
+                   "prompt_hash": k.prompt_hash, "origin": json.dumps(k.origin)}
+    elif format == "sft":
+        for d in await derive_demonstrations(conn, after=after, upto=upto):
+            yield {"prompt": d.prompt, "completion": _assistant(d.completion), "source": d.source,
+                   "origin": json.dumps(d.origin)}
+    else:
+        raise ValueError(f"unknown export format {format!r}")
+
+
+async def export_count(conn, *, format: ExportFormat, after: int = 0, upto: int | None = None) -> int:
+    """How many rows `export_rows` yields, counted before streaming them."""
+    if format == "preference":
+        return await count_new_pairs(conn, after=after, upto=upto)
     if format == "sft":
-        return [{"prompt": d.prompt, "completion": _assistant(d.completion), "source": d.source,
-                 "origin": json.dumps(d.origin)}
-                for d in await derive_demonstrations(conn, after=after, upto=upto)]
-    raise ValueError(f"unknown export format {format!r}")
+        return (await fetch_one(conn, "count_demonstrations", **_window(after, upto)))["n"]
+    return len(await derive_kto(conn, after=after, upto=upto))
 
 
 def jsonl_line(row: dict) -> str:
@@ -166,17 +255,15 @@ async def feedback_stats(conn) -> StatsPublic:
     """Per policy version: requests, feedback by kind, thumbs-up rate, mean rating, head-to-head
     wins against other versions' answers to the same prompt (arena votes) with a Wilson interval,
     and the pairs available to train on since the last round (a pair counts for each version on
-    either side of it), all counted in SQL: nothing is derived to be counted."""
+    either side of it). Read from counters the database keeps as rows are written and from the
+    stored pairs past the last round: the cost follows the new rows, not the history."""
     last = await runs.last_round_watermark(conn)
-    window = _window(last, None)
-    new_pairs = await count_new_pairs(conn, after=last)
-    per_version = {r["id"]: r["pairs"] for r in await fetch_all(conn, "count_pairs_by_version", **window,
-                                                                rating_scale=RATING_SCALE)}
-    duels = {r["id"]: (r["wins"], r["losses"]) for r in await fetch_all(conn, "head_to_head_by_version")}
+    new_pairs = await count_new_pairs(conn, after=last)  # rolls the stored pairs forward
+    per_version = {r["id"]: r["pairs"] for r in await fetch_all(conn, "count_stored_pairs_by_version", after=last)}
     data = []
-    for r in await fetch_all(conn, "feedback_stats_by_version"):
+    for r in await fetch_all(conn, "version_stats"):
         judged = r["thumbs_up"] + r["thumbs_down"]
-        wins, losses = duels.get(r["id"], (0, 0))
+        wins, losses = r["wins"], r["losses"]
         data.append(VersionStats(
             model_version=f"v{r['id']}", model_version_id=r["id"], status=r["status"],
             requests=r["requests"], completions=r["completions"],
@@ -189,5 +276,6 @@ async def feedback_stats(conn) -> StatsPublic:
             arena_win_rate_interval=wilson_interval(wins, wins + losses)))
     return StatsPublic(watermark=(await fetch_one(conn, "last_event_id"))["event_id"], last_round_watermark=last,
                        pairs_since_last_round=new_pairs,
-                       demonstrations_since_last_round=(await fetch_one(conn, "count_demonstrations", **window))["n"],
+                       demonstrations_since_last_round=(await fetch_one(conn, "count_demonstrations",
+                                                                        **_window(last, None)))["n"],
                        data=data)

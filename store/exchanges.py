@@ -75,7 +75,12 @@ async def requests_per_version(conn) -> dict[int, int]:
     return {r["id"]: r["requests"] for r in await fetch_all(conn, "requests_per_version")}
 
 
+RECENT_SCAN = 20  # requests read per prompt asked for: repeats of popular prompts are skipped
+
+
 async def recent_conversations(conn, *, limit: int = 1000) -> list[list[dict]]:
-    """Distinct recorded prompts (conversations), newest first; a client's housekeeping calls
-    (titles, tags...) are not among them."""
-    return [r["messages"] for r in await fetch_all(conn, "recent_conversations", limit=limit)]
+    """Distinct recorded prompts (conversations), newest first, from the newest
+    `RECENT_SCAN * limit` requests; a client's housekeeping calls (titles, tags...) are not among
+    them."""
+    return [r["messages"] for r in await fetch_all(conn, "recent_conversations", limit=limit,
+                                                  scan=RECENT_SCAN * limit)]

@@ -9,7 +9,7 @@ errors (`schemas.errors`), so no caller ever sees a raw psycopg exception for a 
 import re
 from contextlib import contextmanager
 from importlib import resources
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import psycopg
 from psycopg import AsyncConnection, errors as pg
@@ -81,6 +81,18 @@ async def fetch_all(conn: AsyncConnection, query: str, /, **params) -> list[dict
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(Q[query], params)
             return await cur.fetchall()
+
+
+async def stream_all(conn: AsyncConnection, query: str, /, *, batch: int = 1000, **params) -> AsyncIterator[dict]:
+    """The rows as they come, `batch` at a time through a server-side cursor (in a transaction of
+    its own, or a savepoint of the caller's): for answers too big to hold at once."""
+    with translated():
+        async with conn.transaction():
+            async with conn.cursor(name=f"stream_{query}", row_factory=dict_row) as cur:
+                cur.itersize = batch
+                await cur.execute(Q[query], params)
+                async for row in cur:
+                    yield row
 
 
 async def execute(conn: AsyncConnection, query: str, /, **params) -> None:

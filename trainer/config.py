@@ -21,6 +21,9 @@ class RoundConfig:
     """which steps run: a round runs all; `feedloop train reward|sft|ppo` one"""
     min_new_pairs: int = 16
     """fewer new pairs since the last round's watermark: skip"""
+    reward_window: int | None = 50_000
+    """the reward model trains on the newest this many pairs (None: all), continuing from the
+    active reward model, so a round's cost follows the window, not the whole history"""
     promotion: str = "manual"
     """auto: promote a candidate that passes the gates at once; manual: an operator decides"""
     seed: int = 0

@@ -2,7 +2,7 @@
 
     1. data since the last round's watermark; too few new pairs -> a `skipped` run
     2. the models, in a worker thread (`trainer.stages`): SFT on new demonstrations, the reward
-       model on every pair up to the watermark, PPO against it, the gates (`trainer.gates`)
+       model on the newest `reward_window` pairs up to the watermark, PPO against it, the gates (`trainer.gates`)
     3. registration in one transaction: the reward model active, the policy `candidate` or
        `rejected` with the gates' reasons; then auto-promotion when the config says so
 
@@ -83,7 +83,8 @@ async def _train(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
         new_pairs = await derive.count_new_pairs(conn, after=after, upto=upto)
         if skip := skip_reason(cfg, new_pairs, None):
             return await _skipped(conn, run, after, skip, {"data/new_pairs": new_pairs})
-    pairs = await derive.derive_pairs(conn, upto=upto)  # the reward model trains on every pair so far
+    # the reward model continues from the active one on the newest pairs (each with its age)
+    pairs = await derive.pair_window(conn, upto=upto, limit=cfg.reward_window)
     demos = await derive.derive_demonstrations(conn, after=after, upto=upto)
     new_pairs = new_pairs if full else len(pairs)
     data = {"data/new_pairs": new_pairs, "data/pairs": len(pairs), "data/demonstrations": len(demos)}

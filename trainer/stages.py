@@ -21,7 +21,8 @@ MIN_NORMALISING_DEMOS = 32  # fewer demonstrations: normalise rewards on the tra
 @dataclass
 class Inputs:
     pairs: list[TrainingPair]
-    """every derived pair up to the watermark: the reward model's training data"""
+    """the newest derived pairs up to the watermark (`RoundConfig.reward_window`), newest first:
+    the reward model's training data"""
     demonstrations: list[Demonstration]
     """since the last round's watermark (all of them for one stage alone): SFT's training data"""
     prompts: list[list[dict]]

@@ -91,11 +91,13 @@ async def export(conn: ConnDep,
     upto = await feedback.current_watermark(conn) if upto is None else upto
     if upto < after:
         raise ApiError(400, f"upto ({upto}) is below after ({after}).", param="upto", code="invalid_value")
-    rows = await derive.export_rows(conn, format=format, after=after, upto=upto)
+    count = await derive.export_count(conn, format=format, after=after, upto=upto)
+    # streamed as read (the connection stays this request's until the response is sent)
+    lines = (derive.jsonl_line(r) async for r in derive.export_rows(conn, format=format, after=after, upto=upto))
     return StreamingResponse(
-        (derive.jsonl_line(r) for r in rows), media_type="application/x-ndjson",
+        lines, media_type="application/x-ndjson",
         headers={"content-disposition": f'attachment; filename="feedloop-{format}.jsonl"',
-                 "x-feedloop-watermark": str(upto), "x-feedloop-rows": str(len(rows))})
+                 "x-feedloop-watermark": str(upto), "x-feedloop-rows": str(count)})
 
 
 @router.get("/stats", response_model=StatsPublic)

@@ -27,14 +27,15 @@ SELECT choice_index, text, finish_reason, completion_tokens, model_version_id
 FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
 
 -- name: recent_conversations
--- What users asked lately: each distinct prompt once, newest first (PPO's prompts). A client's
--- housekeeping calls (a non-empty client task: titles, tags, follow-ups) are not users' questions.
+-- What users asked lately: each distinct prompt once, newest first, among the newest `scan` requests
+-- (PPO's prompts; read backwards along the primary key, so the history's length costs nothing). A
+-- client's housekeeping calls (a non-empty client task: titles, tags, follow-ups) are not users' questions.
 SELECT messages FROM (
-    SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, created_at
-    FROM chat_requests
-    WHERE client_task IS NULL
-    ORDER BY prompt_hash, created_at DESC
-) latest ORDER BY created_at DESC LIMIT %(limit)s;
+    SELECT DISTINCT ON (prompt_hash) prompt_hash, messages, id
+    FROM (SELECT prompt_hash, messages, id FROM chat_requests
+          WHERE client_task IS NULL ORDER BY id DESC LIMIT %(scan)s) recent
+    ORDER BY prompt_hash, id DESC
+) latest ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: find_client_exchange
 -- The user's-turn exchange a client named by its own id for the answer (newest first when a client

@@ -214,27 +214,6 @@ SELECT ((SELECT count(*) FROM preferences WHERE event_id > %(after)s AND event_i
       + (SELECT count(*) FROM thumbs_pairs(%(after)s, %(upto)s))
       + (SELECT count(*) FROM rating_pairs(%(after)s, %(upto)s, %(rating_scale)s)))::bigint AS n;
 
--- name: count_pairs_by_version
--- The same pairs counted per policy version: a pair counts once for each version on either side
--- (imported pairs name no completion and count for none).
-WITH judged AS (
-    SELECT chosen_completion_id AS a, rejected_completion_id AS b FROM preferences
-    WHERE source = 'pairwise' AND event_id > %(after)s AND event_id <= %(upto)s
-    UNION ALL SELECT chosen_id, rejected_id FROM thumbs_pairs(%(after)s, %(upto)s)
-    UNION ALL SELECT chosen_id, rejected_id FROM rating_pairs(%(after)s, %(upto)s, %(rating_scale)s)
-), sides AS (
-    SELECT DISTINCT j.ord, v.version
-    FROM (SELECT row_number() OVER () AS ord, a, b FROM judged) j
-    CROSS JOIN LATERAL (SELECT model_version_id AS version FROM completions WHERE id IN (j.a, j.b)) v
-), per_version AS (
-    SELECT version, count(*) AS pairs FROM sides GROUP BY version
-    UNION ALL
-    SELECT rq.model_version_id, ranking_pair_count(r.ordering)
-    FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
-    WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
-)
-SELECT version AS id, sum(pairs)::bigint AS pairs FROM per_version GROUP BY version;
-
 -- name: count_demonstrations
 -- How many demonstrations (imports and corrections) have events in (after, upto].
 SELECT (SELECT count(*) FROM demonstrations WHERE event_id > %(after)s AND event_id <= %(upto)s)
@@ -267,57 +246,6 @@ SELECT 'correction', f.id, f.event_id, rq.messages, f.text, f.completion_id
 FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
 WHERE f.kind = 'correction' AND f.event_id > %(after)s AND f.event_id <= %(upto)s
 ORDER BY event_id;
-
--- name: feedback_stats_by_version
--- Per policy version: requests, completions, feedback by kind, thumbs up and down, mean rating.
-WITH req AS (
-    SELECT model_version_id AS v, count(*) AS requests FROM chat_requests GROUP BY 1
-), comp AS (
-    SELECT model_version_id AS v, count(*) AS completions FROM completions GROUP BY 1
-), fb AS (
-    SELECT c.model_version_id AS v,
-           count(*) FILTER (WHERE f.kind = 'thumbs') AS thumbs,
-           count(*) FILTER (WHERE f.kind = 'rating') AS rating,
-           count(*) FILTER (WHERE f.kind = 'comment') AS comment,
-           count(*) FILTER (WHERE f.kind = 'correction') AS correction,
-           count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value > 0) AS thumbs_up,
-           count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value < 0) AS thumbs_down,
-           (avg(f.value) FILTER (WHERE f.kind = 'rating'))::double precision AS mean_rating
-    FROM feedback f JOIN completions c ON c.id = f.completion_id
-    GROUP BY 1
-), rk AS (
-    SELECT rq.model_version_id AS v, count(*) AS ranking
-    FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id GROUP BY 1
-), pf AS (
-    SELECT c.model_version_id AS v, count(DISTINCT p.id) AS preference
-    FROM preferences p JOIN completions c ON c.id IN (p.chosen_completion_id, p.rejected_completion_id)
-    WHERE p.source = 'pairwise'
-    GROUP BY 1
-)
-SELECT mv.id, mv.status, coalesce(req.requests, 0) AS requests, coalesce(comp.completions, 0) AS completions,
-       coalesce(fb.thumbs, 0) AS thumbs, coalesce(fb.rating, 0) AS rating,
-       coalesce(fb.comment, 0) AS comment, coalesce(fb.correction, 0) AS correction,
-       coalesce(rk.ranking, 0) AS ranking, coalesce(pf.preference, 0) AS preference,
-       coalesce(fb.thumbs_up, 0) AS thumbs_up, coalesce(fb.thumbs_down, 0) AS thumbs_down,
-       fb.mean_rating
-FROM model_versions mv
-LEFT JOIN req ON req.v = mv.id LEFT JOIN comp ON comp.v = mv.id LEFT JOIN fb ON fb.v = mv.id
-LEFT JOIN rk ON rk.v = mv.id LEFT JOIN pf ON pf.v = mv.id
-WHERE mv.kind = 'policy'
-ORDER BY mv.id;
-
--- name: head_to_head_by_version
--- Pairwise preferences between answers of two different versions (arena votes): wins and losses per version.
-WITH duels AS (
-    SELECT cc.model_version_id AS winner, rc.model_version_id AS loser
-    FROM preferences p
-    JOIN completions cc ON cc.id = p.chosen_completion_id JOIN completions rc ON rc.id = p.rejected_completion_id
-    WHERE p.source = 'pairwise' AND cc.model_version_id <> rc.model_version_id
-)
-SELECT version AS id, sum(won)::bigint AS wins, sum(lost)::bigint AS losses
-FROM (SELECT winner AS version, 1 AS won, 0 AS lost FROM duels
-      UNION ALL SELECT loser, 0, 1 FROM duels) sides
-GROUP BY version;
 
 -- name: transaction_time
 -- The caller's transaction's timestamp: what a write in it sets `updated_at` to (so a caller can tell a changed row).

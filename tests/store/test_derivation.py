@@ -4,6 +4,7 @@ repeats, flips and several authors), written through the store functions in two 
 watermark between them, derive exactly the pairs, demonstrations and KTO examples the rules in
 store/derive.py say, all of them and the new ones."""
 import asyncio
+import json
 from collections import Counter
 from fractions import Fraction
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from schemas.errors import Invalid
 from store import derive, exchanges, feedback, keys, registry
 from schemas.records import (CompletionRecord, CompletionRef, FeedbackCreate, PreferenceCreate,
                              PreferenceImport, RankingCreate, ranking_pair_count)
@@ -180,7 +182,14 @@ class World:
         self.completion = {cid: (rid, i) for cid, rid, i in rows}
 
     async def reset(self):
-        await self.conn.execute("TRUNCATE feedback, rankings, preferences, demonstrations, idempotency_keys")
+        await self.conn.execute("TRUNCATE feedback, rankings, preferences, demonstrations, idempotency_keys,"
+                                " training_pairs, version_stats")
+        # what TRUNCATE does not tell the triggers: no pairs, and the exchanges' counts alone
+        await self.conn.execute("UPDATE training_pairs_state SET watermark ="
+                                " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM feedback_events)")
+        await self.conn.execute("INSERT INTO version_stats (version_id, shard, requests, completions)"
+                                " SELECT model_version_id, 0, count(DISTINCT request_id), count(*)"
+                                " FROM completions GROUP BY 1")
 
     async def apply(self, o):
         conn, kind = self.conn, o[0]
@@ -282,3 +291,100 @@ def test_the_watermark_waits_for_writers_in_flight(world):
 
     world.run(world.reset())
     world.run(scenario())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(op, st.sampled_from(["write", "write, round", "round, write"])),
+                      min_size=1, max_size=30))
+def test_the_stored_pairs_are_the_full_derivation_at_every_watermark(world, steps):
+    """Feedback arrives one row at a time; at random watermarks a round reads the stored pairs
+    (rolled forward from the rows past the last watermark only), sometimes with a row written
+    after it read the watermark. What it sees, all pairs and the new ones since the previous
+    round, and their count, equals the full derivation from every row at that watermark, and
+    the reference when nothing was written late."""
+    ref = Reference()
+    world.run(world.reset())
+    last = world.run(feedback.current_watermark(world.conn))
+    for o, when in steps + [(None, "round")]:
+        if when != "round, write" and o is not None:
+            world.run(world.apply(o))
+            ref.apply(o, phase=2)
+        if when == "write":
+            continue
+        watermark = world.run(feedback.current_watermark(world.conn))
+        if when == "round, write":  # a row the round's watermark does not cover
+            world.run(world.apply(o))
+            ref.apply(o, phase=2)
+        full = world.run(derive.derive_pairs_in_full(world.conn, upto=watermark))
+        new_full = world.run(derive.derive_pairs_in_full(world.conn, after=last, upto=watermark))
+        new = world.run(derive.derive_pairs(world.conn, after=last, upto=watermark))
+        assert sorted(map(_comparable, new)) == sorted(map(_comparable, new_full))
+        assert world.run(derive.count_new_pairs(world.conn, after=last, upto=watermark)) == len(new_full)
+        stored = world.run(derive.derive_pairs(world.conn, upto=watermark))
+        assert sorted(map(_comparable, stored)) == sorted(map(_comparable, full))
+        if when == "round":
+            assert Counter(world.key(p, 0) for p in stored) == Counter(
+                {k[:-1] + (True,): n for k, n in ref.pairs().items()})
+        window = world.run(derive.pair_window(world.conn, upto=watermark))
+        assert sorted(map(_comparable, window)) == sorted(map(_comparable, full))
+        assert all(p.judged_at is not None for p in window)
+        assert world.run(counters(world)) == world.run(counted_from_rows(world))
+        last = watermark
+    # a round after nothing new reads nothing
+    assert world.run(derive.derive_pairs(world.conn, after=world.run(feedback.current_watermark(world.conn)))) == []
+
+
+async def counters(world) -> dict:
+    """What stats show per version: the counters the triggers kept."""
+    stats = await derive.feedback_stats(world.conn)
+    return {v.model_version_id: (v.requests, v.completions, v.feedback, v.thumbs_up, v.thumbs_down,
+                                 v.mean_rating and round(v.mean_rating, 9)) for v in stats.data}
+
+
+async def counted_from_rows(world) -> dict:
+    """The same, counted from every row (the version's feedback, rankings and pairwise preferences)."""
+    row = await (await world.conn.execute("""
+        SELECT mv.id, (SELECT count(*) FROM chat_requests WHERE model_version_id = mv.id),
+               (SELECT count(*) FROM completions WHERE model_version_id = mv.id),
+               f.thumbs, f.rating, f.comment, f.correction,
+               (SELECT count(*) FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
+                WHERE rq.model_version_id = mv.id),
+               (SELECT count(*) FROM preferences WHERE source = 'pairwise'),
+               f.up, f.down, f.mean
+        FROM model_versions mv, LATERAL (
+            SELECT count(*) FILTER (WHERE kind = 'thumbs') AS thumbs, count(*) FILTER (WHERE kind = 'rating') AS rating,
+                   count(*) FILTER (WHERE kind = 'comment') AS comment,
+                   count(*) FILTER (WHERE kind = 'correction') AS correction,
+                   count(*) FILTER (WHERE kind = 'thumbs' AND value > 0) AS up,
+                   count(*) FILTER (WHERE kind = 'thumbs' AND value < 0) AS down,
+                   (avg(value) FILTER (WHERE kind = 'rating'))::double precision AS mean
+            FROM feedback f JOIN completions c ON c.id = f.completion_id WHERE c.model_version_id = mv.id) f
+        WHERE mv.kind = 'policy'""")).fetchone()
+    v, requests, completions, thumbs, rating, comment, correction, ranking, preference, up, down, mean = row
+    return {v: (requests, completions, dict(thumbs=thumbs, rating=rating, comment=comment, correction=correction,
+                                            ranking=ranking, preference=preference), up, down,
+                mean and round(mean, 9))}
+
+
+def _comparable(p):
+    """A pair as the two derivations both give it (the stored one adds its age)."""
+    return json.dumps(p.model_dump(exclude={"judged_at"}), sort_keys=True)
+
+
+def test_the_reward_window_is_the_newest_pairs_in_whole_groups(world):
+    """A window of N pairs: the newest events first, a ranking's pairs all in or all out, each
+    pair with the time its newest row was written; `since` leaves older judgements out."""
+    world.run(world.reset())
+    world.run(world.apply(("preference", 0, ("chatcmpl-a1", 0), ("chatcmpl-a1", 1), 1.0)))
+    world.run(world.apply(("ranking", 1, "chatcmpl-a1", [[2], [0], [1]])))  # three pairs, one event
+    upto = world.run(feedback.current_watermark(world.conn))
+    newest = world.run(derive.pair_window(world.conn, upto=upto, limit=1))
+    assert [p.source for p in newest] == ["ranking"] * 3 and len({p.group for p in newest}) == 1
+    both = world.run(derive.pair_window(world.conn, upto=upto, limit=4))
+    assert [p.source for p in both] == ["ranking"] * 3 + ["pairwise"]
+    assert all(p.judged_at is not None for p in both)
+    assert both[0].judged_at >= both[-1].judged_at
+    since = world.run(derive.pair_window(world.conn, upto=upto, since=both[0].judged_at))
+    assert sorted(map(_comparable, since)) == sorted(map(_comparable, newest))
+    with pytest.raises(Invalid):
+        world.run(derive.pair_window(world.conn, upto=upto, limit=0))

@@ -1,0 +1,223 @@
+"""Does the record's size show in the online paths or a round? One scratch database is seeded
+with SQL `generate_series` to each size in turn (exchanges of two choices, one feedback row
+each: thumbs or rating, several authors), then at each size the same work is measured:
+
+  chat      what a chat request writes (`store.exchanges.record_exchange`, two choices, one
+            transaction), from --clients concurrent connections, --ops times
+  feedback  what POST /v1/feedback runs (`store.feedback.record_feedback`: ownership lookup,
+            the watermark lock, the upsert, commit) on random recorded answers
+  stats     GET /v1/admin/stats' work (`store.derive.feedback_stats`), median of 21
+  round     a round's derivation: the stored pairs rolled forward over the feedback events the
+            feedback phase just wrote (the same number at every size), counted, and the new
+            pairs read (a round before the phases read the seeded history)
+
+The store functions the API and trainer call are timed directly: HTTP and generation cost the
+same at every size, so leaving them out shows what the size changes. The first derivation of the
+seeded history (every pair, once, as when migration 012 meets an old database) is timed too, for
+contrast. Ratios are largest size / smallest.
+
+    python bench/growth.py [--sizes 10000,1000000] [--ops 400] [--clients 8]
+    python bench/growth.py --sizes 10000,10000000     # the issue's 10M (about 4 GB of tables)
+
+The scratch database is dropped at the end.
+"""
+import argparse
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from common import ADMIN_URL, ScratchDatabase
+from schemas.records import CompletionRecord, FeedbackCreate  # common put the repository on sys.path
+from store import derive, exchanges, feedback, runs
+from store.db import migrate
+
+AUTHORS = 16
+PER_PROMPT = 4  # requests per distinct prompt: 8 answers judged against each other
+
+SEED = """
+SET synchronous_commit = off;
+-- seeding only: triggers off (the counters are added in one go below)
+SET session_replication_role = replica;
+INSERT INTO chat_requests (id, response_id, api_key_id, messages, prompt_hash, params, model_version_id,
+                           stream, batch_rows, prompt_tokens, completion_tokens, queue_ms, total_ms, created_at)
+SELECT g + %(off)s, 'chatcmpl-seed-' || g, %(key0)s + g %% %(authors)s,
+       jsonb_build_array(jsonb_build_object('role', 'user', 'content', 'Question ' || g / %(per_prompt)s || '?')),
+       md5('q' || g / %(per_prompt)s), '{}', %(version)s, false, 1, 5, 6, 0, 1,
+       now() - make_interval(secs => (%(hi)s - g) / 100.0)
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g;
+INSERT INTO completions (id, request_id, choice_index, text, finish_reason, completion_tokens, model_version_id)
+SELECT 2 * (g + %(off)s) + i, g + %(off)s, i, 'Answer ' || (g + i) %% 5, 'stop', 3, %(version)s
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g, generate_series(0, 1) i;
+INSERT INTO feedback (completion_id, author_key_id, kind, value)
+SELECT 2 * (g + %(off)s) + g %% 2, %(key0)s + g %% %(authors)s, CASE WHEN g %% 3 = 0 THEN 'rating' ELSE 'thumbs' END,
+       CASE WHEN g %% 3 = 0 THEN 1 + g %% 7 WHEN g / 2 %% 2 = 0 THEN 1 ELSE -1 END
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g;
+SET session_replication_role = origin;
+SELECT setval('chat_requests_id_seq', %(hi)s + %(off)s), setval('completions_id_seq', 2 * (%(hi)s + %(off)s) + 1);
+INSERT INTO version_stats AS s (version_id, shard, requests, completions, thumbs, thumbs_up, thumbs_down, rating,
+                                rating_sum)
+SELECT %(version)s, -2, %(hi)s::bigint - %(lo)s + 1, 2 * (%(hi)s::bigint - %(lo)s + 1),
+       count(*) FILTER (WHERE kind = 'thumbs'), count(*) FILTER (WHERE kind = 'thumbs' AND value > 0),
+       count(*) FILTER (WHERE kind = 'thumbs' AND value < 0), count(*) FILTER (WHERE kind = 'rating'),
+       coalesce(sum(value) FILTER (WHERE kind = 'rating'), 0)
+FROM feedback WHERE completion_id BETWEEN 2 * (%(lo)s + %(off)s) AND 2 * (%(hi)s + %(off)s) + 1
+ON CONFLICT (version_id, shard) DO UPDATE SET
+    requests = s.requests + EXCLUDED.requests, completions = s.completions + EXCLUDED.completions,
+    thumbs = s.thumbs + EXCLUDED.thumbs, thumbs_up = s.thumbs_up + EXCLUDED.thumbs_up,
+    thumbs_down = s.thumbs_down + EXCLUDED.thumbs_down, rating = s.rating + EXCLUDED.rating,
+    rating_sum = s.rating_sum + EXCLUDED.rating_sum;
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,1000000", help="exchanges recorded at each measurement")
+    p.add_argument("--ops", type=int, default=400, help="chat and feedback operations measured at each size")
+    p.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    p.add_argument("--admin-url", default=ADMIN_URL, help="a server where the scratch database is created")
+    return p.parse_args()
+
+
+def setup(url: str) -> tuple[int, int]:
+    """Author keys and one policy version; returns (first key id, version id)."""
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        ids = [conn.execute("INSERT INTO api_keys (key_hash, prefix, name, role) VALUES (%s, 'fl-', %s, 'user')"
+                            " RETURNING id", (uuid.uuid4().hex, f"a{i}")).fetchone()[0] for i in range(AUTHORS)]
+        version = conn.execute("INSERT INTO model_versions (kind, path, content_hash, status)"
+                               " VALUES ('policy', '/bench', '0', 'active') RETURNING id").fetchone()[0]
+    return ids[0], version
+
+
+def seed(url: str, lo: int, hi: int, key0: int, version: int) -> float:
+    t0 = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        # ids continue after the requests the measurements recorded; response ids count exchanges
+        off = conn.execute("SELECT coalesce(max(id), 0) FROM chat_requests").fetchone()[0] - (lo - 1)
+        params = dict(lo=lo, hi=hi, off=off, key0=key0, authors=AUTHORS, per_prompt=PER_PROMPT, version=version)
+        for statement in SEED.split(";\n"):  # one at a time: bound parameters take one statement
+            if statement.strip():
+                conn.execute(statement, params)
+        conn.execute("VACUUM ANALYZE")
+    return time.perf_counter() - t0
+
+
+async def timed_ops(pool, clients: int, ops: int, op) -> list[float]:
+    """`ops` calls of `op(conn, rng)` from `clients` concurrent connections: latencies in ms."""
+    latencies, left = [], iter(range(ops))
+
+    async def client(c: int):
+        rng = random.Random(c)
+        for _ in left:
+            async with pool.connection() as conn:
+                t0 = time.perf_counter()
+                await op(conn, rng)
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return latencies
+
+
+async def measure(url: str, size: int, key0: int, version: int, args) -> dict:
+    async with AsyncConnectionPool(url, min_size=args.clients, max_size=args.clients, open=False,
+                                   kwargs=dict(autocommit=True)) as pool:
+        await pool.wait()
+
+        async def chat(conn, rng):
+            choices = [CompletionRecord(choice_index=i, text=f"Fresh answer {rng.random()}", finish_reason="stop",
+                                        completion_tokens=3, model_version_id=version) for i in range(2)]
+            async with conn.transaction():
+                await exchanges.record_exchange(
+                    conn, response_id=f"chatcmpl-{uuid.uuid4().hex}", api_key_id=key0, user=None,
+                    messages=[{"role": "user", "content": f"Question {rng.randrange(size // PER_PROMPT)}?"}],
+                    params={}, model_version_id=version, stream=False, batch_rows=1, prompt_tokens=5,
+                    queue_ms=0, first_token_ms=None, total_ms=1, choices=choices)
+
+        async def judge(conn, rng):
+            g = rng.randrange(1, size + 1)  # a seeded exchange, judged by the key that asked it
+            kind = rng.choice(("thumbs", "rating"))
+            body = FeedbackCreate(response_id=f"chatcmpl-seed-{g}", choice_index=rng.randrange(2), kind=kind,
+                                  value=rng.choice((1, -1)) if kind == "thumbs" else rng.randint(1, 7))
+            async with conn.transaction():
+                await feedback.record_feedback(conn, feedback=body, author_key_id=key0 + g % AUTHORS,
+                                               owned_by=key0 + g % AUTHORS)
+
+        async with pool.connection() as conn:  # the history's pairs, as a round left them
+            t0 = time.perf_counter()
+            await derive.refresh_pairs(conn, upto=await feedback.current_watermark(conn))
+            first = time.perf_counter() - t0
+            await conn.execute("ANALYZE training_pairs")  # autovacuum's work, after a bulk derivation
+            last = await feedback.current_watermark(conn)
+            await runs.finish_training_run(  # the round that read it: stats count what came after
+                conn, id=(await runs.start_training_run(conn, kind="round", config={}, trigger="bench")).id,
+                status="skipped", watermark=last, metrics={})
+        chat_ms = await timed_ops(pool, args.clients, args.ops, chat)
+        feedback_ms = await timed_ops(pool, args.clients, args.ops, judge)
+        async with pool.connection() as conn:
+            stats_ms = []
+            for _ in range(21):
+                t0 = time.perf_counter()
+                await derive.feedback_stats(conn)
+                stats_ms.append((time.perf_counter() - t0) * 1000)
+            upto = await feedback.current_watermark(conn)
+            t0 = time.perf_counter()
+            await derive.refresh_pairs(conn, upto=upto)
+            new_pairs = await derive.count_new_pairs(conn, after=last, upto=upto)
+            assert len(await derive.derive_pairs(conn, after=last, upto=upto)) == new_pairs
+            round_ms = (time.perf_counter() - t0) * 1000
+            pairs = (await (await conn.execute("SELECT count(*) FROM training_pairs")).fetchone())[0]
+    return dict(size=size, first_s=first, chat=chat_ms, feedback=feedback_ms, stats=statistics.median(stats_ms),
+                round=round_ms, new_events=upto - last, new_pairs=new_pairs, pairs=pairs)
+
+
+def pct(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
+
+
+def report(rows: list[dict], seeded: dict[int, float], args) -> None:
+    print(f"\ngrowth — {args.ops} chat and feedback operations from {args.clients} connections at each size\n")
+    header = (f"{'exchanges':>10} {'seed s':>7} {'chat p50':>8} {'chat p99':>8} {'fb p50':>7} {'fb p99':>7} "
+              f"{'stats ms':>8} {'round ms':>8} {'new ev':>6} {'new pairs':>9} {'pairs':>9} {'1st derive s':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['size']:>10} {seeded[r['size']]:>7.1f} {pct(r['chat'], 50):>8.2f} {pct(r['chat'], 99):>8.2f} "
+              f"{pct(r['feedback'], 50):>7.2f} {pct(r['feedback'], 99):>7.2f} {r['stats']:>8.2f} {r['round']:>8.1f} "
+              f"{r['new_events']:>6} {r['new_pairs']:>9} {r['pairs']:>9} {r['first_s']:>12.1f}")
+    small, big = rows[0], rows[-1]
+    print(f"\nratios {big['size']} / {small['size']} exchanges:")
+    for name, f in (("chat p50", lambda r: pct(r["chat"], 50)), ("chat p99", lambda r: pct(r["chat"], 99)),
+                    ("feedback p50", lambda r: pct(r["feedback"], 50)),
+                    ("feedback p99", lambda r: pct(r["feedback"], 99)),
+                    ("stats", lambda r: r["stats"]), ("round derivation", lambda r: r["round"]),
+                    ("first derivation of the history", lambda r: r["first_s"])):
+        print(f"  {name:<32} {f(big) / f(small):.3f}")
+
+
+def main() -> None:
+    args = parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    db = ScratchDatabase(args.admin_url, Path(tempfile.mkdtemp(prefix="feedloop-bench-growth-")))
+    print(f"bench: scratch database {db.name} on {db.where}", flush=True)
+    try:
+        key0, version = setup(db.url)
+        rows, seeded, have = [], {}, 0
+        for size in sizes:
+            seeded[size] = seed(db.url, have + 1, size, key0, version)
+            have = size
+            print(f"  seeded {size} exchanges in {seeded[size]:.1f}s", flush=True)
+            rows.append(asyncio.run(measure(db.url, size, key0, version, args)))
+        report(rows, seeded, args)
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":
+    main()

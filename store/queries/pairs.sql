@@ -1,0 +1,121 @@
+-- The stored training pairs (migration 012): rolled forward from the rows past their watermark,
+-- read by event, counted, and read as a recent window. Called only through store/derive.py.
+
+-- name: lock_pairs_state
+-- The stored pairs' watermark, locked until the transaction ends: one roll-forward at a time.
+SELECT watermark FROM training_pairs_state FOR UPDATE;
+
+-- name: set_pairs_watermark
+-- The stored pairs are now those judged at this watermark.
+UPDATE training_pairs_state SET watermark = %(upto)s;
+
+-- name: forget_explicit_pairs
+-- Stored pairs of preferences that changed since `after` (re-derived next).
+DELETE FROM training_pairs WHERE preference_id IN (SELECT id FROM preferences WHERE event_id > %(after)s);
+
+-- name: store_explicit_pairs
+-- Pairwise preferences and imported pairs with events in (after, upto], as given.
+INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
+                            rejected_completion_id, preference_id, versions, margin, origin)
+SELECT 'preference:' || p.id, p.source, 'preference:' || p.id, p.event_id, p.updated_at,
+       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.id,
+       sides(cc.model_version_id, rc.model_version_id), p.margin,
+       jsonb_build_object('event_id', p.event_id, 'preference', p.id)
+       || CASE WHEN p.chosen_completion_id IS NULL THEN '{}'::jsonb
+          ELSE jsonb_build_object('completions', jsonb_build_array(p.chosen_completion_id, p.rejected_completion_id)) END
+FROM preferences p
+LEFT JOIN completions cc ON cc.id = p.chosen_completion_id
+LEFT JOIN chat_requests rq ON rq.id = cc.request_id
+LEFT JOIN completions rc ON rc.id = p.rejected_completion_id
+WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
+
+-- name: forget_ranking_pairs
+-- Stored pairs of rankings that changed since `after` (re-derived next).
+DELETE FROM training_pairs WHERE ranking_id IN (SELECT id FROM rankings WHERE event_id > %(after)s);
+
+-- name: store_ranking_pairs
+-- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first.
+WITH tiers AS (
+    SELECT r.id, r.event_id, r.updated_at, r.request_id, t.rank,
+           CASE jsonb_typeof(t.tier) WHEN 'array' THEN t.tier ELSE jsonb_build_array(t.tier) END AS members
+    FROM rankings r CROSS JOIN LATERAL jsonb_array_elements(r.ordering) WITH ORDINALITY AS t(tier, rank)
+    WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
+), placed AS (
+    SELECT t.id, t.event_id, t.updated_at, t.request_id, t.rank, m.choice::int AS choice
+    FROM tiers t CROSS JOIN LATERAL jsonb_array_elements_text(t.members) AS m(choice)
+)
+INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
+                            rejected_completion_id, ranking_id, versions, margin, origin)
+SELECT 'ranking:' || b.id || ':' || b.choice || '>' || w.choice, 'ranking', 'ranking:' || b.id, b.event_id,
+       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.id, sides(cb.model_version_id, cw.model_version_id), 0,
+       jsonb_build_object('event_id', b.event_id, 'ranking', b.id, 'choices', jsonb_build_array(b.choice, w.choice),
+                          'completions', jsonb_build_array(cb.id, cw.id))
+FROM placed b JOIN placed w ON w.id = b.id AND w.rank > b.rank
+JOIN chat_requests rq ON rq.id = b.request_id
+JOIN completions cb ON cb.request_id = b.request_id AND cb.choice_index = b.choice
+JOIN completions cw ON cw.request_id = b.request_id AND cw.choice_index = w.choice;
+
+-- name: touched_prompts
+-- Prompts with a thumbs or rating whose event is past `after`: their judged pairs may have changed.
+SELECT coalesce(array_agg(DISTINCT rq.prompt_hash), '{}') AS prompts
+FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating');
+
+-- name: forget_judged_pairs
+-- Stored thumbs and rating pairs of these prompts (re-derived next).
+DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating') AND prompt_hash = ANY (%(prompts)s);
+
+-- name: store_judged_pairs
+-- Thumbs and rating pairs of these prompts judged at `upto` (the rules are migration 012's functions).
+INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
+                            rejected_completion_id, versions, margin, origin)
+SELECT j.source || ':' || j.chosen_id || '>' || j.rejected_id, j.source, j.source || ':' || j.chosen_id || '>' || j.rejected_id,
+       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id,
+       sides(a.model_version_id, b.model_version_id), j.margin,
+       jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
+                          'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
+FROM (SELECT 'thumbs' AS source, t.chosen_id, t.rejected_id, t.prompt_hash, 0::double precision AS margin,
+             t.event_id, t.feedback_ids, t.judged_at
+      FROM thumbs_pairs_of(%(prompts)s, %(upto)s) t
+      UNION ALL
+      SELECT 'rating', r.chosen_id, r.rejected_id, r.prompt_hash, r.margin, r.event_id, r.feedback_ids, r.judged_at
+      FROM rating_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) r) j
+JOIN completions a ON a.id = j.chosen_id JOIN completions b ON b.id = j.rejected_id;
+
+-- name: stored_pairs
+-- Stored pairs newer than `after`, with their texts, in event order.
+SELECT * FROM training_pair_rows WHERE event_id > %(after)s ORDER BY event_id, pair_key;
+
+-- name: pair_window
+-- The newest `limit` stored pairs (all when null) up to `upto`, judged since `since` (any time when
+-- null), newest first; whole groups: a ranking's pairs share their event, and ties on it are kept.
+SELECT * FROM training_pair_rows
+WHERE event_id <= %(upto)s AND (%(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz)
+ORDER BY event_id DESC
+FETCH FIRST coalesce(%(limit)s::bigint, 9223372036854775807) ROWS WITH TIES;
+
+-- name: count_stored_pairs
+-- How many stored pairs are newer than `after`.
+SELECT count(*) AS n FROM training_pairs WHERE event_id > %(after)s;
+
+-- name: count_stored_pairs_by_version
+-- Stored pairs newer than `after` per policy version: once for each version on either side.
+SELECT v AS id, count(*)::bigint AS pairs
+FROM training_pairs tp CROSS JOIN LATERAL unnest(tp.versions) AS v
+WHERE tp.event_id > %(after)s
+GROUP BY v;
+
+-- name: version_stats
+-- Per policy version, the counters the triggers of migration 012 keep, summed over their shards.
+SELECT mv.id, mv.status,
+       coalesce(sum(s.requests), 0)::bigint AS requests, coalesce(sum(s.completions), 0)::bigint AS completions,
+       coalesce(sum(s.thumbs), 0)::bigint AS thumbs, coalesce(sum(s.rating), 0)::bigint AS rating,
+       coalesce(sum(s.comment), 0)::bigint AS comment, coalesce(sum(s.correction), 0)::bigint AS correction,
+       coalesce(sum(s.ranking), 0)::bigint AS ranking, coalesce(sum(s.preference), 0)::bigint AS preference,
+       coalesce(sum(s.thumbs_up), 0)::bigint AS thumbs_up, coalesce(sum(s.thumbs_down), 0)::bigint AS thumbs_down,
+       (sum(s.rating_sum)::double precision / nullif(sum(s.rating), 0)) AS mean_rating,
+       coalesce(sum(s.arena_wins), 0)::bigint AS wins, coalesce(sum(s.arena_losses), 0)::bigint AS losses
+FROM model_versions mv LEFT JOIN version_stats s ON s.version_id = mv.id
+WHERE mv.kind = 'policy'
+GROUP BY mv.id
+ORDER BY mv.id;
