@@ -41,7 +41,7 @@ ONLINE = {
     "insert_chat_request": dict(response_id="chatcmpl-new", api_key_id=1, user_field=None, messages="[]",
                                 prompt_hash="h", params="{}", model_version_id=1, stream=False, batch_rows=1,
                                 prompt_tokens=1, completion_tokens=1, queue_ms=0, first_token_ms=None,
-                                total_ms=0),
+                                total_ms=0, client_ref=None, client_chat_id=None, client_task=None),
     "insert_completion": dict(request_id=5, choice_index=0, text="t", finish_reason="stop",
                               completion_tokens=1, model_version_id=1),
     "get_chat_request": dict(response_id="chatcmpl-77"),
@@ -77,6 +77,7 @@ ROUND = {
     "pair_window": dict(upto=2**62, limit=1000, since=None),
     "derive_demonstrations": dict(RECENT, upto=2**62),
     "recent_conversations": dict(limit=256, scan=5120),
+    "find_client_exchange": dict(client_ref="owui-message-1"),
 }
 
 
