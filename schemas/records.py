@@ -175,6 +175,8 @@ class TrainingPair(BaseModel):
     prompt_hash: str = Field(description="groups one prompt's pairs; the train/held-out split key")
     group: str = Field(description="pairs of one group (one ranking) go in the same batch")
     origin: dict[str, Any] = Field(default_factory=dict, description="source rows it came from")
+    weight: float = Field(1.0, ge=0.0, description="how much it counts in training: the trainer lowers older "
+                                                  "feedback's (recency half-life); derivation leaves 1")
 
 
 class Demonstration(BaseModel):

@@ -11,6 +11,8 @@ thumbs-up on another and the pair is new. Writers join a shared advisory lock be
 id and keep it until they commit; `current_watermark` takes it exclusively for a moment, so every
 id at or below the watermark it returns belongs to a row that is committed or rolled back for good.
 """
+from datetime import datetime
+
 from psycopg import AsyncConnection, pq
 from psycopg.types.json import Jsonb
 
@@ -168,3 +170,10 @@ async def current_watermark(conn) -> int:
         return (await fetch_one(conn, "last_event_id"))["event_id"]
     finally:
         await locks.unlock(conn, locks.EVENTS)
+
+
+async def new_events(conn, *, after: int, upto: int) -> tuple[int, datetime | None]:
+    """(how many feedback-like rows of any kind have events in (after, upto], when the oldest of
+    them was written): the evidence a scheduled round waits for."""
+    row = await fetch_one(conn, "count_new_events", after=after, upto=upto)
+    return row["n"], row["oldest"]

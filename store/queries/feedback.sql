@@ -318,3 +318,13 @@ SELECT version AS id, sum(won)::bigint AS wins, sum(lost)::bigint AS losses
 FROM (SELECT winner AS version, 1 AS won, 0 AS lost FROM duels
       UNION ALL SELECT loser, 0, 1 FROM duels) sides
 GROUP BY version;
+
+-- name: count_new_events
+-- Feedback-like rows (every kind) with events in (after, upto], and when the oldest of them came.
+SELECT count(*) AS n, min(created_at) AS oldest FROM (
+    SELECT event_id, created_at FROM feedback
+    UNION ALL SELECT event_id, created_at FROM rankings
+    UNION ALL SELECT event_id, created_at FROM preferences
+    UNION ALL SELECT event_id, created_at FROM demonstrations
+) AS events
+WHERE event_id > %(after)s AND event_id <= %(upto)s;

@@ -21,7 +21,8 @@ async def connect(url: str) -> psycopg.AsyncConnection:
 def test_a_round_without_new_pairs_is_recorded_as_skipped(db_url, tmp_path):
     run = asyncio.run(run_round(db_url, settings(tmp_path), trigger="cli"))
     assert (run.kind, run.status, run.trigger) == ("round", "skipped", "cli")
-    assert run.metrics == {"data/new_pairs": 0, "skip_reason": "0 new pairs, fewer than the minimum 4"}
+    assert run.metrics == {"data/new_pairs": 0, "data/new_events": 0, "data/waited_seconds": 0.0,
+                           "skip_reason": "0 new pairs, fewer than the minimum 4"}
     assert run.config["ppo"]["device"] == "cpu"  # the resolved config is recorded
 
 
@@ -77,7 +78,7 @@ def test_auto_promotion_leaves_the_candidate_to_an_operator_when_a_deploy_hook_m
         async with await connect(db_url) as conn:
             v1 = await registry.ensure_initial_policy(conn, path=policy_path, actor="test")
             run = await runs.start_training_run(conn, kind="round", config={}, trigger="cli")
-            inputs = Inputs(pairs=[], demonstrations=[], prompts=[], policy=v1, reference=v1, previous_reward=None,
+            inputs = Inputs(pairs=[], demonstrations=[], prompts=[], policy=v1, reference=v1, root=v1, previous_reward=None,
                             out=tmp_path)
             await _register(conn, s, run, round_config(s), inputs, Trained(policy=v2_path))
             produced = (await runs.get_training_run(conn, id=run.id)).produced_version_id
