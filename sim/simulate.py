@@ -525,7 +525,8 @@ def run(cfg: SimConfig, say=print) -> dict:
         if run_ and run_["status"] == "failed":
             say(f"  round {run_['id']} failed: {(run_.get('error') or '').strip().splitlines()[-1:]}")
         elif run_ and row["run"]["gates_passed"] is False:
-            say(f"  v{run_['produced_version_id']} {row['run']['verdict'] or 'rejected'}: {'; '.join(row['run']['reasons'])}")
+            waits = row["run"]["verdict"] == "not enough evidence yet"  # its reasons say so
+            say(f"  v{run_['produced_version_id']}{' not promoted' if waits else ' rejected'}: {'; '.join(row['run']['reasons'])}")
         write_json(result, cfg.json_path)
         if cfg.until_win_rate is not None and all(target_win_rate(prefs[n], m) >= cfg.until_win_rate
                                                   for n, m in row["preferences"].items()):

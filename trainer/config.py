@@ -38,7 +38,7 @@ class RoundConfig:
     """the reference PPO's KL and the gates' per-round budget are measured against: `parent`
     (re-anchored on the version the round improves; the total drift from the root has its own
     budget) or `root` (the lineage's first version, every round: learning stops at one budget)"""
-    recency_half_life: float | None = 3.0
+    recency_half_life: float | None = 1.0
     """rounds after which a pair counts half in the reward model (and in its held-out accuracy):
     recent feedback counts more, so a change of taste shows within a few rounds; None: all equal"""
     promotion: str = "manual"

@@ -173,7 +173,7 @@ def gate(cfg: GateConfig, candidate, reference, active, root, tokenizer, reward_
     kl_total = ppo.evaluate(candidate, root, tokenizer, held, score, **ev)["kl"] if root is not None else new["kl"]
     d, metrics = check_gates(cfg, new, old, rm, kl_total=kl_total, ppo_ran=ppo_ran)
     return d, {"gates/reward_new": new["reward"], "gates/reward_active": old["reward"],
-               "gates/reward_gain": new["reward"] - old["reward"], **metrics,
+               "gates/reward_gain": new["reward"] - old["reward"], **metrics,  # the gain's interval when PPO ran
                "gates/kl": new["kl"], "gates/kl_active": old["kl"], "gates/kl_total": kl_total,
                "gates/kl_budget": cfg.kl_budget, "gates/total_kl_budget": cfg.total_kl_budget,
                "gates/passed": d.passed, "gates/verdict": d.verdict, "gates/reasons": d.reasons(),
