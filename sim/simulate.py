@@ -585,6 +585,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat requests per round, over all users")
     p.add_argument("--choices", default=",".join(map(str, d.choices)),
                    help="the n a request asks for, drawn per request (comma-separated)")
+    p.add_argument("--correction-rate", type=float, default=d.correction_rate,
+                   help="share of judged requests whose worst answer is corrected (becoming a demonstration)")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="answers per held-out prompt")
     p.add_argument("--round-timeout", type=float, default=None, help="seconds to wait for a round")
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout,
@@ -601,6 +603,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      preferences=args.preferences or SimConfig().preferences, noise=args.noise,
                      rounds=args.rounds, requests_per_round=args.requests_per_round,
                      choices=[int(c) for c in args.choices.split(",")], eval_samples=args.eval_samples,
+                     correction_rate=args.correction_rate,
                      round_timeout=args.round_timeout, ready_timeout=args.ready_timeout,
                      until_win_rate=args.until_win_rate, seed=args.seed, json_path=Path(args.json_path),
                      png_path=Path(args.png_path))
