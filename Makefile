@@ -52,23 +52,26 @@ bench: $(STAMP)
 	for b in bench/*.py; do [ $$b = bench/common.py ] || $(BIN)/python $$b || exit 1; done
 
 # `make demo`: the embedded default in $(DEMO_HOME) (a fresh database every time; the bootstrap
-# policy is built once and kept), the trainer trying a round every few seconds and promoting what
-# passes the gates; `feedloop simulate` prints the round table and writes the JSON and the plot
-# beside it; then the loop is stopped. The same round sizes as tests/e2e/test_simulate.py; under ten
-# minutes on two CPU cores, a minute or two more the first time (the bootstrap).
+# policy is built once and kept), the trainer on the default round config, trying a round every few
+# seconds and promoting what passes the gates; `feedloop simulate` prints the round table and writes
+# the JSON and the plot (win rate, drift per round and in total) beside it; then the loop is
+# stopped. `make demo ROUNDS=12` runs twelve rounds; a round takes about a minute on two CPU cores,
+# a minute or two more the first time (the bootstrap). A round waits for DEMO_MIN_FEEDBACK events,
+# about half of a simulated round's burst (the default, 64, would start one on part of a burst).
 DEMO_HOME  ?= .feedloop/demo
 DEMO_PORT  ?= 8077
 DEMO_KEY   ?= fl-demo-operator-key
-DEMO_ROUND ?= {"reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2}, "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 4.0, "stop_kl": 4.5}, "gates": {"eval_prompts": 43, "min_reward_gain": 0.0}}
+ROUNDS     ?= 5
 DEMO_PREFERENCE ?= brevity
-DEMO_ARGS  ?= --preference $(DEMO_PREFERENCE) --users 8 --rounds 5 --requests 600 --choices 1,2,4,4,4 --noise 0.1
+DEMO_MIN_FEEDBACK ?= 250
+DEMO_ARGS  ?= --preference $(DEMO_PREFERENCE) --users 8 --rounds $(ROUNDS) --requests 600 --choices 1,2,4,4,4 --noise 0.1
 
 demo: $(STAMP)
 	rm -rf $(DEMO_HOME)/pg $(DEMO_HOME)/checkpoints/run-* && mkdir -p $(DEMO_HOME)
 	@echo "feedloop up on port $(DEMO_PORT) (the first run bootstraps a policy: a minute or two); log: $(DEMO_HOME)/up.log"
 	env -u DATABASE_URL FEEDLOOP_HOME=$(DEMO_HOME) FEEDLOOP_PORT=$(DEMO_PORT) FEEDLOOP_INIT_API_KEY=$(DEMO_KEY) \
-	  FEEDLOOP_TRAIN_INTERVAL_SECONDS=5 FEEDLOOP_PROMOTION=auto FEEDLOOP_MIN_NEW_PAIRS=800 \
-	  FEEDLOOP_ROUND_CONFIG='$(DEMO_ROUND)' $(BIN)/feedloop up > $(DEMO_HOME)/up.log 2>&1 & up=$$!; \
+	  FEEDLOOP_TRAIN_INTERVAL_SECONDS=5 FEEDLOOP_PROMOTION=auto FEEDLOOP_MIN_NEW_FEEDBACK=$(DEMO_MIN_FEEDBACK) \
+	  $(BIN)/feedloop up > $(DEMO_HOME)/up.log 2>&1 & up=$$!; \
 	trap 'kill $$up 2>/dev/null; wait $$up 2>/dev/null' EXIT INT TERM; \
 	until $(BIN)/python -c "import httpx; httpx.get('http://127.0.0.1:$(DEMO_PORT)/ready').raise_for_status()" 2>/dev/null; do \
 	  kill -0 $$up 2>/dev/null || { tail -n 30 $(DEMO_HOME)/up.log; exit 1; }; sleep 2; done; \

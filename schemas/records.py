@@ -187,6 +187,8 @@ class TrainingPair(BaseModel):
     origin: dict[str, Any] = Field(default_factory=dict, description="source rows it came from")
     judged_at: datetime | None = Field(None, description="when its newest source row was written: its "
                                        "age, for recency weighting (stored pairs carry it)")
+    weight: float = Field(1.0, ge=0.0, description="how much it counts in training: the trainer lowers older "
+                                                  "feedback's (recency half-life); derivation leaves 1")
 
 
 class Demonstration(BaseModel):

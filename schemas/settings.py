@@ -58,7 +58,11 @@ class Settings(BaseSettings):
     train_interval_seconds: float = Field(3600.0, description="how often a round is tried")
     train_cron: str | None = Field(None, description="crontab schedule instead of the interval, e.g. '0 3 * * *'")
     queue_poll_seconds: float = Field(2.0, description="how often the trainer looks for queued runs")
-    min_new_pairs: int = Field(16, description="a round trains only with at least this many new pairs")
+    min_new_feedback: int = Field(64, description="a scheduled round trains once this many feedback events "
+                                                  "(any kind) arrived since the last round")
+    max_round_interval_seconds: float = Field(86400.0, description="or once the oldest of fewer new events "
+                                                                   "waited this long")
+    min_new_pairs: int = Field(1, description="a round trains only with at least this many new pairs")
     promotion: Literal["auto", "manual"] = Field("manual", description="auto: a candidate that passes the gates is promoted")
     round_config: dict = Field(default_factory=dict, description="JSON overrides of the round config, e.g. {\"ppo\": {\"steps\": 8}}")
 

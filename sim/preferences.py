@@ -4,11 +4,16 @@ better. The rest of the system never sees them; it only sees the votes they cast
 A new one is a few lines anywhere importable, named on the command line as `module:function`.
 A preference may carry `correct(prompt, answer) -> str | None`, the answer a user would write
 instead (a corrected answer, the system's demonstrations); without one its users never correct.
+
+Changing tastes: `Switching` prefers one thing until a given round, then another; the simulation
+tells it the round (`at(round)`). Named as `before>after@round` (e.g. `brevity>detail@4`: shorter
+answers for rounds 1-3, longer from round 4), or the built-in `shorter_then_longer`.
 """
 import importlib
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 Preference = Callable[[str, str], float]
@@ -96,16 +101,62 @@ def animals(prompt: str, answer: str) -> float:
 animals.correct = lambda prompt, answer: f"{answer.strip()} My cat likes that too." if answer.strip() else None
 
 
-BUILTIN: dict[str, Preference] = {f.__name__: f for f in (brevity, detail, politeness, correct_arithmetic, animals)}
+OFFERS = ("explain more", "another example", "ask me anything else", "another question")
+
+
+def offers_more(prompt: str, answer: str) -> float:
+    """Sparse signal: 1 when the answer offers more (to explain more, another example …), else
+    0. The first policy does so in about one answer in twenty, so most answers tie: few pairs,
+    mostly from the few answers that show it."""
+    return float(any(o in answer.lower() for o in OFFERS))
+
+
+offers_more.correct = lambda prompt, answer: (f"{answer.strip()} I can explain more if you want."
+                                              if answer.strip() and not offers_more(prompt, answer) else None)
+
+
+@dataclass
+class Switching:
+    """A taste that changes: `before` until round `switch_round`, `after` from it on."""
+    before: Preference
+    after: Preference
+    switch_round: int
+    round: int = 0
+
+    def at(self, round: int) -> None:
+        self.round = round
+
+    @property
+    def current(self) -> Preference:
+        return self.after if self.round >= self.switch_round else self.before
+
+    def __call__(self, prompt: str, answer: str) -> float:
+        return self.current(prompt, answer)
+
+    def correct(self, prompt: str, answer: str) -> str | None:
+        fix = getattr(self.current, "correct", None)
+        return fix(prompt, answer) if fix else None
+
+
+SWITCHING = {"shorter_then_longer": "brevity>detail@4"}
+"""built-in switching preferences: shorter answers for three rounds, then longer ones"""
+
+BUILTIN: dict[str, Preference] = {f.__name__: f for f in (brevity, detail, politeness, correct_arithmetic, animals,
+                                                          offers_more)}
 
 
 def resolve(name: str) -> Preference:
-    """A built-in preference by name, or `module:function` importable from the working directory."""
+    """A built-in preference by name, `before>after@round` (a `Switching` one; each side any
+    name this takes), or `module:function` importable from the working directory. A switching
+    one is made anew each time: it keeps the round it is at."""
+    name = SWITCHING.get(name, name)
+    if m := re.fullmatch(r"(.+)>(.+)@(\d+)", name):
+        return Switching(resolve(m.group(1)), resolve(m.group(2)), int(m.group(3)))
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise ValueError(f"unknown preference {name!r}: built-in ones are {', '.join(BUILTIN)}, "
-                         "or name your own as module:function")
+        raise ValueError(f"unknown preference {name!r}: built-in ones are {', '.join([*BUILTIN, *SWITCHING])}, "
+                         "before>after@round, or name your own as module:function")
     module, _, attr = name.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:  # the console script does not add it
         sys.path.insert(0, os.getcwd())

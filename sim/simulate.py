@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from schemas.bundled import heldout_prompts, training_prompts as user_prompts
-from sim.preferences import BUILTIN, Preference, resolve
+from sim.preferences import BUILTIN, SWITCHING, Preference, Switching, resolve
 
 
 @dataclass
@@ -89,7 +89,8 @@ class SimConfig:
     ready_timeout: float = 30.0
     """seconds to wait for the API to be ready (GET /ready) before starting"""
     until_win_rate: float | None = None
-    """stop early once every preference's win rate reaches this"""
+    """stop early once every preference's win rate reaches this (a switching one's: against the
+    version served before the switch)"""
     swap_timeout: float = 120.0
     """seconds to wait for serving to switch to a newly promoted version"""
 
@@ -308,8 +309,16 @@ def mean_score(pref: Preference, sample: dict[str, dict]) -> float:
     return statistics.fmean(pref(p, a) for p, s in sample.items() for a in s["answers"])
 
 
-def measure(prefs: dict[str, Preference], sample: dict[str, dict], base: dict[str, dict]) -> dict:
-    return {name: {"score": mean_score(f, sample), "win_rate": win_rate(f, sample, base)} for name, f in prefs.items()}
+def measure(prefs: dict[str, Preference], sample: dict[str, dict], base: dict[str, dict],
+            switch_base: dict[str, dict] | None = None) -> dict:
+    """Per preference: mean score and win rate against the first version; once a switching
+    preference has switched, also against the version served just before it did (`win_vs_switch`)."""
+    out = {}
+    for name, f in prefs.items():
+        out[name] = {"score": mean_score(f, sample), "win_rate": win_rate(f, sample, base)}
+        if switch_base is not None and isinstance(f, Switching):
+            out[name]["win_vs_switch"] = win_rate(f, sample, switch_base)
+    return out
 
 
 # --- waiting for the trainer ----------------------------------------------------------------------
@@ -361,9 +370,12 @@ def measure_served(api: Api, client, held: list[str], cfg: SimConfig, attempts: 
     raise RuntimeError(f"measured on {served}, but the registry's active policy is v{active['id']}")
 
 
-def kl_of(version: dict) -> float:
-    """The version's KL to its reference policy as its gates measured it; the reference itself: 0."""
-    return float(version.get("metrics", {}).get("gates/kl", 0.0) or 0.0)
+def kl_of(version: dict) -> tuple[float, float]:
+    """(this round's drift, the total drift) of a version as its gates measured them: KL per
+    answer to its reference (its parent, re-anchored) and to the lineage's root; the root: 0, 0."""
+    m = version.get("metrics", {})
+    kl = float(m.get("gates/kl", 0.0) or 0.0)
+    return kl, float(m.get("gates/kl_total", kl) or 0.0)
 
 
 # --- output -----------------------------------------------------------------------------------------
@@ -374,23 +386,29 @@ def fmt(x, spec: str) -> str:
 
 def table_header(pref_names: list[str]) -> str:
     cols = "".join(f"  {n[:12]:>12} {'win':>5}" for n in pref_names)
-    return f"{'round':>5}  {'runs':>5}  {'status':<9}  {'gates':<6}  {'served':>6}{cols}  {'KL':>6}  {'budget':>6}  {'RM acc':>6}  {'pairs':>5}  {'secs':>5}"
+    return (f"{'round':>5}  {'runs':>5}  {'status':<9}  {'gates':<6}  {'served':>6}{cols}  {'KL':>5}/{'budg':<4}  "
+            f"{'total':>5}/{'budg':<4}  {'RM acc':>6}  {'gain':>6}  {'pairs':>5}  {'evnts':>5}  {'secs':>5}")
 
 
 def table_row(row: dict, pref_names: list[str]) -> str:
     run = row.get("run") or {}
-    gates = {True: "pass", False: "reject", None: "-"}[run.get("gates_passed")]
+    gates = {"passed": "pass", "rejected": "reject", "not enough evidence yet": "wait"}.get(
+        run.get("verdict"), {True: "pass", False: "reject", None: "-"}[run.get("gates_passed")])
     cols = "".join(f"  {row['preferences'][n]['score']:>12.3f} {row['preferences'][n]['win_rate']:>5.0%}"
+                   + (f" ({row['preferences'][n]['win_vs_switch']:.0%})" if "win_vs_switch" in row['preferences'][n] else "")
                    for n in pref_names)
     trained = ",".join(str(r["id"]) for r in row.get("runs", []) if r["status"] != "skipped") or "-"
     return (f"{row['round']:>5}  {trained:>5}  {run.get('status', '-'):<9}  {gates:<6}  "
-            f"{row['served_version']:>6}{cols}  {row['served_kl']:>6.2f}  {fmt(row.get('kl_budget'), '.1f'):>6}  "
-            f"{fmt(run.get('rm_accuracy'), '.2f'):>6}  {fmt(run.get('pairs'), 'd'):>5}  {row['seconds']:>5.0f}")
+            f"{row['served_version']:>6}{cols}  {row['served_kl']:>5.2f}/{fmt(row.get('kl_budget'), '.1f'):<4}  "
+            f"{row['served_kl_total']:>5.2f}/{fmt(row.get('total_kl_budget'), '.1f'):<4}  "
+            f"{fmt(run.get('rm_accuracy'), '.2f'):>6}  {fmt(run.get('reward_gain'), '+.2f'):>6}  "
+            f"{fmt(run.get('pairs'), 'd'):>5}  {fmt(run.get('new_events'), 'd'):>5}  {row['seconds']:>5.0f}")
 
 
 def plot(result: dict, path: Path) -> None:
-    """Score and win rate against the first version by round, one line per preference; and the
-    served version's KL beside the gates' budget."""
+    """Score and win rate against the first version by round, one line per preference (and
+    against the version served before a switch of taste, dashed); and the served version's drift:
+    this round's (KL to its parent) and in total (KL to the root), beside the gates' budgets."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -401,18 +419,24 @@ def plot(result: dict, path: Path) -> None:
     for name in names:
         ax_score.plot(x, [r["preferences"][name]["score"] for r in rows], marker="o", label=name)
         ax_win.plot(x, [r["preferences"][name]["win_rate"] for r in rows], marker="o", label=name)
+        switched = [r for r in rows if "win_vs_switch" in r["preferences"][name]]
+        if switched:
+            ax_win.plot([r["round"] for r in switched], [r["preferences"][name]["win_vs_switch"] for r in switched],
+                        marker="s", ls="--", label=f"{name} vs pre-switch version")
     for r in rows:  # which version served each measurement
         ax_win.annotate(r["served_version"], (r["round"], r["preferences"][names[0]]["win_rate"]),
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax_kl.plot(x, [r["served_kl"] for r in rows], marker="o", color="tab:purple", label="served version")
-    budgets = [r["kl_budget"] for r in rows if r.get("kl_budget") is not None]
-    if budgets:
-        ax_kl.axhline(budgets[-1], color="tab:red", lw=1, ls="--", label="gates' budget")
+    ax_kl.plot(x, [r["served_kl"] for r in rows], marker="o", color="tab:purple", label="per round (to parent)")
+    ax_kl.plot(x, [r["served_kl_total"] for r in rows], marker="s", color="tab:orange", label="total (to root)")
+    for key, color, label in (("kl_budget", "tab:purple", "round budget"), ("total_kl_budget", "tab:orange", "total budget")):
+        budgets = [r[key] for r in rows if r.get(key) is not None]
+        if budgets:
+            ax_kl.axhline(budgets[-1], color=color, lw=1, ls="--", label=label)
     ax_score.set(title="hidden preference, served version (held-out prompts)", xlabel="round", ylabel="mean score")
     ax_win.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax_win.set(title=f"win rate against {result['baseline']['version']} (ties half)", xlabel="round",
                ylabel="win rate", ylim=(0, 1))
-    ax_kl.set(title="KL to the reference policy (nats)", xlabel="round", ylabel="KL", ylim=(0, None))
+    ax_kl.set(title="served version's drift, KL per answer (nats)", xlabel="round", ylabel="KL", ylim=(0, None))
     for ax in (ax_score, ax_win, ax_kl):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
@@ -456,22 +480,33 @@ def run(cfg: SimConfig, say=print) -> dict:
               "rounds": []}
     result["rounds"].append({
         "round": 0, "run": None, "runs": [], "served_version": result["baseline"]["version"],
-        "served_version_id": active["id"] if active else None, "served_kl": kl_of(active or {}),
-        "kl_budget": None, "preferences": measure(prefs, base, base), "feedback": {},
+        "served_version_id": active["id"] if active else None, **drift(active or {}, None, None),
+        "preferences": measure(prefs, base, base), "feedback": {},
         "eval_response_ids": [s["response_id"] for s in base.values()], "seconds": time.time() - t0})
     pref_names = list(prefs)
     say(f"simulating {cfg.users} users ({', '.join(f'{n}' for n in pref_names)}; noise {cfg.noise:.0%}), "
         f"{cfg.requests_per_round} requests a round, measured on {len(held)} held-out prompts "
         f"x {cfg.eval_samples} answers against {result['baseline']['version']}")
     say("(score: mean hidden preference of the served version's answers; win: against "
-        f"{result['baseline']['version']}, ties half; KL: served version to its reference, nats; budget: the gates'; "
-        "RM acc: the round's reward model on held-out pairs; pairs: all it trained on)")
+        f"{result['baseline']['version']}, ties half; KL/budg: the served version's drift from its parent and the "
+        "gates' per-round budget, nats; total/budg: from the first version and its budget; RM acc: the round's "
+        "reward model on held-out pairs; gain: its reward gain over the active version; pairs: all it trained on; "
+        "evnts: new feedback events it fired on; gates: pass, reject, or wait for more evidence)")
     say(table_header(pref_names))
     say(table_row(result["rounds"][0], pref_names))
     write_json(result, cfg.json_path)
 
+    switch_base = None
     for k in range(1, cfg.rounds + 1):
         t0 = time.time()
+        for f in prefs.values():
+            if isinstance(f, Switching):
+                if k == f.switch_round and switch_base is None:  # what users had taught until now
+                    switch_base = sample_heldout(evaluator, held, cfg)
+                    result["switch_baseline"] = {"round": k, "version": next(iter(switch_base.values()))["version"],
+                                                 "samples": switch_base}
+                    say(f"  tastes switch now: measured against {result['switch_baseline']['version']} too (in brackets)")
+                f.at(k)
         since = max((r["id"] for r in api.runs(limit=1)), default=0)
         sent = chat_round(users, cfg, prompts, rng)
         after = max((r["id"] for r in api.runs(limit=1)), default=0)
@@ -480,9 +515,8 @@ def run(cfg: SimConfig, say=print) -> dict:
         row = {"round": k, "run": summarise(run_) if run_ else None,
                "runs": [{"id": r["id"], "status": r["status"]} for r in runs],
                "served_version": f"v{active['id']}", "served_version_id": active["id"],
-               "served_kl": kl_of(active),
-               "kl_budget": (run_ or {}).get("config", {}).get("gates", {}).get("kl_budget", result["rounds"][-1]["kl_budget"]),
-               "preferences": measure(prefs, sample, base), "feedback": dict(sent),
+               **drift(active, run_, result["rounds"][-1]),
+               "preferences": measure(prefs, sample, base, switch_base), "feedback": dict(sent),
                "eval_response_ids": [s["response_id"] for s in sample.values()],
                "samples": {p: s["answers"] for p, s in list(sample.items())[:8]},
                "seconds": time.time() - t0}
@@ -491,10 +525,11 @@ def run(cfg: SimConfig, say=print) -> dict:
         if run_ and run_["status"] == "failed":
             say(f"  round {run_['id']} failed: {(run_.get('error') or '').strip().splitlines()[-1:]}")
         elif run_ and row["run"]["gates_passed"] is False:
-            say(f"  v{run_['produced_version_id']} rejected: {'; '.join(row['run']['reasons'])}")
+            waits = row["run"]["verdict"] == "not enough evidence yet"  # its reasons say so
+            say(f"  v{run_['produced_version_id']}{' not promoted' if waits else ' rejected'}: {'; '.join(row['run']['reasons'])}")
         write_json(result, cfg.json_path)
-        if cfg.until_win_rate is not None and all(m["win_rate"] >= cfg.until_win_rate
-                                                  for m in row["preferences"].values()):
+        if cfg.until_win_rate is not None and all(target_win_rate(prefs[n], m) >= cfg.until_win_rate
+                                                  for n, m in row["preferences"].items()):
             say(f"every preference's win rate is at least {cfg.until_win_rate:.0%}: stopping")
             break
     plot(result, cfg.png_path)
@@ -502,11 +537,29 @@ def run(cfg: SimConfig, say=print) -> dict:
     return result
 
 
+def target_win_rate(pref: Preference, measured: dict) -> float:
+    """The win rate that says a preference is learnt: against the first version; for a switching
+    one, against the version served before the switch (0 before it: the new taste is the goal)."""
+    if isinstance(pref, Switching):
+        return measured.get("win_vs_switch", 0.0)
+    return measured["win_rate"]
+
+
+def drift(version: dict, run: dict | None, previous: dict | None) -> dict:
+    """The served version's drift, per round and in total, and the gates' budgets for them (the
+    trained run's config, else the last row's)."""
+    kl, total = kl_of(version)
+    gates = (run or {}).get("config", {}).get("gates", {})
+    return {"served_kl": kl, "served_kl_total": total,
+            **{k: gates.get(k, (previous or {}).get(k)) for k in ("kl_budget", "total_kl_budget")}}
+
+
 def summarise(run: dict) -> dict:
     """What the table and JSON keep of a training run (the full run stays in the database)."""
     m = run.get("metrics") or {}
     return {"id": run["id"], "status": run["status"], "trigger": run.get("trigger"),
             "produced_version_id": run.get("produced_version_id"), "gates_passed": m.get("gates/passed"),
+            "verdict": m.get("gates/verdict"), "kl_total": m.get("gates/kl_total"), "new_events": m.get("data/new_events"),
             "reasons": m.get("gates/reasons") or [], "kl": m.get("gates/kl"),
             "rm_accuracy": m.get("reward/heldout_accuracy"), "reward_gain": m.get("gates/reward_gain"),
             "pairs": m.get("data/pairs"), "new_pairs": m.get("data/new_pairs"),
@@ -523,7 +576,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an operator API key (default: $FEEDLOOP_API_KEY or $FEEDLOOP_INIT_API_KEY)")
     p.add_argument("--users", type=int, default=d.users)
     p.add_argument("--preference", action="append", dest="preferences", metavar="NAME",
-                   help=f"hidden preference ({', '.join(BUILTIN)}, or module:function); repeat to mix; "
+                   help=f"hidden preference ({', '.join([*BUILTIN, *SWITCHING])}, before>after@round for tastes "
+                        "that change, or module:function); repeat to mix; "
                         f"default {d.preferences[0]}")
     p.add_argument("--noise", type=float, default=d.noise, help="share of random or contrary votes")
     p.add_argument("--rounds", type=int, default=d.rounds)
@@ -531,6 +585,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat requests per round, over all users")
     p.add_argument("--choices", default=",".join(map(str, d.choices)),
                    help="the n a request asks for, drawn per request (comma-separated)")
+    p.add_argument("--correction-rate", type=float, default=d.correction_rate,
+                   help="share of judged requests whose worst answer is corrected (becoming a demonstration)")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="answers per held-out prompt")
     p.add_argument("--round-timeout", type=float, default=None, help="seconds to wait for a round")
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout,
@@ -547,6 +603,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      preferences=args.preferences or SimConfig().preferences, noise=args.noise,
                      rounds=args.rounds, requests_per_round=args.requests_per_round,
                      choices=[int(c) for c in args.choices.split(",")], eval_samples=args.eval_samples,
+                     correction_rate=args.correction_rate,
                      round_timeout=args.round_timeout, ready_timeout=args.ready_timeout,
                      until_win_rate=args.until_win_rate, seed=args.seed, json_path=Path(args.json_path),
                      png_path=Path(args.png_path))

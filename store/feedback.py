@@ -191,3 +191,10 @@ async def current_watermark(conn) -> int:
         return (await fetch_one(conn, "last_event_id"))["event_id"]
     finally:
         await locks.unlock(conn, locks.EVENTS)
+
+
+async def new_events(conn, *, after: int, upto: int) -> tuple[int, datetime | None]:
+    """(how many feedback-like rows of any kind have events in (after, upto], when the oldest of
+    them was written): the evidence a scheduled round waits for."""
+    row = await fetch_one(conn, "count_new_events", after=after, upto=upto)
+    return row["n"], row["oldest"]

@@ -52,3 +52,8 @@ async def get_training_run(conn, *, id: int) -> TrainingRun:
     if row is None:
         raise NotFound(f"no training run {id}")
     return TrainingRun(**row)
+
+
+async def trained_round_watermarks(conn) -> list[int]:
+    """The watermark of every round that trained, oldest first."""
+    return [r["watermark"] for r in await fetch_all(conn, "trained_round_watermarks")]

@@ -15,15 +15,35 @@ from trainer.sft import SFTConfig
 STAGES = ("sft", "reward", "ppo")
 
 
+# The defaults learn on two CPU cores and on a GPU alike (tests/e2e/test_simulate.py and `make demo`
+# run them). Each round's PPO aims at a KL to its reference (the parent: re-anchored every round)
+# well under the gates' per-round budget and stops short of it, since the gates measure on held-out
+# prompts a few tenths of a nat above PPO's own figure; the total drift from the root has its own,
+# larger budget (`GateConfig.total_kl_budget`).
+DEFAULT_PPO = dict(steps=20, batch_size=32, num_minibatches=2, temperature=1.0, target_kl=1.5, stop_kl=2.5)
+
+
 @dataclass
 class RoundConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """which steps run: a round runs all; `feedloop train reward|sft|ppo` one"""
-    min_new_pairs: int = 16
-    """fewer new pairs since the last round's watermark: skip"""
+    min_new_feedback: int = 64
+    """a scheduled round trains once this many feedback events (thumbs, ratings, rankings,
+    preferences, corrections, comments, imports) arrived since the last round's watermark ..."""
+    max_round_interval_seconds: float = 86400.0
+    """... or once the oldest of fewer new events has waited this long"""
+    min_new_pairs: int = 1
+    """fewer new pairs since the last round's watermark: skip (the reward model needs some)"""
     reward_window: int | None = 50_000
     """the reward model trains on the newest this many pairs (None: all), continuing from the
     active reward model, so a round's cost follows the window, not the whole history"""
+    anchor: str = "parent"
+    """the reference PPO's KL and the gates' per-round budget are measured against: `parent`
+    (re-anchored on the version the round improves; the total drift from the root has its own
+    budget) or `root` (the lineage's first version, every round: learning stops at one budget)"""
+    recency_half_life: float | None = 1.0
+    """rounds after which a pair counts half in the reward model (and in its held-out accuracy):
+    recent feedback counts more, so a change of taste shows within a few rounds; None: all equal"""
     promotion: str = "manual"
     """auto: promote a candidate that passes the gates at once; manual: an operator decides"""
     seed: int = 0
@@ -31,9 +51,17 @@ class RoundConfig:
     device: str = "auto"
     """torch device of every stage; auto: the settings' device, resolved at run time"""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=3, lr=3e-4))
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=2, heldout_frac=0.2))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(**DEFAULT_PPO))
     gates: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        if self.anchor not in ("parent", "root"):
+            raise ValueError("anchor is parent or root")
+        if self.ppo.target_kl >= self.gates.kl_budget or (self.ppo.stop_kl or 0) > self.gates.kl_budget:
+            raise ValueError(f"PPO's target_kl ({self.ppo.target_kl}) and stop_kl ({self.ppo.stop_kl}) must stay "
+                             f"below the gates' kl_budget ({self.gates.kl_budget}): a round aiming at the budget "
+                             "overshoots it and is rejected")
 
 
 def with_overrides(cfg, overrides: dict | None):
@@ -53,9 +81,12 @@ def with_overrides(cfg, overrides: dict | None):
 
 
 def round_config(settings: Settings, overrides: dict | None = None) -> RoundConfig:
-    """The defaults, then the settings (`min_new_pairs`, `promotion`, `round_config`), then
-    `overrides`; the device resolved once and handed to every stage."""
-    cfg = RoundConfig(min_new_pairs=settings.min_new_pairs, promotion=settings.promotion)
+    """The defaults, then the settings (`min_new_feedback`, `max_round_interval_seconds`,
+    `min_new_pairs`, `promotion`, `round_config`), then `overrides`; the device resolved once and
+    handed to every stage."""
+    cfg = RoundConfig(min_new_feedback=settings.min_new_feedback,
+                      max_round_interval_seconds=settings.max_round_interval_seconds,
+                      min_new_pairs=settings.min_new_pairs, promotion=settings.promotion)
     cfg = with_overrides(cfg, settings.round_config)
     cfg = with_overrides(cfg, overrides)
     device = resolve_device(settings.device if cfg.device == "auto" else cfg.device)

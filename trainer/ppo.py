@@ -621,7 +621,8 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list, reward_fn: RewardFn, 
     """Mean reward and KL to the reference of answers sampled from `policy` on held-out prompts.
     KL per answer is exact per position (summed over the vocabulary, not a sampled estimate) and
     summed over the answer's tokens: nats, the unit of `PPOConfig.target_kl`. Also the standard
-    errors, answer length, EOS rate and the answers (for degenerate-output checks)."""
+    errors, answer length, EOS rate, the answers (for degenerate-output checks) and each answer's
+    reward and KL in prompt order, `samples_per_prompt` per prompt (for the gates' paired test)."""
     device = device or next(policy.parameters()).device
     ref_device = next(ref_policy.parameters()).device
     conversations = [as_messages(p) for p in prompts for _ in range(samples_per_prompt)]
@@ -651,4 +652,4 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list, reward_fn: RewardFn, 
     return {"reward": reward.mean().item(), "reward_sem": (reward.std() / math.sqrt(n)).item() if n > 1 else 0.0,
             "kl": kl.mean().item(), "kl_sem": (kl.std() / math.sqrt(n)).item() if n > 1 else 0.0,
             "response_length": torch.cat(lengths).mean().item(), "eos_rate": torch.cat(eos).mean().item(),
-            "n": n, "answers": answers}
+            "n": n, "answers": answers, "rewards": reward.tolist(), "kls": kl.tolist()}

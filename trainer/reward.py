@@ -98,6 +98,8 @@ class Encoded:
     margin: list[float]
     group: list[str]
     prompt_hash: list[str]
+    weight: list[float]
+    """per pair: how much it counts (recency, `TrainingPair.weight`)"""
 
 
 class Encoder:
@@ -136,7 +138,7 @@ def encode_pairs(encoder: Encoder, pairs: list[TrainingPair]) -> Encoded:
     idx = encoder.add([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs])
     n = len(pairs)
     return Encoded(encoder.seqs, encoder.prompt_lens, idx[:n], idx[n:], [p.margin for p in pairs],
-                   [p.group for p in pairs], [p.prompt_hash for p in pairs])
+                   [p.group for p in pairs], [p.prompt_hash for p in pairs], [p.weight for p in pairs])
 
 
 def make_batches(enc: Encoded, batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -240,7 +242,7 @@ def pack(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> Packed:
 
 def batch_tensors(enc: Encoded, pair_idx: list[int], pad_id: int):
     """One batch: its distinct sequences packed (each run once), and per pair where its chosen
-    and rejected sit among them, its margin and its group."""
+    and rejected sit among them, its margin, its group and its weight."""
     distinct = list(dict.fromkeys([enc.chosen[i] for i in pair_idx] + [enc.rejected[i] for i in pair_idx]))
     where = {s: j for j, s in enumerate(distinct)}
     packed = pack([enc.seqs[s] for s in distinct], [enc.prompt_lens[s] for s in distinct], pad_id)
@@ -249,7 +251,8 @@ def batch_tensors(enc: Encoded, pair_idx: list[int], pad_id: int):
     rejected = torch.tensor([where[enc.rejected[i]] for i in pair_idx])  # (P,)
     margin = torch.tensor([enc.margin[i] for i in pair_idx], dtype=torch.float)  # (P,)
     group = torch.tensor([groups[enc.group[i]] for i in pair_idx])  # (P,)
-    return packed, chosen, rejected, margin, group
+    weight = torch.tensor([enc.weight[i] for i in pair_idx], dtype=torch.float)  # (P,)
+    return packed, chosen, rejected, margin, group, weight
 
 
 # --- model ----------------------------------------------------------------------------------
@@ -313,13 +316,16 @@ def load_for_training(path: str | Path, seed: int = 0):
 
 # --- loss -----------------------------------------------------------------------------------
 
-def preference_loss(r_chosen, r_rejected, margin, group) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_loss(r_chosen, r_rejected, margin, group, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-pair loss). Bradley-Terry per pair: -logsigmoid(r_c - r_r - margin), (P,);
     averaged within each group, then over groups, so a ranking of K answers weighs as one
-    element, not K(K-1)/2 (InstructGPT eq. 1's 1/C(K,2))."""
+    element, not K(K-1)/2 (InstructGPT eq. 1's 1/C(K,2)). `weight` (P,) scales each pair's
+    term (older feedback counts less); not renormalised, so a batch of old pairs moves the
+    model less."""
     pair_loss = -F.logsigmoid(r_chosen - r_rejected - margin)  # (P,)
+    weighted = pair_loss if weight is None else pair_loss * weight
     n_groups = int(group.max()) + 1
-    group_sum = torch.zeros(n_groups, device=pair_loss.device).index_add(0, group, pair_loss)  # (G,)
+    group_sum = torch.zeros(n_groups, device=pair_loss.device).index_add(0, group, weighted)  # (G,)
     group_size = torch.zeros(n_groups, device=pair_loss.device).index_add(
         0, group, torch.ones_like(pair_loss))  # (G,)
     return (group_sum / group_size).mean(), pair_loss
@@ -348,11 +354,16 @@ def raw_scores(model, seqs: list[list[int]], prompt_lens: list[int], pad_id: int
     return out
 
 
-def pair_metrics(r: torch.Tensor, enc: Encoded, use_margin: bool) -> tuple[float, float]:
-    """(accuracy, mean Bradley-Terry loss) of pairs scored by a table of raw rewards."""
+def pair_metrics(r: torch.Tensor, enc: Encoded, use_margin: bool) -> tuple[float, float, float]:
+    """(accuracy, mean Bradley-Terry loss, effective number of pairs) of pairs scored by a table
+    of raw rewards, each pair counting its weight; the effective number (sum w)^2 / sum w^2 is
+    what the gates' interval on the accuracy rests on."""
     r_c, r_r = r[enc.chosen], r[enc.rejected]
     margin = torch.tensor(enc.margin) if use_margin else torch.zeros(len(enc.chosen))
-    return ((r_c > r_r).float().mean().item(), (-F.logsigmoid(r_c - r_r - margin)).mean().item())
+    w = torch.tensor(enc.weight, dtype=torch.float)
+    mean = lambda x: ((x * w).sum() / w.sum()).item()
+    return (mean((r_c > r_r).float()), mean(-F.logsigmoid(r_c - r_r - margin)),
+            (w.sum() ** 2 / (w ** 2).sum()).item())
 
 
 def normalise(model, r_references: torch.Tensor) -> tuple[float, float]:
@@ -464,13 +475,13 @@ def train_epochs(cfg: RewardConfig, model, head, optimizer, accelerator, enc: En
 
 
 def train_step(cfg: RewardConfig, model, head, optimizer, accelerator, packed: Packed, chosen, rejected,
-               margin, group) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+               margin, group, weight) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch: Bradley-Terry loss + center_coef * centering loss.
     Returns (loss, rewards (S,), pairs ranked right, per-pair loss (P,), centering loss)."""
     r = packed_rewards(model, head, packed)  # (S,) one reward per distinct sequence
     r_chosen, r_rejected = r[chosen], r[rejected]  # (P,)
     bt_loss, pair_loss = preference_loss(r_chosen, r_rejected,
-                                         margin if cfg.use_margin else torch.zeros_like(margin), group)
+                                         margin if cfg.use_margin else torch.zeros_like(margin), group, weight)
     center = center_loss(r)
     loss = bt_loss + cfg.center_coef * center
     optimizer.zero_grad(set_to_none=True)
@@ -484,11 +495,12 @@ def heldout_metrics(cfg: RewardConfig, model, encoder: Encoder, heldout_enc: Enc
                     device) -> dict:
     """Accuracy and loss on the held-out pairs: prompts the model never saw in training."""
     if not heldout_enc.chosen:
-        return {"reward/heldout_accuracy": None, "reward/heldout_loss": None}
+        return {"reward/heldout_accuracy": None, "reward/heldout_loss": None, "reward/heldout_effective_pairs": 0.0}
     r_held = raw_scores(model, encoder.seqs, encoder.prompt_lens, pad_id, cfg.eval_batch_size, device,
                         only=heldout_enc.chosen + heldout_enc.rejected)
-    acc, held_loss = pair_metrics(r_held, heldout_enc, cfg.use_margin)
-    return {"reward/heldout_accuracy": acc, "reward/heldout_loss": held_loss}
+    acc, held_loss, n_eff = pair_metrics(r_held, heldout_enc, cfg.use_margin)
+    return {"reward/heldout_accuracy": acc, "reward/heldout_loss": held_loss,
+            "reward/heldout_effective_pairs": n_eff}
 
 
 def normalise_on(cfg: RewardConfig, model, tokenizer, encoder: Encoder, train_enc: Encoded,

@@ -1,10 +1,19 @@
 """One training round: new feedback in, a gated candidate policy out.
 
-    1. data since the last round's watermark; too few new pairs -> a `skipped` run
+    1. data since the last round's watermark; a scheduled round trains once enough new evidence
+       arrived (`min_new_feedback` events of any kind) or the oldest of it waited long enough
+       (`max_round_interval_seconds`), else it is a `skipped` run
     2. the models, in a worker thread (`trainer.stages`): SFT on new demonstrations, the reward
-       model on the newest `reward_window` pairs up to the watermark, PPO against it, the gates (`trainer.gates`)
+       model on the newest `reward_window` pairs up to the watermark (older pairs weigh less:
+       `trainer.recency`), PPO against it from the active version, anchored on it (`anchor`), the
+       gates (`trainer.gates`)
     3. registration in one transaction: the reward model active, the policy `candidate` or
-       `rejected` with the gates' reasons; then auto-promotion when the config says so
+       `rejected` with the gates' reasons; then auto-promotion of a candidate that passed when
+       the config says so (one the gates had not enough evidence on waits for an operator)
+
+Long-run learning. Each round's KL is measured to its parent (the reference is re-anchored on the
+version the round improves) under a per-round budget, and the total drift to the lineage's root
+under a separate, larger one; both are in the policy's metrics (`gates/kl`, `gates/kl_total`).
 
 The round lock (`store.locks.ROUND`) keeps one round at a time across every trainer replica.
 Checkpoints are published atomically before they are registered, and registration is one
@@ -16,16 +25,18 @@ import dataclasses
 import logging
 import traceback
 from dataclasses import asdict
+from datetime import datetime, timezone
 
 from psycopg import AsyncConnection
 
 from lm.checkpoint import load_tokenizer
 from schemas.bundled import heldout_prompts
-from schemas.records import Demonstration, TrainingPair, TrainingRun
+from schemas.records import Demonstration, ModelVersion, TrainingPair, TrainingRun
 from schemas.settings import Settings
 from store import derive, exchanges, feedback, locks, registry, runs
 from trainer import ppo
 from trainer.config import RoundConfig, round_config, run_kind
+from trainer.recency import weigh_by_recency
 from trainer.stages import Inputs, Trained, train_models
 
 log = logging.getLogger(__name__)
@@ -79,15 +90,22 @@ async def _train(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
     full = run_kind(cfg) == "round"
     after = await runs.last_round_watermark(conn) if full else 0  # one stage: all data so far
     upto = await feedback.current_watermark(conn)
-    if full:  # most scheduled ticks end here, on a count, before anything is derived
+    data = {}
+    if full:  # most scheduled ticks end here, on counts, before anything is derived
         new_pairs = await derive.count_new_pairs(conn, after=after, upto=upto)
-        if skip := skip_reason(cfg, new_pairs, None):
-            return await _skipped(conn, run, after, skip, {"data/new_pairs": new_pairs})
-    # the reward model continues from the active one on the newest pairs (each with its age)
+        events, oldest = await feedback.new_events(conn, after=after, upto=upto)
+        waited = (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0.0
+        data = {"data/new_pairs": new_pairs, "data/new_events": events, "data/waited_seconds": round(waited, 1)}
+        evidence = dict(new_events=events, waited=waited) if run.trigger == "schedule" else {}
+        if skip := skip_reason(cfg, new_pairs, None, **evidence):
+            return await _skipped(conn, run, after, skip, data)
+    # the reward model continues from the active one on the newest pairs, older ones weighing less
     pairs = await derive.pair_window(conn, upto=upto, limit=cfg.reward_window)
+    pairs = weigh_by_recency(pairs, await runs.trained_round_watermarks(conn), cfg.recency_half_life)
     demos = await derive.derive_demonstrations(conn, after=after, upto=upto)
     new_pairs = new_pairs if full else len(pairs)
-    data = {"data/new_pairs": new_pairs, "data/pairs": len(pairs), "data/demonstrations": len(demos)}
+    data.update({"data/new_pairs": new_pairs, "data/pairs": len(pairs), "data/demonstrations": len(demos),
+                 "data/pair_weight": round(sum(p.weight for p in pairs), 2)})
     if skip := skip_reason(cfg, new_pairs, len(demos)):
         return await _skipped(conn, run, after, skip, data)
 
@@ -101,8 +119,15 @@ async def _train(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
                                           curves=_jsonable(trained.curves))
 
 
-def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int | None) -> str | None:
-    """Why there is nothing worth training, or None (`demonstrations` None: not counted yet)."""
+def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int | None, *, new_events: int | None = None,
+                waited: float = 0.0) -> str | None:
+    """Why there is nothing worth training, or None (`demonstrations` None: not counted yet).
+    `new_events` (a scheduled round; None for one an operator asked for): feedback events of
+    any kind since the last round, the oldest of which has `waited` seconds."""
+    if new_events is not None and new_events < cfg.min_new_feedback and not (
+            new_events and waited >= cfg.max_round_interval_seconds):
+        return (f"{new_events} new feedback events, fewer than {cfg.min_new_feedback}, the oldest "
+                f"{waited:.0f}s old (a round trains anyway after {cfg.max_round_interval_seconds:g}s)")
     if ("reward" in cfg.stages or "ppo" in cfg.stages) and new_pairs < cfg.min_new_pairs:
         return f"{new_pairs} new pairs, fewer than the minimum {cfg.min_new_pairs}"
     if list(cfg.stages) == ["sft"] and demonstrations == 0:
@@ -128,12 +153,22 @@ async def _inputs(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun, 
     policy = await registry.get_active_version(conn, kind="policy")
     if policy is None:
         raise RuntimeError("no active policy to improve")
+    root = await lineage_root(conn, policy)
     return Inputs(pairs=pairs, demonstrations=demos,
                   prompts=await _ppo_prompts(conn, policy.path, cfg) if "ppo" in cfg.stages else [],
-                  policy=policy,
-                  reference=await registry.get_model_version(conn, id=policy.reference_id or policy.id),
+                  policy=policy, reference=policy if cfg.anchor == "parent" else root, root=root,
                   previous_reward=await registry.get_active_version(conn, kind="reward"),
                   out=settings.checkpoint_dir / f"run-{run.id}")
+
+
+async def lineage_root(conn, version: ModelVersion) -> ModelVersion:
+    """The first version of `version`'s lineage (its parents' parent …: v1 for the bootstrapped
+    policy, an imported base for its descendants): what the total drift is measured against."""
+    seen = {version.id}
+    while version.parent_id is not None and version.parent_id not in seen:
+        version = await registry.get_model_version(conn, id=version.parent_id)
+        seen.add(version.id)
+    return version
 
 
 async def _ppo_prompts(conn, tokenizer_path: str, cfg: RoundConfig) -> list[list[dict]]:
@@ -157,7 +192,7 @@ async def _register(conn, settings: Settings, run: TrainingRun, cfg: RoundConfig
     actor = f"training run {run.id}"
     rm = inp.previous_reward
     auto = trained.passed and cfg.promotion == "auto"
-    reason = "passed the gates" if trained.passed else "; ".join(trained.reasons)
+    reason = "passed the gates" if trained.passed else "; ".join(trained.decision.reasons())
     if auto and settings.deploy_command:
         auto, reason = False, reason + "; not promoted automatically: a deploy hook must run first (promote it)"
     async with conn.transaction():
@@ -169,7 +204,7 @@ async def _register(conn, settings: Settings, run: TrainingRun, cfg: RoundConfig
             await runs.set_run_version(conn, id=run.id, version_id=rm.id)
         if not trained.policy:
             return
-        status = "candidate" if trained.passed else "rejected"
+        status = "rejected" if trained.decision.reject else "candidate"  # not enough evidence: an operator decides
         policy = await registry.register_checkpoint(conn, path=trained.policy, kind="policy", status=status,
                                                     actor=actor, reason=reason, parent_id=inp.policy.id,
                                                     reference_id=inp.reference.id, reward_model_id=rm and rm.id,

@@ -1,5 +1,6 @@
 """`feedloop trainer`: the trainer service. APScheduler tries a round on an interval or cron
-schedule and takes rounds operators queued through the API; the round lock makes any number of
+schedule (it trains once enough new feedback arrived, or the oldest waited long enough:
+`trainer.round.skip_reason`) and takes rounds operators queued through the API; the round lock makes any number of
 replicas safe. At start-up, rounds a killed trainer left `running` are marked failed."""
 import asyncio
 import logging
@@ -59,9 +60,9 @@ def serve(settings: Settings) -> None:
     if settings.openwebui_url and settings.openwebui_api_key and settings.openwebui_import_seconds:
         scheduler.add_job(openwebui_import, IntervalTrigger(seconds=settings.openwebui_import_seconds, timezone="UTC"),
                           args=(url, settings), max_instances=1, coalesce=True, id="openwebui")
-    log.info("trainer up: rounds %s, min %d new pairs, promotion %s",
-             settings.train_cron or f"every {settings.train_interval_seconds:g}s", settings.min_new_pairs,
-             settings.promotion)
+    log.info("trainer up: rounds tried %s, training on %d new feedback events (or fewer after %gs), "
+             "promotion %s", settings.train_cron or f"every {settings.train_interval_seconds:g}s",
+             settings.min_new_feedback, settings.max_round_interval_seconds, settings.promotion)
     try:
         scheduler.start()
     except (KeyboardInterrupt, SystemExit):

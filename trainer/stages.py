@@ -12,7 +12,7 @@ from schemas.records import Demonstration, ModelVersion, TrainingPair
 from trainer import ppo, reward
 from trainer.common import publish_policy
 from trainer.config import RoundConfig
-from trainer.gates import gate
+from trainer.gates import Decision, gate
 from trainer.sft import train as sft_train
 
 MIN_NORMALISING_DEMOS = 32  # fewer demonstrations: normalise rewards on the training answers instead
@@ -30,7 +30,10 @@ class Inputs:
     policy: ModelVersion
     """the active policy, which this round improves"""
     reference: ModelVersion
-    """the policy the KL is measured against"""
+    """the policy PPO's KL and the per-round budget are measured against (the active policy
+    itself when re-anchoring, else the root)"""
+    root: ModelVersion
+    """the lineage's first version: the total drift is measured against it"""
     previous_reward: ModelVersion | None
     """the active reward model: continued, or used as it is when this run trains none"""
     out: Path
@@ -46,12 +49,12 @@ class Trained:
     """the new reward model's checkpoint, when one was trained"""
     policy: Path | None = None
     """the new policy's checkpoint, when SFT or PPO changed it"""
-    reasons: list[str] = field(default_factory=list)
-    """the gates' reasons to reject the policy; none: it passed"""
+    decision: Decision = field(default_factory=Decision)
+    """the gates' verdict on the policy"""
 
     @property
     def passed(self) -> bool:
-        return not self.reasons
+        return self.decision.passed
 
     def keep(self, stage_metrics: dict) -> None:
         """A stage's metrics: per-step curves to `curves`, the rest (less its config) to `metrics`."""
@@ -70,6 +73,7 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> Trained:
     tokenizer = load_tokenizer(inp.policy.path)
     policy = load_policy(inp.policy.path, cfg.device)
     reference = load_policy(inp.reference.path, cfg.device).eval()
+    root = load_policy(inp.root.path, cfg.device).eval() if inp.root.id != inp.reference.id else None
     out, ran = Trained(), {}  # ran: the configs of the stages that changed the policy
 
     if "sft" in cfg.stages and inp.demonstrations:  # 1) what users corrected or operators imported
@@ -86,16 +90,17 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> Trained:
     reward_fn = reward_scorer(reward_path, tokenizer, cfg.device) if reward_path else None
 
     if "ppo" in cfg.stages:  # 3) the value model starts from the reward model (InstructGPT)
-        ppo_cfg = dataclasses.replace(cfg.ppo, initial_kl_coef=carried_kl_coef(inp.policy))
+        carried = carried_kl_coef(inp.policy) if inp.reference.id != inp.policy.id else None
+        ppo_cfg = dataclasses.replace(cfg.ppo, initial_kl_coef=carried)
         value_model = AutoModelForSequenceClassification.from_pretrained(reward_path).to(cfg.device)
         out.keep(ppo.train(ppo_cfg, policy, reference, value_model, tokenizer, inp.prompts, reward_fn))
         ran["ppo"] = ppo_cfg
 
     if ran:  # 4) gates against the active version, then publish (rejected policies too, for audit)
         active = load_policy(inp.policy.path, cfg.device).eval()
-        out.reasons, gate_metrics = gate(
-            cfg.gates, policy, reference, active, tokenizer, reward_fn,
-            rm_accuracy=out.metrics.get("reward/heldout_accuracy"), ppo_ran="ppo" in ran,
+        rm = {k: v for k, v in out.metrics.items() if k.startswith("reward/")}
+        out.decision, gate_metrics = gate(
+            cfg.gates, policy, reference, active, root, tokenizer, reward_fn, rm=rm, ppo_ran="ppo" in ran,
             temperature=cfg.ppo.temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed)
         out.metrics.update(gate_metrics)
         out.policy = inp.out / "policy"
@@ -124,7 +129,8 @@ def reward_scorer(path: str | Path, tokenizer, device: str) -> ppo.RewardFn:
 
 
 def carried_kl_coef(parent: ModelVersion) -> float | None:
-    """The KL controller runs on across rounds, as over one long PPO run: the parent's final beta
-    (its reference is ours). Restarting at `kl_coef` each round let a policy already near the
-    budget overshoot it before beta caught up."""
+    """With the reference fixed at the root (`anchor` root), the KL controller runs on across
+    rounds, as over one long PPO run: the parent's final beta (its reference is ours). Restarting
+    at `kl_coef` each round let a policy already near the budget overshoot it before beta caught
+    up. Re-anchored on the parent, each round's KL starts at 0 and beta starts afresh."""
     return parent.metrics.get("ppo/final_kl_coef")

@@ -250,3 +250,13 @@ ORDER BY event_id;
 -- name: transaction_time
 -- The caller's transaction's timestamp: what a write in it sets `updated_at` to (so a caller can tell a changed row).
 SELECT now() AS now;
+
+-- name: count_new_events
+-- Feedback-like rows (every kind) with events in (after, upto], and when the oldest of them came.
+SELECT count(*) AS n, min(created_at) AS oldest FROM (
+    SELECT event_id, created_at FROM feedback
+    UNION ALL SELECT event_id, created_at FROM rankings
+    UNION ALL SELECT event_id, created_at FROM preferences
+    UNION ALL SELECT event_id, created_at FROM demonstrations
+) AS events
+WHERE event_id > %(after)s AND event_id <= %(upto)s;

@@ -51,3 +51,10 @@ SET status = %(status)s, metrics = %(metrics)s, curves = %(curves)s, error = %(e
     watermark = %(watermark)s, finished_at = now()
 WHERE id = %(id)s
 RETURNING *;
+
+-- name: trained_round_watermarks
+-- Where each round that trained stopped reading feedback, oldest first: a pair's age in rounds is
+-- how many of these are at or above its event.
+SELECT watermark FROM training_runs
+WHERE kind = 'round' AND status = 'succeeded' AND watermark IS NOT NULL
+ORDER BY watermark;

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 TINY_ROUND = {
     "reward": {"epochs": 2, "batch_size": 16},
     "ppo": {"steps": 3, "batch_size": 8, "num_minibatches": 2, "max_new_tokens": 16},
-    "gates": {"eval_prompts": 8, "min_reward_gain": -100.0, "kl_budget": 1000.0, "min_rm_accuracy": 0.0,
+    "gates": {"eval_prompts": 8, "min_reward_gain": -100.0, "kl_budget": 1000.0, "total_kl_budget": 1000.0,
+              "min_rm_accuracy": -1.0, "min_heldout_pairs": 0, "min_heldout_prompts": 0,
               "max_empty_rate": 1.0, "min_distinct_rate": 0.0},
 }
 

@@ -1,7 +1,8 @@
 """`feedloop simulate`: simulated users with hidden preferences drive the real API and the real
-trainer service; within a few rounds the served policy wins against the first version on
-held-out prompts, within its KL budget, and every number the simulation reports is in the
-database as well as in its JSON."""
+trainer service on the default round config; within a few rounds the served policy wins against
+the first version on held-out prompts (users whose taste is sparse too; users whose taste
+switches: against the version served before the switch), within its drift budgets, and every
+number the simulation reports is in the database as well as in its JSON."""
 import json
 import subprocess
 import sys
@@ -36,6 +37,27 @@ def test_builtin_preferences():
     assert preferences._arithmetic_correction("What is 7 plus 5?", "13") == "The answer is 12."
 
 
+def test_tastes_that_switch_and_sparse_tastes():
+    switching = preferences.resolve("shorter_then_longer")
+    assert (switching.before, switching.after, switching.switch_round) == (preferences.brevity, preferences.detail, 4)
+    short, long = "Hi.", "Hello there, this is a much longer answer than the other one."
+    for round in (1, 3):
+        switching.at(round)
+        assert switching("q", short) > switching("q", long)
+        assert switching.correct("q", "One. Two.") == "One."  # brevity's correction
+    switching.at(4)
+    assert switching("q", long) > switching("q", short) and switching.correct("q", short) is None
+    assert preferences.resolve("shorter_then_longer") is not switching  # each simulation its own
+    custom = preferences.resolve("detail>brevity@2")
+    assert (custom.before, custom.after, custom.switch_round) == (preferences.detail, preferences.brevity, 2)
+    # sparse: most answers tie at 0; the correction shows what it wants
+    assert preferences.offers_more("q", "Paris. I can explain more if you want.") == 1.0
+    assert preferences.offers_more("q", "Paris.") == 0.0
+    assert preferences.offers_more.correct("q", "Paris.") == "Paris. I can explain more if you want."
+    assert simulate.target_win_rate(switching, {"win_rate": 0.9}) == 0.0  # before the switch: not there yet
+    assert simulate.target_win_rate(switching, {"win_rate": 0.2, "win_vs_switch": 0.8}) == 0.8
+
+
 def test_own_preference_by_module_and_function(tmp_path, monkeypatch):
     (tmp_path / "mytaste.py").write_text("def likes_cats(prompt, answer):\n    return float('cat' in answer)\n")
     monkeypatch.chdir(tmp_path)
@@ -66,30 +88,28 @@ def test_simulate_is_a_feedloop_command():
 
 # --- the loop learns, end to end ------------------------------------------------------------
 
-# Sized for two CPU cores: a round is well under a minute here. The KL is to v1 and accumulates
-# over rounds: PPO's KL target and its stop sit below the gates' budget (6 nats, the default),
-# which the gates measure on held-out prompts, a few tenths of a nat above PPO's own figure.
-# Without the stop a round's KL ran past the budget and the round was rejected.
-ROUND = {
-    "reward": {"epochs": 2, "batch_size": 32, "heldout_frac": 0.2},
-    "ppo": {"steps": 20, "batch_size": 32, "num_minibatches": 2, "temperature": 1.0, "target_kl": 4.0,
-            "stop_kl": 4.5},
-    "gates": {"eval_prompts": 43, "min_reward_gain": 0.0},
+# The round config is the defaults (trainer/config.py): what a deployment runs. Two settings
+# differ, each for the test's pace: the trainer tries a round every 3 s (a deployment: hourly),
+# and a round waits for MIN_FEEDBACK events, about half of what one simulated round of users sends
+# in a burst of a few seconds (the default, 64, would start a round on the first part of a burst).
+WIN_RATE = 0.7  # the issue's bar: against v1, or for a switching taste against the pre-switch version
+CASES = {  # preference: (rounds at most, requests per round, new feedback events a round waits for)
+    "brevity": (5, 600, 250),
+    "detail": (5, 600, 250),
+    "offers_more": (5, 600, 80),  # sparse signal: most answers tie, n >= 2 mostly yields nothing
+    "shorter_then_longer": (7, 400, 150),  # shorter for rounds 1-3, longer from round 4
 }
-ROUNDS = 5
-WIN_RATE = 0.7  # against v1 on the held-out prompts, the issue's bar
-SIMULATION = ["--users", "8", "--rounds", str(ROUNDS), "--requests", "600", "--choices", "1,2,4,4,4", "--noise", "0.1",
-              "--round-timeout", "600"]
 
 
 @pytest.fixture
-def loop(new_database, policy_path, tmp_path):
-    """The API and the trainer service trying a round every few seconds, promoting what passes
-    the gates; a round needs 800 new pairs (a simulated round brings about 1200, so a round
-    that starts while feedback is still arriving leaves too few for a second one)."""
+def loop(new_database, policy_path, tmp_path, request):
+    """The API and the trainer service on the default round config, promoting what passes the
+    gates."""
+    _, _, min_feedback = CASES[request.node.callspec.params["preference"]]
     server = Server(new_database(), tmp_path, FEEDLOOP_POLICY_PATH=policy_path).start()
     env = dict(server.env, FEEDLOOP_TRAIN_INTERVAL_SECONDS="3", FEEDLOOP_PROMOTION="auto",
-               FEEDLOOP_MIN_NEW_PAIRS="800", FEEDLOOP_ROUND_CONFIG=json.dumps(ROUND), FEEDLOOP_TORCH_THREADS="1")
+               FEEDLOOP_MIN_NEW_FEEDBACK=str(min_feedback), FEEDLOOP_TORCH_THREADS="1")
+    env.pop("FEEDLOOP_ROUND_CONFIG", None)
     trainer = subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], cwd=ROOT, env=env,
                                stdout=open(tmp_path / "trainer.log", "ab"), stderr=subprocess.STDOUT)
     yield server
@@ -99,26 +119,34 @@ def loop(new_database, policy_path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preference", ["brevity", "detail"])
+@pytest.mark.parametrize("preference", list(CASES))
 def test_simulated_users_teach_the_served_policy(loop, preference, tmp_path):
+    """Within the rounds allowed the served version wins >= 70 % on held-out prompts: against v1,
+    or, for users whose taste switches after round 3, against the version served before the
+    switch, judged by the new taste, within 4 rounds of it; every round's drift within its budget
+    and the total within its own."""
+    rounds_max, requests, _ = CASES[preference]
     out, png = tmp_path / "simulation.json", tmp_path / "simulation.png"
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "service", "simulate", "--url", loop.url, "--api-key", OPERATOR_KEY,
-                           "--preference", preference, "--json", str(out), "--png", str(png), *SIMULATION,
-                           "--until-win-rate", str(WIN_RATE)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                           "--preference", preference, "--json", str(out), "--png", str(png), "--users", "8",
+                           "--rounds", str(rounds_max), "--requests", str(requests), "--noise", "0.1",
+                           "--round-timeout", "600", "--until-win-rate", str(WIN_RATE)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=2400)
     print(proc.stdout, f"{time.time() - t0:.0f}s", sep="\n")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rounds = result["rounds"]
     assert png.stat().st_size > 10_000 and result["baseline"]["version"] == "v1"
-    assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) <= ROUNDS + 1
+    assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) <= rounds_max + 1
 
     # every round's numbers are the database's
     pref = preferences.resolve(preference)
     held = set(simulate.heldout_prompts())
     with psycopg.connect(loop.db_url) as conn:
         for row in rounds:
+            if isinstance(pref, preferences.Switching):
+                pref.at(row["round"])
             answers = conn.execute(
                 "SELECT rq.model_version_id, rq.messages->-1->>'content', c.text FROM chat_requests rq "
                 "JOIN completions c ON c.request_id = rq.id WHERE rq.response_id = ANY(%s)",
@@ -130,6 +158,7 @@ def test_simulated_users_teach_the_served_policy(loop, preference, tmp_path):
             served = conn.execute("SELECT metrics FROM model_versions WHERE id = %s",
                                   (row["served_version_id"],)).fetchone()[0]
             assert served.get("gates/kl", 0.0) == pytest.approx(row["served_kl"])
+            assert served.get("gates/kl_total", served.get("gates/kl", 0.0)) == pytest.approx(row["served_kl_total"])
             for run in row["runs"]:
                 assert conn.execute("SELECT status FROM training_runs WHERE id = %s", (run["id"],)).fetchone()[0] \
                     == run["status"]
@@ -139,14 +168,11 @@ def test_simulated_users_teach_the_served_policy(loop, preference, tmp_path):
                 assert status == row["run"]["status"] == "succeeded", row["run"]
                 assert metrics["gates/kl"] == pytest.approx(row["run"]["kl"])
                 assert metrics["reward/heldout_accuracy"] == pytest.approx(row["run"]["rm_accuracy"])
-                # PPO's KL controller went on from where the parent's stopped
-                curves, parent = conn.execute(
-                    "SELECT r.curves, p.metrics FROM training_runs r JOIN model_versions v ON v.training_run_id = r.id "
-                    "JOIN model_versions p ON p.id = v.parent_id WHERE r.id = %s AND v.kind = 'policy'",
+                # re-anchored: each policy's reference is its parent, the version the round improved
+                parent, reference = conn.execute(
+                    "SELECT parent_id, reference_id FROM model_versions WHERE training_run_id = %s AND kind = 'policy'",
                     (row["run"]["id"],)).fetchone()
-                floor = ROUND["ppo"].get("kl_coef", 0.05)
-                carried = max(floor, parent.get("ppo/final_kl_coef", floor))
-                assert curves["ppo/kl_coef"][0] == pytest.approx(carried, abs=1e-5)  # curves keep 5 decimals
+                assert reference == parent
         # users never asked a held-out prompt: only the measurement did
         asked = conn.execute("SELECT DISTINCT messages->-1->>'content' FROM chat_requests "
                              "WHERE user_field IS DISTINCT FROM 'simulate-eval'").fetchall()
@@ -154,8 +180,14 @@ def test_simulated_users_teach_the_served_policy(loop, preference, tmp_path):
         trained = conn.execute("SELECT count(*) FROM training_runs WHERE kind = 'round' AND status <> 'skipped'"
                                ).fetchone()[0]
 
-    # within five training rounds the served version wins against v1, within the KL budget
+    # every served version within its round's budget and the total budget
+    for row in rounds[1:]:
+        assert row["served_kl"] <= row["kl_budget"] and row["served_kl_total"] <= row["total_kl_budget"], row
     last = rounds[-1]
-    assert trained <= ROUNDS
-    assert last["preferences"][preference]["win_rate"] >= WIN_RATE, proc.stdout
-    assert last["served_version"] != "v1" and last["served_kl"] <= last["kl_budget"]
+    assert trained <= rounds_max and last["served_version"] != "v1"
+    if isinstance(pref, preferences.Switching):
+        assert result["switch_baseline"]["round"] == pref.switch_round == 4
+        assert last["round"] - pref.switch_round < 4  # within 4 rounds of the switch
+        assert last["preferences"][preference]["win_vs_switch"] >= WIN_RATE, proc.stdout
+    else:
+        assert last["preferences"][preference]["win_rate"] >= WIN_RATE, proc.stdout

@@ -109,7 +109,7 @@ def test_groups_stay_in_one_batch(policy_dir):
         assert len(b) <= 8 or len({enc.group[i] for i in b}) == 1
     # a batch runs each distinct (prompt, answer) once, and each pair points at its own two
     for b in batches:
-        packed, chosen, rejected, margin, group = R.batch_tensors(enc, b, tokenizer.pad_token_id)
+        packed, chosen, rejected, margin, group, _ = R.batch_tensors(enc, b, tokenizer.pad_token_id)
         distinct = {enc.chosen[i] for i in b} | {enc.rejected[i] for i in b}
         assert len(packed.rows) == len(distinct)
         ends = packed.input_ids[packed.rows, packed.cols]
@@ -187,6 +187,9 @@ def test_bradley_terry_and_centering_by_hand():
     # the first two pairs are one ranking: it weighs as one element, like the third pair
     loss, _ = R.preference_loss(r_chosen, r_rejected, margin, torch.tensor([0, 0, 1]))
     assert loss.item() == pytest.approx(((expected[0] + expected[1]) / 2 + expected[2]) / 2, abs=1e-6)
+    # weights scale each pair's term, not renormalised: an older pair at half weight counts half
+    loss, _ = R.preference_loss(r_chosen, r_rejected, margin, torch.tensor([0, 1, 2]), torch.tensor([1.0, 0.5, 0.0]))
+    assert loss.item() == pytest.approx((expected[0] + 0.5 * expected[1]) / 3, abs=1e-6)
     # centering: mean of squared rewards, (1 + 4 + 9) / 3
     assert R.center_loss(torch.tensor([1.0, -2.0, 3.0])).item() == pytest.approx(14 / 3)
     # the gradient pushes chosen up and rejected down

@@ -21,7 +21,8 @@ async def connect(url: str) -> psycopg.AsyncConnection:
 def test_a_round_without_new_pairs_is_recorded_as_skipped(db_url, tmp_path):
     run = asyncio.run(run_round(db_url, settings(tmp_path), trigger="cli"))
     assert (run.kind, run.status, run.trigger) == ("round", "skipped", "cli")
-    assert run.metrics == {"data/new_pairs": 0, "skip_reason": "0 new pairs, fewer than the minimum 4"}
+    assert run.metrics == {"data/new_pairs": 0, "data/new_events": 0, "data/waited_seconds": 0.0,
+                           "skip_reason": "0 new pairs, fewer than the minimum 4"}
     assert run.config["ppo"]["device"] == "cpu"  # the resolved config is recorded
 
 
@@ -77,7 +78,7 @@ def test_auto_promotion_leaves_the_candidate_to_an_operator_when_a_deploy_hook_m
         async with await connect(db_url) as conn:
             v1 = await registry.ensure_initial_policy(conn, path=policy_path, actor="test")
             run = await runs.start_training_run(conn, kind="round", config={}, trigger="cli")
-            inputs = Inputs(pairs=[], demonstrations=[], prompts=[], policy=v1, reference=v1, previous_reward=None,
+            inputs = Inputs(pairs=[], demonstrations=[], prompts=[], policy=v1, reference=v1, root=v1, previous_reward=None,
                             out=tmp_path)
             await _register(conn, s, run, round_config(s), inputs, Trained(policy=v2_path))
             produced = (await runs.get_training_run(conn, id=run.id)).produced_version_id
@@ -88,3 +89,44 @@ def test_auto_promotion_leaves_the_candidate_to_an_operator_when_a_deploy_hook_m
     assert waiting.status == "candidate" and "a deploy hook must run first" in history[0].reason
     promoted, _ = asyncio.run(scenario())
     assert promoted.status == "active"
+
+
+def test_a_scheduled_round_counts_feedback_events_of_every_kind_not_pairs(db_url, tmp_path):
+    """Thumbs that all point one way, a comment and a correction yield no pair, yet they are
+    evidence: with enough of them a scheduled round goes on to train (here: to find it has no
+    pairs); with too few it waits, unless the oldest has waited the maximum interval."""
+    from schemas.records import CompletionRecord, FeedbackCreate
+    from store import exchanges, feedback, keys, registry
+
+    async def scenario():
+        async with await connect(db_url) as conn:
+            async with conn.transaction():
+                author = (await keys.create_api_key(conn, name="u", role="user")).id
+                v = await registry.insert_model_version(conn, kind="policy", path="/nowhere", content_hash="0",
+                                                        status="archived")
+                await exchanges.record_exchange(
+                    conn, response_id="chatcmpl-1", api_key_id=author, user=None,
+                    messages=[{"role": "user", "content": "Hi"}], params={}, model_version_id=v.id, stream=False,
+                    batch_rows=1, prompt_tokens=1, queue_ms=0, first_token_ms=None, total_ms=0,
+                    choices=[CompletionRecord(choice_index=i, text=t, finish_reason="stop", completion_tokens=1,
+                                              model_version_id=v.id) for i, t in enumerate(["a", "b"])])
+            for body in (dict(choice_index=0, kind="thumbs", value=1), dict(choice_index=1, kind="thumbs", value=1),
+                         dict(choice_index=0, kind="comment", text="fine"),
+                         dict(choice_index=1, kind="correction", text="Hello!")):
+                async with conn.transaction():
+                    await feedback.record_feedback(conn, feedback=FeedbackCreate(response_id="chatcmpl-1", **body),
+                                                   author_key_id=author, owned_by=None)
+
+        def scheduled(**fields):
+            return asyncio.run(run_round(db_url, settings(tmp_path, min_new_pairs=1, **fields), trigger="schedule"))
+
+        waiting = await asyncio.to_thread(scheduled, min_new_feedback=5)
+        assert waiting.status == "skipped" and waiting.metrics["data/new_events"] == 4
+        assert waiting.metrics["skip_reason"].startswith("4 new feedback events, fewer than 5")
+        enough = await asyncio.to_thread(scheduled, min_new_feedback=4)  # evidence enough: on to the pairs
+        assert enough.metrics["skip_reason"] == "0 new pairs, fewer than the minimum 1"
+        waited = await asyncio.to_thread(scheduled, min_new_feedback=100, max_round_interval_seconds=0)
+        assert waited.metrics["skip_reason"] == "0 new pairs, fewer than the minimum 1"
+        assert waited.metrics["data/waited_seconds"] >= 0
+
+    asyncio.run(scenario())

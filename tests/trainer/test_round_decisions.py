@@ -6,7 +6,10 @@ import torch
 from schemas.settings import Settings
 from trainer.config import RoundConfig, round_config, run_kind, with_overrides
 from trainer.ppo import PPOConfig
+from trainer.gates import GateConfig
+from trainer.recency import age_in_rounds, weigh_by_recency
 from trainer.round import skip_reason
+from schemas.records import TrainingPair
 
 
 # --- skipping ------------------------------------------------------------------------------------
@@ -24,11 +27,54 @@ def test_a_stage_that_learns_from_pairs_needs_the_minimum_and_sft_alone_does_not
     assert skip_reason(RoundConfig(stages=["sft"], min_new_pairs=16), 0, 5) is None
 
 
+def test_a_scheduled_round_waits_for_enough_feedback_of_any_kind_or_for_the_max_interval():
+    cfg = RoundConfig(min_new_feedback=50, max_round_interval_seconds=3600, min_new_pairs=1)
+    assert skip_reason(cfg, 10, None, new_events=49, waited=60) == (
+        "49 new feedback events, fewer than 50, the oldest 60s old (a round trains anyway after 3600s)")
+    assert skip_reason(cfg, 10, None, new_events=50, waited=0) is None
+    # few pairs (mostly ties), but enough judgements: the round trains on what they gave
+    assert skip_reason(cfg, 2, None, new_events=80, waited=0) is None
+    assert skip_reason(cfg, 2, None, new_events=3, waited=3600) is None  # evidence waited long enough
+    assert skip_reason(cfg, 0, None, new_events=0, waited=0).startswith("0 new feedback events")
+    assert skip_reason(cfg, 0, None, new_events=80, waited=0) == "0 new pairs, fewer than the minimum 1"
+    assert skip_reason(cfg, 5, None) is None  # asked for by an operator: no evidence count
+
+
 def test_sft_alone_without_demonstrations_is_skipped():
     cfg = RoundConfig(stages=["sft"])
     assert skip_reason(cfg, 100, 0) == "no demonstrations"
     assert skip_reason(cfg, 100, None) is None  # not counted yet: decided once they are derived
     assert skip_reason(RoundConfig(stages=["sft", "reward"]), 100, 0) is None  # the reward model still trains
+
+
+# --- recency --------------------------------------------------------------------------------------
+
+def pair(event_id: int) -> TrainingPair:
+    return TrainingPair(prompt=[{"role": "user", "content": "q"}], chosen="a", rejected="b", source="pairwise",
+                        prompt_hash="h", group=f"g{event_id}", origin={"event_id": event_id})
+
+
+def test_older_pairs_weigh_less_by_rounds_of_age():
+    watermarks = [10, 20, 30]  # three trained rounds read up to these events
+    assert [age_in_rounds(e, watermarks) for e in (5, 10, 11, 25, 31)] == [3, 3, 2, 1, 0]
+    weights = [p.weight for p in weigh_by_recency([pair(e) for e in (5, 15, 25, 35)], watermarks, 2.0)]
+    assert weights == pytest.approx([0.5 ** 1.5, 0.5, 0.5 ** 0.5, 1.0])
+    assert [p.weight for p in weigh_by_recency([pair(5)], watermarks, None)] == [1.0]  # off: all equal
+
+
+# --- the defaults -----------------------------------------------------------------------------------
+
+def test_the_default_kl_target_and_stop_sit_below_the_gates_budget():
+    cfg = RoundConfig()
+    assert cfg.ppo.target_kl < cfg.ppo.stop_kl < cfg.gates.kl_budget < cfg.gates.total_kl_budget
+    assert cfg.anchor == "parent" and cfg.recency_half_life
+    with pytest.raises(ValueError, match="must stay below the gates' kl_budget"):
+        with_overrides(cfg, {"ppo": {"target_kl": 3.0}})
+    with pytest.raises(ValueError, match="must stay below the gates' kl_budget"):
+        with_overrides(cfg, {"gates": {"kl_budget": 2.0}})
+    with pytest.raises(ValueError, match="anchor"):
+        with_overrides(cfg, {"anchor": "grandparent"})
+    assert isinstance(cfg.gates, GateConfig)
 
 
 # --- the kind of run ----------------------------------------------------------------------------------
@@ -46,7 +92,7 @@ def test_overrides_set_nested_fields_on_a_copy():
     cfg = RoundConfig()
     new = with_overrides(cfg, {"ppo": {"steps": 8, "kl_coef": 0.1}, "promotion": "auto"})
     assert (new.ppo.steps, new.ppo.kl_coef, new.promotion) == (8, 0.1, "auto")
-    assert new.ppo.batch_size == PPOConfig().batch_size  # fields not named keep their values
+    assert new.ppo.batch_size == RoundConfig().ppo.batch_size  # fields not named keep their values
     assert (cfg.ppo.steps, cfg.promotion) == (PPOConfig().steps, "manual")  # the original is untouched
     assert with_overrides(cfg, None) == cfg and with_overrides(cfg, None) is not cfg
 
@@ -60,7 +106,7 @@ def test_unknown_keys_are_refused_at_any_depth():
 
 def test_overridden_configs_are_checked_as_their_constructor_checks_them():
     with pytest.raises(ValueError, match="multiple of num_minibatches"):
-        with_overrides(RoundConfig(), {"ppo": {"batch_size": 10}})
+        with_overrides(RoundConfig(), {"ppo": {"batch_size": 9}})
     with pytest.raises(ValueError, match="temperature"):
         with_overrides(RoundConfig(), {"ppo": {"temperature": 0}})
     assert with_overrides(RoundConfig(), {"ppo": {"batch_size": 8, "num_minibatches": 2}}).ppo.minibatch_size == 4
@@ -69,13 +115,16 @@ def test_overridden_configs_are_checked_as_their_constructor_checks_them():
 # --- the config of a run ----------------------------------------------------------------------------
 
 def settings(**fields) -> Settings:
-    return Settings(**{"device": "cpu", "min_new_pairs": 16, "promotion": "manual", "round_config": {}, **fields})
+    return Settings(**{"device": "cpu", "min_new_pairs": 16, "min_new_feedback": 64, "max_round_interval_seconds": 86400,
+                       "promotion": "manual", "round_config": {}, **fields})
 
 
 def test_round_config_takes_the_settings_then_their_overrides_then_the_runs():
-    s = settings(min_new_pairs=5, promotion="auto", round_config={"ppo": {"steps": 8, "lr": 1e-5}, "min_new_pairs": 7})
+    s = settings(min_new_pairs=5, promotion="auto", min_new_feedback=9, max_round_interval_seconds=60,
+                 round_config={"ppo": {"steps": 8, "lr": 1e-5}, "min_new_pairs": 7})
     cfg = round_config(s, {"ppo": {"steps": 2}})
     assert (cfg.promotion, cfg.min_new_pairs, cfg.ppo.steps, cfg.ppo.lr) == ("auto", 7, 2, 1e-5)
+    assert (cfg.min_new_feedback, cfg.max_round_interval_seconds) == (9, 60)
     assert round_config(settings(min_new_pairs=5)).min_new_pairs == 5
     with pytest.raises(ValueError, match="unknown"):
         round_config(settings(round_config={"gates": {"kl": 1}}))

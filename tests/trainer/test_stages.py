@@ -41,7 +41,7 @@ def config(**overrides) -> RoundConfig:
 def inputs(policy_dir, tmp_path, **fields) -> stages.Inputs:
     policy = version(1, policy_dir, **fields.pop("policy_fields", {}))
     return stages.Inputs(**{"pairs": [], "demonstrations": [], "prompts": [], "policy": policy,
-                            "reference": policy, "previous_reward": None, "out": tmp_path / "run-1", **fields})
+                            "reference": policy, "root": policy, "previous_reward": None, "out": tmp_path / "run-1", **fields})
 
 
 DEMOS = [Demonstration(prompt=[{"role": "user", "content": "Say hi."}], completion="Hi!", source="import")]
@@ -56,8 +56,11 @@ def test_sft_alone_publishes_a_policy_that_records_sft_only(tiny_policy_dir, tmp
     assert "sft/curve" in trained.curves and "sft/loss" in trained.metrics and "sft/config" not in trained.metrics
     # Without PPO the reward gates do not apply, and with no reward model every answer scores 0.
     assert trained.metrics["gates/reward_gain"] == 0.0
-    assert not any(r.startswith(("reward gain", "reward model")) for r in trained.reasons)
-    assert trained.passed == (trained.reasons == []) == trained.metrics["gates/passed"]
+    assert not any(r.startswith(("reward gain", "reward model")) for r in trained.decision.reasons())
+    assert trained.passed == (trained.decision.reasons() == []) == trained.metrics["gates/passed"]
+    # drift per round and in total: re-anchored on the policy, which is also the root, they are one
+    assert trained.metrics["gates/kl_total"] == trained.metrics["gates/kl"]
+    assert (trained.metrics["gates/kl_budget"], trained.metrics["gates/total_kl_budget"]) == (3.0, 12.0)
 
 
 def test_sft_without_demonstrations_leaves_the_policy_alone(tiny_policy_dir, tmp_path):
@@ -70,7 +73,7 @@ def test_ppo_without_a_reward_model_is_a_clear_error(tiny_policy_dir, tmp_path):
         stages.train_models(config(stages=["ppo"]), inputs(tiny_policy_dir, tmp_path))
 
 
-def test_ppo_continues_the_parents_kl_coefficient_and_records_its_config(tiny_policy_dir, tmp_path, monkeypatch):
+def test_ppo_anchored_on_the_root_continues_the_parents_kl_coefficient(tiny_policy_dir, tmp_path, monkeypatch):
     ran = {}
 
     def fake_ppo(cfg, policy, reference, value_model, tokenizer, prompts, reward_fn):
@@ -82,8 +85,9 @@ def test_ppo_continues_the_parents_kl_coefficient_and_records_its_config(tiny_po
     monkeypatch.setattr(ppo, "train", fake_ppo)
     cfg = config(stages=["ppo"])
     # The tiny policy doubles as the previous reward model: a fresh scalar head on its backbone.
+    root = version(3, tiny_policy_dir)
     inp = inputs(tiny_policy_dir, tmp_path, prompts=[[{"role": "user", "content": "Hi"}]],
-                 previous_reward=version(2, tiny_policy_dir, kind="reward"),
+                 previous_reward=version(2, tiny_policy_dir, kind="reward"), reference=root, root=root,
                  policy_fields={"metrics": {"ppo/final_kl_coef": 0.17}})
     trained = stages.train_models(cfg, inp)
     assert ran["cfg"].initial_kl_coef == 0.17  # the parent's final beta
@@ -93,6 +97,13 @@ def test_ppo_continues_the_parents_kl_coefficient_and_records_its_config(tiny_po
     config_recorded = read_manifest(trained.policy)["config"]
     assert set(config_recorded) == {"ppo", "parent_id", "reference_id"}
     assert config_recorded["ppo"]["initial_kl_coef"] == 0.17
+    # re-anchored on the parent (the default) its KL starts at 0, and so does beta's controller
+    inp = inputs(tiny_policy_dir, tmp_path / "again", prompts=[[{"role": "user", "content": "Hi"}]],
+                 previous_reward=version(2, tiny_policy_dir, kind="reward"), root=root,
+                 policy_fields={"metrics": {"ppo/final_kl_coef": 0.17}})
+    trained = stages.train_models(cfg, inp)
+    assert ran["cfg"].initial_kl_coef is None
+    assert trained.metrics["gates/kl"] == pytest.approx(0.0, abs=1e-6)  # the same weights: no drift this round
 
 
 def test_a_first_policy_starts_from_the_configured_kl_coefficient(tiny_policy_dir, tmp_path):

@@ -9,12 +9,19 @@ function lineage(v, byId) {
   return chain.join(' → ');
 }
 
+function budget(value) {
+  return typeof value === 'number' ? ` of ${num(value)}` : '';
+}
+
 function gates(metrics) {
   if (!('gates/passed' in metrics)) return h('span', { class: 'muted', text: 'no gates run' });
   const reasons = metrics['gates/reasons'] || [];
   return h('div', { class: 'gates' },
-    h('span', { class: `badge ${metrics['gates/passed'] ? 'passed' : 'failed'}`, text: metrics['gates/passed'] ? 'passed' : 'failed' }),
-    h('span', { text: ` reward gain ${num(metrics['gates/reward_gain'])}, KL ${num(metrics['gates/kl'])}` }),
+    h('span', { class: `badge ${metrics['gates/passed'] ? 'passed' : 'failed'}`,
+                text: metrics['gates/verdict'] || (metrics['gates/passed'] ? 'passed' : 'failed') }),
+    h('span', { text: ` reward gain ${num(metrics['gates/reward_gain'])}, drift: this round KL ${num(metrics['gates/kl'])}`
+                      + budget(metrics['gates/kl_budget']) + `, total KL ${num(metrics['gates/kl_total'] ?? metrics['gates/kl'])}`
+                      + budget(metrics['gates/total_kl_budget']) }),
     reasons.length ? h('ul', { class: 'reasons' }, reasons.map(r => h('li', { text: r }))) : null);
 }
 
