@@ -78,7 +78,7 @@ ROUND = {
     "derive_demonstrations": dict(RECENT, upto=2**62),
     "recent_conversations": dict(limit=256, scan=5120),
     "find_client_exchange": dict(client_ref="owui-message-1"),
-    "count_new_events": RECENT,
+    "count_new_events": dict(RECENT, upto=2**62),
 }
 
 
