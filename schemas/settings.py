@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     default_max_tokens: int = 128
     max_body_bytes: int = 1 << 20
     model_name: str = Field("feedloop", description="the `model` name clients ask for")
+    cors_origins: str | None = Field(None, description="comma-separated origins browsers may call the API "
+                                                       "from (`*` for any); unset: no CORS")
     poll_seconds: float = Field(5.0, description="registry poll interval, the fallback to LISTEN/NOTIFY")
     open_metrics: bool = Field(True, description="GET /metrics without a key; false: an operator key")
     open_docs: bool = Field(True, description="/docs, /redoc, /openapi.json without a key; false: any key")
@@ -59,6 +61,10 @@ class Settings(BaseSettings):
     min_new_pairs: int = Field(16, description="a round trains only with at least this many new pairs")
     promotion: Literal["auto", "manual"] = Field("manual", description="auto: a candidate that passes the gates is promoted")
     round_config: dict = Field(default_factory=dict, description="JSON overrides of the round config, e.g. {\"ppo\": {\"steps\": 8}}")
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     @property
     def checkpoint_dir(self) -> Path:
