@@ -15,6 +15,7 @@ import json
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 # Compact JSON with fixed separators: a small model is not left to pad with whitespace forever.
@@ -91,9 +92,9 @@ class Constraints:
         for i, m in enumerate(matchers):
             if m is not None:
                 llguidance.torch.fill_next_token_bitmask(m, bitmask, i)
-        bits = torch.arange(32, dtype=torch.int32)
-        allowed = (bitmask[:, :, None] >> bits & 1).bool().flatten(1)  # (B, 32 * words)
-        return allowed[:, :self.vocab_size]
+        # bit j of word w is token 32w + j (little-endian words): unpacked in one numpy call
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # (B, 32 * words)
+        return torch.from_numpy(bits[:, :self.vocab_size].astype(bool))
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (a piece of a UTF-8 character included)."""
