@@ -253,7 +253,7 @@ class LocalEngine:
         for k, (r, tok) in enumerate(zip(rows, next_ids)):
             if r.matcher is not None and tok != self.eos_id:
                 r.matcher.consume_token(tok)
-            if wanted[k] is not None:
+            if wanted[k] is not None and tok != self.eos_id:  # the answer's tokens, as OpenAI lists them
                 r.logprobs.append(self._logprob_entry(logp[k], tok, wanted[k]))
         self._advance(rows, next_ids)
 

@@ -29,6 +29,15 @@ class Plan:
     tool_format: ToolFormat | None
     """how answers are read back as tool calls; None: they are text"""
     names: set[str]
+    single: bool
+    """parallel_tool_calls false: the first call only"""
+
+    def read(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content, tool calls) of a whole answer."""
+        if self.tool_format is None:
+            return text, []
+        content, calls = self.tool_format.parse(text, self.names)
+        return content, calls[:1] if self.single else calls
 
 
 def plan(body: ChatCompletionRequest, engine: Engine) -> Plan:
@@ -64,15 +73,15 @@ def plan(body: ChatCompletionRequest, engine: Engine) -> Plan:
             raise ApiError(400, f"The schema cannot be enforced: {e}",
                            param="tools" if param == "tool_choice" else "response_format",
                            code="invalid_schema") from None
-    return Plan(tools, grammar, calls, {t.function.name for t in body.tools or []})
+    return Plan(tools, grammar, calls, {t.function.name for t in body.tools or []}, not body.parallel_tool_calls)
 
 
 class ToolCallText:
     """One choice's streamed text with tool calls held back: content is sent as it comes, up to
     where a call begins (or might); at the end the rest is read as content or calls."""
 
-    def __init__(self, fmt: ToolFormat, names: set[str]):
-        self.fmt, self.names, self.text, self.sent = fmt, names, "", 0
+    def __init__(self, plan: Plan):
+        self.plan, self.fmt, self.text, self.sent = plan, plan.tool_format, "", 0
 
     def feed(self, delta: str) -> str:
         """The content that may be sent now."""
@@ -85,7 +94,7 @@ class ToolCallText:
 
     def finish(self) -> tuple[str, list[dict]]:
         """(content not sent yet, the tool calls) once the choice is whole."""
-        content, calls = self.fmt.parse(self.text, self.names)
+        _, calls = self.plan.read(self.text)
         if not calls:
             return self.text[self.sent:], []
         return self.fmt.split(self.text)[0][self.sent:].rstrip(), calls

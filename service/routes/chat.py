@@ -104,7 +104,7 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
         raise
     messages = []
     for i, text in enumerate(exchange.texts):
-        content, calls = plan.tool_format.parse(text, plan.names) if plan.tool_format else (text, [])
+        content, calls = plan.read(text)
         if calls:
             exchange.tool_calls[i], exchange.finish[i] = calls, "tool_calls"
         messages.append(AssistantMessage(content=content, tool_calls=calls or None))
@@ -134,8 +134,7 @@ async def stream(exchange: Exchange, plan: structured.Plan, request: Request):
     recorder = request.app.state.recorder
     finished = False
     n = exchange.gen.sampling.n
-    held = [structured.ToolCallText(plan.tool_format, plan.names) if plan.tool_format else None
-            for _ in range(n)]
+    held = [structured.ToolCallText(plan) if plan.tool_format else None for _ in range(n)]
     try:
         for i in range(n):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
