@@ -180,9 +180,9 @@ def check_params(scope, path_params: dict, headers: dict[str, str]) -> None:
 
 
 def _json_content(content_type: str | None) -> bool:
-    """Bodies FastAPI reads as JSON: no content type, application/json or application/*+json."""
+    """Bodies FastAPI reads as JSON: application/json or application/*+json."""
     if not content_type:
-        return True
+        return False
     kind = content_type.split(";")[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 

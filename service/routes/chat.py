@@ -129,7 +129,7 @@ async def stream(exchange: Exchange, plan: structured.Plan, request: Request):
         c = ChatCompletionChunk(id=exchange.response_id, created=created, model=exchange.body.model,
                                 system_fingerprint=exchange.engine.version.name, choices=choices,
                                 usage=usage)
-        return f"data: {json.dumps(c.model_dump(mode='json', exclude_none=False))}\n\n"
+        return f"data: {json.dumps(c.model_dump(mode='json'))}\n\n"
 
     recorder = request.app.state.recorder
     finished = False
