@@ -140,7 +140,7 @@ def test_prompt_longer_than_context_is_refused(server, openai_client):
     with psycopg.connect(server.db_url) as conn:
         before = conn.execute("SELECT count(*) FROM chat_requests").fetchone()[0]
     with pytest.raises(openai.BadRequestError) as e:
-        ask(openai_client, "hello " * 400)
+        ask(openai_client, "hello " * 800)
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     with psycopg.connect(server.db_url) as conn:
         assert conn.execute("SELECT count(*) FROM chat_requests").fetchone()[0] == before

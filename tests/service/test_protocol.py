@@ -114,9 +114,9 @@ def test_cors_is_off_by_default():
 
 def test_models_have_their_context_length(openai_client):
     card = openai_client.models.retrieve("feedloop")
-    assert card.id == "feedloop" and card.context_length == 256
-    assert openai_client.models.retrieve("v1").context_length == 256
-    assert {m.id: m.context_length for m in openai_client.models.list()} == {"feedloop": 256, "v1": 256}
+    assert card.id == "feedloop" and card.context_length == 512
+    assert openai_client.models.retrieve("v1").context_length == 512
+    assert {m.id: m.context_length for m in openai_client.models.list()} == {"feedloop": 512, "v1": 512}
     with pytest.raises(openai.NotFoundError) as e:
         openai_client.models.retrieve("nope")
     assert e.value.code == "model_not_found"
@@ -125,7 +125,7 @@ def test_models_have_their_context_length(openai_client):
 def test_max_tokens_beyond_the_context_is_refused(openai_client):
     for field in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(openai.BadRequestError) as e:
-            ask(openai_client, **{field: 300})
+            ask(openai_client, **{field: 600})
         assert e.value.code == "context_length_exceeded" and e.value.param == field
     assert ask(openai_client, max_tokens=200).choices[0].finish_reason in ("stop", "length")
 
@@ -215,7 +215,7 @@ def check_weather_call(call):
 
 def test_named_tool_call_then_the_follow_up_turn(server, openai_client):
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
-    # one tool at a time: the bootstrap's context is 256 tokens, and a tool's schema takes ~130
+    # one tool at a time: the bootstrap's context is 512 tokens, and a tool's schema takes ~130
     r = openai_client.chat.completions.create(model="feedloop", messages=question, tools=[WEATHER],
                                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = r.choices[0]
