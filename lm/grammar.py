@@ -3,13 +3,11 @@ embeds JSON schemas with `%json {...}`) becomes, at every step, a mask of the to
 answer inside it; `lm.sampling.sample_rows` draws among those only. Once the grammar is complete
 the mask allows end-of-turn alone, so the answer parses and ends there.
 
-Why llguidance (bench/grammar.py measures the CPU cost per token): a mask costs tens of
-microseconds per token with no start-up compile of the vocabulary (it walks the token trie
-lazily, where xgrammar and outlines-core precompile per grammar), it needs nothing beyond its
-abi3 wheel (xgrammar pulls its own torch-linked build; outlines-core has no Lark grammars, so a
-tool call's tags around a JSON object would need a hand-written regex), and it is maintained by
-Microsoft as the engine behind OpenAI-compatible structured output in vLLM, SGLang and
-llama.cpp."""
+Why llguidance: its Lark dialect holds a tool call's tags and its JSON arguments in one grammar
+(outlines-core takes regular expressions only); it computes each mask on the fly from the token
+trie, with no per-grammar compile over the whole vocabulary; it is one dependency-free wheel
+(xgrammar brings triton); and it is maintained as the structured-output engine behind vLLM,
+SGLang and llama.cpp."""
 import json
 
 import llguidance
