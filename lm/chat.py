@@ -7,10 +7,11 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
+def encode_prompt(tokenizer, prompt, tools: list[dict] | None = None) -> list[int]:
     """The chat-formatted prompt up to the assistant's turn: what the policy is trained on, sampled
-    from in PPO, scored after by the reward model, and served with."""
-    return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
+    from in PPO, scored after by the reward model, and served with (with the request's tools, when
+    it gives them, for the template to render)."""
+    return tokenizer.apply_chat_template(as_messages(prompt), tools=tools or None, add_generation_prompt=True,
                                          tokenize=True)["input_ids"]
 
 

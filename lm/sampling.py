@@ -4,7 +4,8 @@
   generator and draws alone from it by a procedure that depends on that row only (its
   probabilities sorted high to low when it has a nucleus to cut, as they are otherwise), so a seed
   replays the same text whichever rows share the step: with continuous batching they change
-  from one step to the next.
+  from one step to the next. A row may be constrained by a mask of allowed tokens (a grammar,
+  lm/grammar.py) and may ask for the log-probabilities of what it drew from.
 - `sample_batch`: PPO's. One temperature and one generator for the batch, and the log-prob of the
   token under the distribution sampled from, which the PPO ratios need.
 """
@@ -13,11 +14,18 @@ import torch.nn.functional as F
 
 
 def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-                generators: list[torch.Generator]) -> list[int]:
-    """Next token per row: greedy at temperature 0, else nucleus sampling from logits / T."""
+                generators: list[torch.Generator], allowed: torch.Tensor | None = None,
+                logprobs: bool = False) -> tuple[list[int], torch.Tensor | None]:
+    """Next token per row: greedy at temperature 0, else nucleus sampling from logits / T. With
+    `allowed` (B, V) bool, a row draws only among its allowed tokens (a grammar's mask: rows with
+    no constraint allow all). With `logprobs`, also the log-probabilities (B, V) of the
+    distribution each row actually drew from (the mask, T and the top_p cut applied, renormalised;
+    greedy rows: the masked softmax of the logits), -inf where a token could not be drawn."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     greedy = logits.argmax(-1)  # (B,)
     if all(t == 0 for t in temperatures):
-        return greedy.tolist()
+        return greedy.tolist(), torch.log_softmax(logits, -1) if logprobs else None
     temps = torch.tensor(temperatures, device=logits.device)
     probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)  # (B, V), row by row
     nucleus = [i for i, (t, p) in enumerate(zip(temperatures, top_ps)) if t != 0 and p < 1.0]
@@ -37,7 +45,16 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[fl
     drawn = (probs / noise).argmax(-1)  # (B,)
     if nucleus:
         drawn[rows] = order.gather(1, drawn[rows, None]).squeeze(1)  # back from sorted positions
-    return torch.where(temps == 0, greedy, drawn).tolist()
+    tokens = torch.where(temps == 0, greedy, drawn).tolist()
+    if not logprobs:
+        return tokens, None
+    if nucleus:  # the cut probabilities back in vocabulary order
+        probs[rows] = torch.zeros_like(sorted_p).scatter_(1, order, probs[rows])
+    logp = (probs / probs.sum(-1, keepdim=True)).log()
+    greedy_rows = temps == 0
+    if greedy_rows.any():
+        logp[greedy_rows] = torch.log_softmax(logits[greedy_rows], -1)
+    return tokens, logp
 
 
 def sample_batch(logits: torch.Tensor, temperature: float,

@@ -1,12 +1,13 @@
 """OpenAI's chat-completions wire models. Fields follow the order of OpenAI's API reference
 (https://platform.openai.com/docs/api-reference/chat/create); server extras are marked."""
+import json
 import logging
 import re
 import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -68,35 +69,158 @@ class TextPart(BaseModel):
     text: Text
 
 
+# Numbers and flags as JSON has them: `true` is not 1 and "1" is not a number (OpenAI refuses both).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text = Field(description="the arguments as a JSON object, encoded as a string")
+
+
+class ToolCall(BaseModel):
+    id: Text = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ParamError(ValueError):
+    """A rule broken by one parameter, raised from a validator: `param` names it (relative to
+    where the validator sits; service/errors.py joins it to the location) and `code` says why."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def arguments(text: str, param: str) -> dict:
+    """A tool call's arguments (a JSON object encoded as a string) as an object."""
+    try:
+        args = json.loads(text)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise ParamError(param, "a tool call's arguments must be a JSON object encoded as a string")
+    return args
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def check_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ParamError("content", "content is required (it may be null only in an assistant "
+                                        "message with tool_calls)", "missing_required_parameter")
+        if self.tool_calls and self.role != "assistant":
+            raise ParamError("tool_calls", "only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ParamError("tool_call_id", "a tool message needs the tool_call_id it answers",
+                             "missing_required_parameter")
+        for j, c in enumerate(self.tool_calls or []):
+            arguments(c.function.arguments, f"tool_calls[{j}].function.arguments")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: Bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Text | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def check_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema")
+        return self
+
+
+# OpenAI parameters this server does not implement: a value other than the neutral one is refused
+# (400 unsupported_parameter) rather than accepted and ignored. README lists them.
+UNSUPPORTED = {"logit_bias": ({},), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
+               "functions": (), "function_call": (), "audio": (), "prediction": (),
+               "web_search_options": (), "modalities": (["text"],)}
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, not applied")
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, deprecated="use max_completion_tokens")
-    n: int = Field(1, ge=1, le=8)
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, not applied")
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    logprobs: Bool = False
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1, deprecated="use max_completion_tokens")
+    n: Int = Field(1, ge=1, le=8)
+    parallel_tool_calls: Bool = True
+    response_format: ResponseFormat | None = None
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Text | list[Text] | None = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Float = Field(1.0, ge=0, le=2)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    top_p: Float = Field(1.0, gt=0, le=1)
     user: Text | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_unset(cls, data):
+        """`null` for an optional field is the field left out, as OpenAI reads it."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED.items():
+                if name in data and data[name] not in neutral:
+                    raise ParamError(name, f"'{name}' is not supported by this server; leave it out.",
+                                     "unsupported_parameter")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -109,20 +233,61 @@ class ChatCompletionRequest(OpenAIBaseModel):
     @model_validator(mode="after")
     def check_stream_options(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them (developer is the newer name of system)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    @model_validator(mode="after")
+    def check_tools(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs set to true")
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ParamError("tool_choice", f"tool_choice names '{self.tool_choice.function.name}', "
+                                             "which is not one of the tools given")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ParamError("tool_choice", "tool_choice needs tools")
+        return self
+
+    @property
+    def max_tokens_asked(self) -> tuple[str, int] | None:
+        """(param, value) of the answer length the client asked for, if any. (max_tokens is read
+        through __dict__: the attribute is marked deprecated and would warn.)"""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        if self.__dict__["max_tokens"] is not None:
+            return "max_tokens", self.__dict__["max_tokens"]
+        return None
+
+    @property
+    def tool_mode(self) -> str | None:
+        """none (or no tools) -> None; else auto, required, or the named function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    def conversation(self) -> list[dict]:
+        """Messages as chat templates take them (developer is the newer name of system; a tool
+        call's arguments as an object, as Hugging Face templates expect)."""
+        out = []
+        for m in self.messages:
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                    for c in m.tool_calls]
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
+            out.append(msg)
+        return out
 
     def to_sampling(self, default_max_tokens: int) -> "SamplingParams":
-        # max_tokens is read through __dict__: the attribute is marked deprecated and would warn.
+        asked = self.max_tokens_asked
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            stop=list(self.stop or []),
-            max_tokens=self.max_completion_tokens or self.__dict__["max_tokens"] or default_max_tokens)
+            stop=list(self.stop or []), max_tokens=asked[1] if asked else default_max_tokens,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 class SamplingParams(BaseModel):
@@ -133,6 +298,12 @@ class SamplingParams(BaseModel):
     max_tokens: int
     stop: list[str]
     seed: int | None
+    logprobs: int | None = None
+    """None: off; else how many alternatives per token (top_logprobs)"""
+    tools: list[dict] | None = None
+    """the tools the chat template was given"""
+    grammar: str | None = None
+    """a Lark grammar (llguidance's dialect, lm/grammar.py) every choice is constrained to"""
 
 
 # --- response -------------------------------------------------------------------------------
@@ -149,15 +320,34 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -170,16 +360,21 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -197,6 +392,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "feedloop"
+    context_length: int | None = Field(None, description="not in OpenAI's object: positions prompt "
+                                       "plus answer may take (as vLLM's max_model_len, OpenRouter's context_length)")
 
 
 class ModelList(BaseModel):

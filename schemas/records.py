@@ -97,9 +97,14 @@ class TrainingRun(BaseModel):
 class CompletionRecord(BaseModel):
     choice_index: int
     text: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    """what the model generated, a tool call's markup included"""
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
     completion_tokens: int
     model_version_id: int
+    tool_calls: list[dict[str, Any]] | None = None
+    """parsed from `text`, as OpenAI's `tool_calls`"""
+    logprobs: list[dict[str, Any]] | None = None
+    """when asked: OpenAI's `logprobs.content` entries, each with the token's `id` too"""
 
 
 class ClientRef(BaseModel):

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     default_max_tokens: int = 128
     max_body_bytes: int = 1 << 20
     model_name: str = Field("feedloop", description="the `model` name clients ask for")
+    cors_origins: str | None = Field(None, description="comma-separated origins browsers may call the API "
+                                                       "from (`*` for any); unset: no CORS")
     poll_seconds: float = Field(5.0, description="registry poll interval, the fallback to LISTEN/NOTIFY")
     open_metrics: bool = Field(True, description="GET /metrics without a key; false: an operator key")
     open_docs: bool = Field(True, description="/docs, /redoc, /openapi.json without a key; false: any key")
@@ -71,6 +73,10 @@ class Settings(BaseSettings):
     openwebui_url: str | None = Field(None, description="Open WebUI's base URL, e.g. http://127.0.0.1:8080")
     openwebui_api_key: str | None = Field(None, description="an Open WebUI admin's API key or token")
     openwebui_import_seconds: float = Field(0.0, ge=0, description="how often its feedback is imported; 0: never")
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     @property
     def checkpoint_dir(self) -> Path:

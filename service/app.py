@@ -5,11 +5,12 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from schemas.checkpoint import BadCheckpoint
 from schemas.settings import Settings, get_settings
 from service import errors
-from service.middleware import Admission, RequestGuard
+from service.middleware import Admission, RequestGuard, TrailingSlash
 from service.recording import Recorder, Spool
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
                             console, feedback, health, me)
@@ -89,6 +90,10 @@ def create_app() -> FastAPI:
     app.mount("/console", console.assets, name="console")
     app.add_middleware(Admission, settings=settings)  # inner: keys, then unstorable text
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # outer: ids, size, crashes
+    app.add_middleware(TrailingSlash)
+    if settings.cors_origins:  # outermost: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
     return app
 
 

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
+from lm.grammar import Constraints
+from lm.tools import ToolFormat
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
 
@@ -26,6 +28,8 @@ class Piece:
     """stop | length | cancelled on the choice's last piece"""
     tokens: int = 0
     """completion tokens so far for that choice"""
+    logprobs: list[dict] | None = None
+    """with logprobs asked for: an entry per token drawn since the choice's last piece"""
 
 
 class EngineError(RuntimeError):
@@ -176,9 +180,13 @@ def _settle(future: asyncio.Future, error: Exception | None) -> None:
 class Engine(Protocol):
     version: ModelVersion
     context_length: int
+    tool_format: "ToolFormat | None"
+    """how the model writes a tool call (lm/tools.py); None: it cannot be asked to"""
+    constraints: "Constraints | None"
+    """grammar-constrained decoding and log-probabilities (lm/grammar.py); None: not offered"""
 
-    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        """The chat-formatted prompt as token ids, ready for generation."""
+    def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The chat-formatted prompt (with the tools the model is offered) as token ids."""
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         """Queue a request (the prompt both tokenized and as messages); call from the event loop.

@@ -6,7 +6,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.openai import ErrorInfo, ErrorResponse
+from schemas.openai import ErrorInfo, ErrorResponse, ParamError
 from schemas.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
 from service.engine import EngineError, EngineOverloaded
 
@@ -66,6 +66,12 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     if first.get("type") == "missing":
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param,
                         code="missing_required_parameter")
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, ParamError):  # a validator that names the parameter it refuses
+        param = f"{param}.{cause.param}" if param else cause.param
+        return ApiError(400, f"Invalid value for '{param}': {cause}", param=param, code=cause.code)
+    if param is None:  # the body as a whole (not an object, say): no parameter to name
+        return ApiError(400, f"Invalid request body: {msg}", code="invalid_value")
     return ApiError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
 
 

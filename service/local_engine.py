@@ -26,7 +26,9 @@ import torch
 from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_policy, load_tokenizer
 from lm.decoding import Batch, left_pad, prefill
+from lm.grammar import Constraints
 from lm.sampling import sample_rows
+from lm.tools import tool_format
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
 from service.engine import EngineOverloaded, Generation, Piece, wake_all
@@ -39,9 +41,12 @@ log = logging.getLogger(__name__)
 class Row:
     """One choice being generated: its tokens, its sampler state, what was streamed so far."""
 
-    def __init__(self, gen: Generation, index: int, device: str):
+    def __init__(self, gen: Generation, index: int, device: str, constraints: Constraints):
         self.gen, self.index = gen, index
         p = gen.sampling
+        # A grammar's matcher (each choice its own: they diverge), advanced by every token drawn.
+        self.matcher = constraints.matcher(p.grammar) if p.grammar else None
+        self.logprobs: list[dict] = []  # entries not yet pushed (with logprobs asked for)
         self.temperature, self.top_p, self.stops, self.max_tokens = p.temperature, p.top_p, p.stop, p.max_tokens
         seed = p.seed + index if p.seed is not None else random.getrandbits(63)
         self.rng = torch.Generator(device=device).manual_seed(seed % (2**63))
@@ -60,6 +65,8 @@ class LocalEngine:
         self.tokenizer = load_tokenizer(path)
         self.model = load_policy(path, device)
         self.context_length = context_length(self.model.config)
+        self.constraints = Constraints(self.tokenizer, self.model.config.vocab_size)
+        self.tool_format = tool_format(self.tokenizer)
         self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self._queued, self._queued_lock = 0, threading.Lock()  # submitted, not yet admitted
@@ -75,8 +82,8 @@ class LocalEngine:
         self._worker.start()
 
     # --- interface ------------------------------------------------------------------------------
-    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        return encode_prompt(self.tokenizer, conversation)
+    def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, conversation, tools)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         gen = Generation(prompt_ids, sampling)
@@ -200,7 +207,7 @@ class LocalEngine:
         for gen in admitted:
             gen.admit()
         logits, batch = prefill(self.model, ids, mask)  # (U, V)
-        rows = [Row(gen, i, self.device) for gen in admitted for i in range(gen.sampling.n)]
+        rows = [Row(gen, i, self.device, self.constraints) for gen in admitted for i in range(gen.sampling.n)]
         source = [prompts[tuple(r.gen.prompt_ids)] for r in rows]  # each row's prompt in `batch`
         self._sample(rows, logits[source])
         now = time.perf_counter()
@@ -237,9 +244,28 @@ class LocalEngine:
             self._batch = None
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
-        next_ids = sample_rows(logits, [r.temperature for r in rows], [r.top_p for r in rows],
-                               [r.rng for r in rows])
+        matchers = [r.matcher for r in rows]
+        allowed = self.constraints.allowed(matchers)
+        wanted = [r.gen.sampling.logprobs for r in rows]
+        next_ids, logp = sample_rows(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+                                     [r.rng for r in rows], allowed=None if allowed is None else
+                                     allowed.to(logits.device), logprobs=any(k is not None for k in wanted))
+        for k, (r, tok) in enumerate(zip(rows, next_ids)):
+            if r.matcher is not None and tok != self.eos_id:
+                r.matcher.consume_token(tok)
+            if wanted[k] is not None and tok != self.eos_id:  # the answer's tokens, as OpenAI lists them
+                r.logprobs.append(self._logprob_entry(logp[k], tok, wanted[k]))
         self._advance(rows, next_ids)
+
+    def _logprob_entry(self, logp: torch.Tensor, token: int, top: int) -> dict:
+        """OpenAI's entry for one drawn token (and its `id`): -inf, a token the distribution
+        excluded, is written -9999.0 as vLLM does (JSON has no infinity)."""
+        def item(t: int, value: float) -> dict:
+            return {"token": self.tokenizer.decode([t]), "logprob": max(value, -9999.0),
+                    "bytes": list(self.constraints.token_bytes(t))}
+        values, ids = logp.topk(top) if top else (logp[:0], logp[:0].long())
+        return {"id": token, **item(token, float(logp[token])),
+                "top_logprobs": [item(int(t), float(v)) for v, t in zip(values.tolist(), ids.tolist())]}
 
     def _advance(self, rows: list[Row], next_ids: list[int]) -> None:
         """Append each open row's token, decide whether it finished, push new text per request."""
@@ -262,6 +288,7 @@ class LocalEngine:
             piece = Piece(r.index, text[r.sent:], r.finish, len(r.tokens))
             r.sent = len(text)
             if piece.text or piece.finish_reason:
+                piece.logprobs, r.logprobs = r.logprobs, []  # the tokens drawn since the last piece
                 pushed.setdefault(r.gen, []).append(piece)
         GENERATED_TOKENS.inc(generated)
         self._rate = (self._rate[0], self._rate[1] + generated)

@@ -120,7 +120,9 @@ class Admission:
                                                       need)
             check_params(scope, path_params, headers)
             body = None
-            if json_body and _json_content(headers.get("content-type")):
+            if json_body and not _json_content(headers.get("content-type")):
+                read_as_json(scope)
+            if json_body:
                 body, receive = await _buffer(receive)
                 if body is not None:
                     check_json_body(body)
@@ -178,11 +180,32 @@ def check_params(scope, path_params: dict, headers: dict[str, str]) -> None:
 
 
 def _json_content(content_type: str | None) -> bool:
-    """Bodies FastAPI reads as JSON: no content type, application/json or application/*+json."""
+    """Bodies FastAPI reads as JSON: application/json or application/*+json."""
     if not content_type:
-        return True
+        return False
     kind = content_type.split(";")[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def read_as_json(scope) -> None:
+    """A route that takes JSON reads the body as JSON whatever its content type says (curl's -d
+    sends form encoding; OpenAI reads JSON anyway)."""
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    scope["headers"].append((b"content-type", b"application/json"))
+
+
+class TrailingSlash:
+    """`/v1/models/` is `/v1/models`: the API's paths answer with or without a trailing slash
+    (a 307 redirect loses a POST's body or key with some clients)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/v1/") and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/"), raw_path=path.rstrip("/").encode())
+        return await self.app(scope, receive, send)
 
 
 async def _buffer(receive):

@@ -31,10 +31,14 @@ class Exchange:
         self.conversation, self.client = conversation, client or ClientRef()
         n = gen.sampling.n
         self.texts, self.finish, self.tokens = [""] * n, [None] * n, [0] * n
+        self.tool_calls: list[list[dict] | None] = [None] * n
+        self.logprobs: list[list[dict] | None] = [[] if gen.sampling.logprobs is not None else None] * n
 
     def add(self, piece: Piece) -> None:
         self.texts[piece.index] += piece.text
         self.tokens[piece.index] = piece.tokens
+        if piece.logprobs and self.logprobs[piece.index] is not None:
+            self.logprobs[piece.index] = self.logprobs[piece.index] + piece.logprobs
         if piece.finish_reason:
             self.finish[piece.index] = piece.finish_reason
 
@@ -54,8 +58,9 @@ class Exchange:
             stream=self.body.stream, batch_rows=self.gen.batch_rows, prompt_tokens=len(self.gen.prompt_ids),
             **self.gen.timings(), **self.client.model_dump(),
             choices=[CompletionRecord(choice_index=i, text=t, finish_reason=f, completion_tokens=k,
-                                      model_version_id=version.id)
-                     for i, (t, f, k) in enumerate(zip(self.texts, self.finish, self.tokens))])
+                                      model_version_id=version.id, tool_calls=c, logprobs=lp)
+                     for i, (t, f, k, c, lp) in enumerate(zip(self.texts, self.finish, self.tokens,
+                                                              self.tool_calls, self.logprobs))])
 
 
 class Spool:

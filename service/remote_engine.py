@@ -53,12 +53,15 @@ class RemoteEngine:
         # The checkpoint's tokenizer: context checks and token counts without a round trip.
         self.tokenizer = load_tokenizer(version.path)
         self.context_length = context_length(AutoConfig.from_pretrained(version.path))
+        # Tools, grammars and log-probabilities are this replica's own (its decoding core); a
+        # remote server is sent plain chats, so requests that need them are refused (400).
+        self.tool_format, self.constraints = None, None
         self._client = AsyncInferenceClient(base_url=target.endpoint, api_key=api_key, timeout=timeout)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # where the streams run; close() comes from a thread
 
-    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        return encode_prompt(self.tokenizer, conversation)
+    def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, conversation, tools)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         self._loop = asyncio.get_running_loop()

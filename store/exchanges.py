@@ -34,7 +34,13 @@ async def record_exchange(conn, *, response_id: str, api_key_id: int, user: str 
                           completion_tokens=sum(c.completion_tokens for c in choices),
                           queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms,
                           client_ref=client_ref, client_chat_id=client_chat_id, client_task=client_task)
-    await execute_many(conn, "insert_completion", [dict(c.model_dump(), request_id=row["id"]) for c in choices])
+    await execute_many(conn, "insert_completion", [
+        dict(c.model_dump(), request_id=row["id"], tool_calls=_jsonb(c.tool_calls), logprobs=_jsonb(c.logprobs))
+        for c in choices])
+
+
+def _jsonb(value):
+    return None if value is None else Jsonb(value)
 
 
 async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:

@@ -22,8 +22,9 @@ class BootstrapConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    n_positions: int = 256
-    """context length: prompt plus answer"""
+    n_positions: int = 512
+    """context length: prompt plus answer (room for a request's tool definitions and a tool call's
+    history, which the template renders as JSON)"""
     vocab_size: int = 2048
     """upper bound; BPE stops earlier when the text has no more merges worth making"""
     seed: int = 0

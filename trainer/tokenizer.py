@@ -12,8 +12,17 @@ ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = [PAD, EOS] + [f"<|{r}|>" for r in ROLES]
 
 # One turn = <|role|>content<|end|>; generation starts after <|assistant|> and ends at <|end|>.
+# Tools, when a request gives them, are listed in a system turn first; a call is Hermes' format,
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call> (lm/tools.py parses it), and a tool's
+# result comes back in a user turn as <tool_response>...</tool_response>, as Qwen's template does.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if tools %}<|system|>Tools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|end|>{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|user|><tool_response>{{ m['content'] }}</tool_response><|end|>"
+    "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}<|assistant|>{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] %}<tool_call>{\"name\": {{ c['function']['name'] | tojson }}, "
+    "\"arguments\": {{ c['function']['arguments'] | tojson }}}</tool_call>{% endfor %}<|end|>"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions and GET /v1/models, in OpenAI's protocol."""
+"""POST /v1/chat/completions, GET /v1/models and /v1/models/{model}, in OpenAI's protocol."""
 import asyncio
 import json
 import logging
@@ -11,12 +11,14 @@ from fastapi.responses import StreamingResponse
 
 from schemas.errors import DomainError
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                            ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorResponse,
-                            ModelCard, ModelList, completion_id)
+                            ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice, Delta,
+                            DeltaToolCall, ErrorResponse, ModelCard, ModelList, TokenLogprob,
+                            completion_id)
 from schemas.records import ClientRef
 from service.deps import CurrentKey, ServingDep
 from service.engine import EngineError
 from service.errors import ERROR_RESPONSES, ApiError, domain_error, engine_error, server_error
+from service import structured
 from service.recording import Exchange
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,29 @@ ClientTaskHeader = _client_header("X-Feedloop-Client-Task", "the client's task k
                                   "turn; a client's housekeeping (titles, tags...) is never trained on")
 
 
+def model_cards(serving) -> list[ModelCard]:
+    """The served name (routed to the active version) and each version taking traffic."""
+    def card(name, e):
+        return ModelCard(id=name, created=int(e.version.created_at.timestamp()), context_length=e.context_length)
+    cards = [card(serving.settings.model_name, serving.active)] if serving.ready else []
+    return cards + [card(e.version.name, e) for e in serving.engines()]
+
+
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(key: CurrentKey, serving: ServingDep) -> ModelList:
-    """The served name (routed to the active version) and each version taking traffic."""
-    created = lambda e: int(e.version.created_at.timestamp())
-    cards = [ModelCard(id=serving.settings.model_name, created=created(serving.active))] if serving.ready else []
-    cards += [ModelCard(id=e.version.name, created=created(e)) for e in serving.engines()]
-    return ModelList(data=cards)
+    """The served name (routed to the active version) and each version taking traffic, with the
+    context length (prompt plus answer) of each."""
+    return ModelList(data=model_cards(serving))
+
+
+@router.get("/models/{model}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(model: str, key: CurrentKey, serving: ServingDep) -> ModelCard:
+    """One served name or version."""
+    card = next((c for c in model_cards(serving) if c.id == model), None)
+    if card is None:
+        raise ApiError(404, f"The model '{model}' does not exist or is not served.", param="model",
+                       code="model_not_found")
+    return card
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
@@ -70,14 +88,22 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
         raise ApiError(404, f"The model '{body.model}' does not exist or is not served.",
                        param="model", code="model_not_found")
     conversation = body.conversation()
-    prompt_ids = await asyncio.get_running_loop().run_in_executor(TOKENIZER, engine.encode, conversation)
+    loop = asyncio.get_running_loop()
+    plan = await loop.run_in_executor(TOKENIZER, structured.plan, body, engine)  # compiles a grammar
+    prompt_ids = await loop.run_in_executor(TOKENIZER, engine.encode, conversation, plan.tools)
     room = engine.context_length - len(prompt_ids)
     if room < 1:
         raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; "
                             f"your messages take {len(prompt_ids)}.", param="messages",
                        code="context_length_exceeded")
+    asked = body.max_tokens_asked
+    if asked and asked[1] > room:
+        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; your "
+                            f"messages take {len(prompt_ids)}, which leaves {room} for the answer, but "
+                            f"{asked[0]} asks for {asked[1]}.", param=asked[0], code="context_length_exceeded")
     sampling = body.to_sampling(serving.settings.default_max_tokens)
-    sampling.max_tokens = min(sampling.max_tokens, room)  # the answer ends at the context's edge
+    sampling.max_tokens = min(sampling.max_tokens, room)  # the default answer length ends at the context's edge
+    sampling.grammar, sampling.tools = plan.grammar, plan.tools
     gen = engine.submit(prompt_ids, sampling, conversation)  # EngineOverloaded: 503 (service/errors.py)
     try:
         await gen.admitted()
@@ -88,23 +114,34 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
                        client_task=client_task or None)
     exchange = Exchange(completion_id(), body, key, engine, gen, conversation, client)
     if body.stream:
-        return StreamingResponse(stream(exchange, request), media_type="text/event-stream",
+        return StreamingResponse(stream(exchange, plan, request), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
     try:
         await exchange.drain()
     except BaseException:
         exchange.gen.cancel()
         raise
+    messages = []
+    for i, text in enumerate(exchange.texts):
+        content, calls = plan.read(text)
+        if calls:
+            exchange.tool_calls[i], exchange.finish[i] = calls, "tool_calls"
+        messages.append(AssistantMessage(content=content, tool_calls=calls or None))
     await request.app.state.recorder.record(exchange)
     return ChatCompletion(
         id=exchange.response_id, model=body.model, system_fingerprint=engine.version.name,
-        choices=[Choice(index=i, message=AssistantMessage(content=t), finish_reason=f)
-                 for i, (t, f) in enumerate(zip(exchange.texts, exchange.finish))],
+        choices=[Choice(index=i, message=m, finish_reason=f, logprobs=wire_logprobs(lp))
+                 for i, (m, f, lp) in enumerate(zip(messages, exchange.finish, exchange.logprobs))],
         usage=exchange.usage())
 
 
-async def stream(exchange: Exchange, request: Request):
-    """SSE: a role delta per choice, content deltas, a finish per choice, optional usage, [DONE]."""
+def wire_logprobs(entries: list[dict] | None) -> ChoiceLogprobs | None:
+    return None if entries is None else ChoiceLogprobs(content=[TokenLogprob(**e) for e in entries])
+
+
+async def stream(exchange: Exchange, plan: structured.Plan, request: Request):
+    """SSE: a role delta per choice, content deltas (with their tokens' logprobs when asked), a
+    choice's tool calls once it is whole, a finish per choice, optional usage, [DONE]."""
     created = int(time.time())
 
     def chunk(choices: list[ChunkChoice], usage=None) -> str:
@@ -115,16 +152,30 @@ async def stream(exchange: Exchange, request: Request):
 
     recorder = request.app.state.recorder
     finished = False
+    n = exchange.gen.sampling.n
+    held = [structured.ToolCallText(plan) if plan.tool_format else None for _ in range(n)]
     try:
-        for i in range(exchange.gen.sampling.n):
+        for i in range(n):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         async for piece in exchange.gen:
             exchange.add(piece)
-            if piece.text:
-                yield chunk([ChunkChoice(index=piece.index, delta=Delta(content=piece.text))])
-            if piece.finish_reason in ("stop", "length"):
-                yield chunk([ChunkChoice(index=piece.index, delta=Delta(),
-                                         finish_reason=piece.finish_reason)])
+            i, text, logprobs = piece.index, piece.text, wire_logprobs(piece.logprobs)
+            finish = piece.finish_reason if piece.finish_reason in ("stop", "length") else None
+            calls = []
+            if held[i] is not None:
+                text = held[i].feed(text)
+                if finish:
+                    rest, calls = held[i].finish()
+                    text += rest
+            if text or logprobs:
+                yield chunk([ChunkChoice(index=i, delta=Delta(content=text), logprobs=logprobs)])
+            if calls:
+                exchange.tool_calls[i], exchange.finish[i] = calls, "tool_calls"
+                finish = "tool_calls"
+                yield chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[
+                    DeltaToolCall(index=k, **c) for k, c in enumerate(calls)]))])
+            if finish:
+                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=finish)])
         finished = True
         await recorder.record(exchange)
         opts = exchange.body.stream_options

@@ -13,9 +13,9 @@ RETURNING id;
 -- name: insert_completion
 -- Record one choice of a chat request.
 INSERT INTO completions (request_id, choice_index, text, finish_reason, completion_tokens,
-                         model_version_id)
+                         model_version_id, tool_calls, logprobs)
 VALUES (%(request_id)s, %(choice_index)s, %(text)s, %(finish_reason)s, %(completion_tokens)s,
-        %(model_version_id)s);
+        %(model_version_id)s, %(tool_calls)s, %(logprobs)s);
 
 -- name: get_chat_request
 -- One recorded request by its response id.
@@ -23,7 +23,7 @@ SELECT * FROM chat_requests WHERE response_id = %(response_id)s;
 
 -- name: list_completions
 -- The choices of one recorded request, in index order.
-SELECT choice_index, text, finish_reason, completion_tokens, model_version_id
+SELECT choice_index, text, finish_reason, completion_tokens, model_version_id, tool_calls, logprobs
 FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
 
 -- name: recent_conversations

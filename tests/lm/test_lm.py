@@ -108,13 +108,13 @@ def test_rows_joining_leaving_and_copied_decode_as_they_would_alone(model, token
 def test_sample_rows_replays_a_seed():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    mixed = sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
+    mixed, _ = sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
     assert mixed[0] == int(logits[0].argmax())
-    assert mixed == sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())
+    assert mixed == sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], gens())[0]
     # A row draws the same alone as beside others, whatever their temperatures and nuclei: with
     # continuous batching its batch-mates change from step to step.
     for i in range(3):
-        alone = sample_rows(logits[i:i + 1], [[0.0, 1.0, 0.7][i]], [[1.0, 0.9, 1.0][i]], gens()[i:i + 1])
+        alone, _ = sample_rows(logits[i:i + 1], [[0.0, 1.0, 0.7][i]], [[1.0, 0.9, 1.0][i]], gens()[i:i + 1])
         assert mixed[i] == alone[0]
     # ... and as `torch.multinomial` draws with that generator: seeds give what they gave before.
     probs = torch.softmax(logits[2] / 0.7, -1)

@@ -120,7 +120,7 @@ def test_concurrent_requests_are_batched(server, user_key):
 
 
 def test_client_leaving_mid_stream_is_recorded_as_cancelled(server, user_key):
-    body = {"model": "feedloop", "stream": True, "temperature": 2.0, "max_tokens": 250,
+    body = {"model": "feedloop", "stream": True, "temperature": 2.0, "max_tokens": 200,
             "messages": [{"role": "user", "content": "Tell me a long story."}]}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {user_key}"}) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -140,7 +140,7 @@ def test_prompt_longer_than_context_is_refused(server, openai_client):
     with psycopg.connect(server.db_url) as conn:
         before = conn.execute("SELECT count(*) FROM chat_requests").fetchone()[0]
     with pytest.raises(openai.BadRequestError) as e:
-        ask(openai_client, "hello " * 400)
+        ask(openai_client, "hello " * 800)
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     with psycopg.connect(server.db_url) as conn:
         assert conn.execute("SELECT count(*) FROM chat_requests").fetchone()[0] == before

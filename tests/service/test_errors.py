@@ -26,7 +26,7 @@ BAD_BODIES = [
     ({"messages": msgs()}, 400, "model"),
     ({"model": "feedloop", "messages": msgs(), "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "feedloop", "messages": msgs(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": "feedloop", "messages": msgs(), "stream_options": {"include_usage": True}}, 400, None),
+    ({"model": "feedloop", "messages": msgs(), "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "feedloop", "messages": msgs(), "stream": "sometimes"}, 400, "stream"),
     ({"model": "feedloop", "messages": msgs("nul \u0000 byte")}, 400, "messages[0].content"),
 ]

@@ -24,7 +24,7 @@ def test_exchange_view(operator, openai_client):
     ex = operator.get(f"/v1/admin/exchanges/{r.id}").json()
     assert ex["response_id"] == r.id and ex["model_version_id"] == 1
     assert ex["params"] == {"n": 2, "temperature": 0.7, "top_p": 1.0, "max_tokens": ex["params"]["max_tokens"],
-                            "stop": [], "seed": 5}
+                            "stop": [], "seed": 5, "logprobs": None, "tools": None, "grammar": None}
     assert [c["text"] for c in ex["choices"]] == [c.message.content for c in r.choices]
     assert ex["total_ms"] >= ex["queue_ms"] >= 0
     missing = operator.get("/v1/admin/exchanges/chatcmpl-nope")
