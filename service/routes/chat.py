@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from schemas.errors import DomainError
@@ -45,6 +45,9 @@ ClientTaskHeader = _client_header("X-Feedloop-Client-Task", "the client's task k
                                   "turn; a client's housekeeping (titles, tags...) is never trained on")
 
 
+TOOLS_OMITTED = "X-Feedloop-Tools-Omitted"  # set when tools on auto did not fit in the context
+
+
 def model_cards(serving) -> list[ModelCard]:
     """The served name (routed to the active version) and each version taking traffic."""
     def card(name, e):
@@ -73,7 +76,7 @@ async def retrieve_model(model: str, key: CurrentKey, serving: ServingDep) -> Mo
 @router.post("/chat/completions", response_model=ChatCompletion,
              responses=CHAT_RESPONSES | {s: {"model": ErrorResponse} for s in (429, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, serving: ServingDep,
-                                 request: Request, client_ref: ClientRefHeader = None,
+                                 request: Request, response: Response, client_ref: ClientRefHeader = None,
                                  client_chat: ClientChatHeader = None, client_task: ClientTaskHeader = None):
     """Answer with the served policy; the exchange is committed (or, while the database is away,
     spooled to disk) before the answer returns (streams: when they end, however they end). An
@@ -91,12 +94,21 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
     loop = asyncio.get_running_loop()
     plan = await loop.run_in_executor(TOKENIZER, structured.plan, body, engine)  # compiles a grammar
     prompt_ids = await loop.run_in_executor(TOKENIZER, engine.encode, conversation, plan.tools)
+    asked = body.max_tokens_asked
+    headers = {}
+    if plan.tools and body.tool_mode == "auto" and len(prompt_ids) + (asked[1] if asked else 1) > engine.context_length:
+        # The tool definitions leave no room in this model's context (chat UIs such as Open WebUI
+        # attach dozens to every turn). On auto the model answers in text, as a model that cannot
+        # call tools does; the header (and the recorded params, tools null) say so.
+        plan = await loop.run_in_executor(TOKENIZER, structured.plan,
+                                          body.model_copy(update={"tool_choice": "none"}), engine)
+        prompt_ids = await loop.run_in_executor(TOKENIZER, engine.encode, conversation, None)
+        headers[TOOLS_OMITTED] = "the tool definitions do not fit in the model's context"
     room = engine.context_length - len(prompt_ids)
     if room < 1:
         raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; "
                             f"your messages take {len(prompt_ids)}.", param="messages",
                        code="context_length_exceeded")
-    asked = body.max_tokens_asked
     if asked and asked[1] > room:
         raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; your "
                             f"messages take {len(prompt_ids)}, which leaves {room} for the answer, but "
@@ -115,7 +127,7 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
     exchange = Exchange(completion_id(), body, key, engine, gen, conversation, client)
     if body.stream:
         return StreamingResponse(stream(exchange, plan, request), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+                                 headers={"cache-control": "no-cache"} | headers)
     try:
         await exchange.drain()
     except BaseException:
@@ -128,6 +140,7 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
             exchange.tool_calls[i], exchange.finish[i] = calls, "tool_calls"
         messages.append(AssistantMessage(content=content, tool_calls=calls or None))
     await request.app.state.recorder.record(exchange)
+    response.headers.update(headers)
     return ChatCompletion(
         id=exchange.response_id, model=body.model, system_fingerprint=engine.version.name,
         choices=[Choice(index=i, message=m, finish_reason=f, logprobs=wire_logprobs(lp))

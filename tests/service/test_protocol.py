@@ -284,3 +284,24 @@ def test_a_model_that_cannot_call_tools(openai_client, toolless):
         openai_client.chat.completions.create(model=toolless, messages=[{"role": "user", "content": "Hi"}],
                                               tools=[WEATHER], tool_choice="required")
     assert e.value.param == "tool_choice" and e.value.code == "tools_unsupported"
+
+
+def test_tools_that_do_not_fit_the_context_are_answered_in_text_on_auto(server, openai_client):
+    """Chat UIs (Open WebUI) attach dozens of tools to every turn: on auto a model whose context
+    cannot hold them answers in text, and says so; a required call is refused, never answered without."""
+    many = [{"type": "function", "function": dict(WEATHER["function"], name=f"get_weather_{i}")} for i in range(40)]
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model="feedloop", messages=[{"role": "user", "content": "Hi"}], tools=many, max_tokens=5)
+    r = raw.parse()
+    assert raw.headers["x-feedloop-tools-omitted"]
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    with psycopg.connect(server.db_url, row_factory=dict_row) as conn:
+        params = conn.execute("SELECT params FROM chat_requests WHERE response_id = %s", (r.id,)).fetchone()["params"]
+    assert params["tools"] is None
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.chat.completions.create(model="feedloop", messages=[{"role": "user", "content": "Hi"}],
+                                              tools=many, tool_choice="required", max_tokens=5)
+    assert e.value.code == "context_length_exceeded"
+    fits = openai_client.chat.completions.with_raw_response.create(
+        model="feedloop", messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER], max_tokens=5)
+    assert "x-feedloop-tools-omitted" not in fits.headers
