@@ -25,6 +25,7 @@ import torch
 
 from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_policy, load_tokenizer
+from lm.turns import end_of_turn_ids
 from lm.decoding import Batch, left_pad, prefill
 from lm.sampling import sample_rows
 from schemas.openai import SamplingParams
@@ -60,7 +61,7 @@ class LocalEngine:
         self.tokenizer = load_tokenizer(path)
         self.model = load_policy(path, device)
         self.context_length = context_length(self.model.config)
-        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.end_ids, self.pad_id = set(end_of_turn_ids(self.tokenizer)), self.tokenizer.pad_token_id
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self._queued, self._queued_lock = 0, threading.Lock()  # submitted, not yet admitted
         # The worker's own state: what waits, and the running batch (one Row per batch row).
@@ -249,7 +250,7 @@ class LocalEngine:
             r.last = tok
             if r.gen.cancelled:
                 r.finish = "cancelled"
-            elif tok == self.eos_id:
+            elif tok in self.end_ids:
                 r.finish = "stop"
             else:
                 r.tokens.append(tok)

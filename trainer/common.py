@@ -14,12 +14,28 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def _is_dropout(name: str, value) -> bool:
+    return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop") or name == "layerdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """N-details "disable dropout": PPO's ratios and KL, and a reward pair's two scores, must
-    compare the very function that produced them."""
+    compare the very function that produced them. Not only `nn.Dropout` modules: many models
+    read a rate from their config into a float attribute and call the functional form in train
+    mode (Llama's `attention_dropout`, OPT's `dropout` and `layerdrop`), so those floats go to 0
+    too, on every module and in the config (with its sub-configs), which is saved with the model."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if _is_dropout(name, value):
+                setattr(m, name, 0.0)
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for sub in [config, *(getattr(config, k) for k in getattr(config, "sub_configs", {}))]:
+                for name, value in list(vars(sub).items()):
+                    if _is_dropout(name, value):
+                        setattr(sub, name, 0.0)
 
 
 def summary(metrics: dict) -> dict:

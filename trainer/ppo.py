@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lm.chat import as_messages, context_length, encode_prompt
 from lm.decoding import left_pad
+from lm.turns import check_pad, end_of_turn_ids
 from schemas.bundled import bundled_prompts
 from trainer.rollout import Samples, decode, join, response_logits, response_values, sample
 from trainer.common import disable_dropout, on_terminal
@@ -195,7 +196,7 @@ def rollout(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     """Sample one answer per prompt from the current policy, cut at EOS."""
     ids, mask = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     samples = sample(policy, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+                     end_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator)
     return Rollout(ids, mask, samples, decode(tokenizer, samples.responses, samples.response_mask))
 
 
@@ -482,8 +483,7 @@ def ppo_epochs(model, optimizer, accelerator, batch: Batch, cfg: PPOConfig, gene
 
 def check_inputs(cfg: PPOConfig, policy, tokenizer, prompts: list) -> None:
     """Refuse what would train silently wrong, before any model work."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("PPO needs a pad token distinct from EOS (answers are cut at EOS)")
+    check_pad(tokenizer)  # answers are cut at the end of turn, then padded
     n_positions = context_length(policy.config)
     if n_positions and cfg.max_prompt_tokens + cfg.max_new_tokens > n_positions:
         raise ValueError(f"max_prompt_tokens + max_new_tokens exceeds the policy's {n_positions} positions")

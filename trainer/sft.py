@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from lm.chat import encode_prompt
 from lm.checkpoint import save_pretrained
+from lm.turns import turn_end_id
 from trainer.common import on_terminal
 from trainer.optim import adamw, set_lr, warmup_cosine
 
@@ -35,10 +36,11 @@ class SFTConfig:
 
 
 def encode_demonstration(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): the chat-formatted prompt, then the answer and EOS; only the answer
-    and EOS are learned, so the model learns to answer and to stop, not to parrot users."""
+    """(input_ids, labels): the chat-formatted prompt, then the answer and its end of turn
+    (`lm.turns.turn_end_id`); only the answer and the end of turn are learned, so the model learns
+    to answer and to stop, not to parrot users."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [turn_end_id(tokenizer)]
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
