@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from lm.device import resolve_device
 from schemas.settings import Settings
 from trainer.gates import GateConfig
+from trainer.lora import LoraSettings
 from trainer.ppo import PPOConfig
 from trainer.reward import RewardConfig
 from trainer.sft import SFTConfig
@@ -31,6 +32,8 @@ class RoundConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters over one frozen base instead of full fine-tuning (`trainer.lora`)"""
 
 
 def with_overrides(cfg, overrides: dict | None):

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -35,7 +34,7 @@ from lm.checkpoint import save_pretrained
 from lm.turns import check_pad, turn_end_id
 from lm.device import resolve_device
 from schemas.records import TrainingPair
-from trainer.common import disable_dropout, on_terminal
+from trainer.common import disable_dropout, fp32_trainable, make_accelerator, on_terminal
 from trainer.optim import adamw, set_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,9 @@ class RewardConfig:
     """seeds the batch order and the train/held-out split"""
     device: str = "auto"
     """torch device; auto picks an accelerator when present"""
+    mixed_precision: str = "auto"
+    """autocast: auto (bf16 on a GPU with bf16, fp16 on other GPUs, none on CPU), no, bf16, fp16;
+    trainable weights and AdamW's state stay fp32 either way"""
     max_length: int | None = None
     """longest sequence in tokens (prompt + answer + EOS), cut from the left so the scored end
     survives; None means the model's context length"""
@@ -403,7 +405,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     model.config.pad_token_id = tokenizer.pad_token_id
     check_pad(tokenizer)  # the last real token (the end of turn) is found by pad
     disable_dropout(model)
@@ -417,6 +419,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     heldout_enc = encode_pairs(encoder, heldout_pairs)
 
     head = model.score  # the scalar head, read per token by `packed_rewards`; taken before DDP wraps the model
+    fp32_trainable(model)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     fit = train_epochs(cfg, model, head, optimizer, accelerator, train_enc, rng, tokenizer.pad_token_id)

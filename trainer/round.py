@@ -130,7 +130,9 @@ async def _inputs(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun, 
     return Inputs(pairs=pairs, demonstrations=demos,
                   prompts=await _ppo_prompts(conn, policy.path, cfg) if "ppo" in cfg.stages else [],
                   policy=policy,
-                  reference=await registry.get_model_version(conn, id=policy.reference_id or policy.id),
+                  # LoRA's reference is the base with the adapters off: the policy this round starts from
+                  reference=policy if cfg.lora.enabled else await registry.get_model_version(
+                      conn, id=policy.reference_id or policy.id),
                   previous_reward=await registry.get_active_version(conn, kind="reward"),
                   out=settings.checkpoint_dir / f"run-{run.id}")
 
