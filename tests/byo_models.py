@@ -54,14 +54,30 @@ def configs(vocab: int, eos: int) -> dict:
 ARCHITECTURES = tuple(configs(1, 0))
 
 
-def build(arch: str, out: Path, *, seed: int = 0) -> Path:
-    """A random-init `arch` chat model saved at `out` as a plain Hugging Face directory."""
+def build(arch: str, out: Path, *, seed: int = 0, chat_template: str | None = CHATML,
+          pad: str | None = None) -> Path:
+    """A random-init `arch` chat model saved at `out` as a plain Hugging Face directory (without
+    a chat template, or with `pad` as its pad token, for the imports that must be refused)."""
     tok = chatml_tokenizer()
+    tok.chat_template = chat_template
+    if pad:
+        tok.pad_token = pad
     config = configs(len(tok), tok.eos_token_id)[arch]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=[tok.convert_tokens_to_ids(EOT), tok.eos_token_id],
                                                bos_token_id=None, pad_token_id=None)
     model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_seq2seq(out: Path) -> Path:
+    """A T5 (encoder-decoder, not a causal LM) with the same tokenizer: a directory to refuse."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    tok = chatml_tokenizer()
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=1,
+                                        num_heads=4, decoder_start_token_id=0)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
