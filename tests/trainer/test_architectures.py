@@ -150,6 +150,10 @@ def test_sft_reward_model_and_ppo_train_it(imported, lora, tmp_path):
     metrics = ppo.train(cfg, policy, reference, value, tok, PROMPTS,
                         lambda convs, answers: reward.score(rm, tok, convs, answers))
     assert metrics["ppo/steps"] == 1 and torch.isfinite(torch.tensor(metrics["ppo/pg_loss"]))
+    if shared:  # PPO trained the value adapter (started as the reward adapter), not the reward adapter
+        moved = [not torch.equal(v, r) for v, r in zip(shared.adapter_parameters("value"),
+                                                      shared.adapter_parameters("reward"))]
+        assert any(moved)
 
     # dropout is off, config-level too (OPT's 0.1): two train-mode forwards agree
     x = torch.tensor([encode_prompt(tok, PROMPTS[0])])
@@ -178,3 +182,17 @@ def test_sft_reward_model_and_ppo_train_it(imported, lora, tmp_path):
         with torch.no_grad():
             assert torch.allclose(merged(input_ids=x).logits, policy(input_ids=x).logits, atol=1e-4)
         assert read_manifest(tmp_path / "policy")["config"]["lora"]["base"] == str(path)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    """LoRA with activations recomputed in the backward: the same steps, the same adapter."""
+    path = import_model(build("llama", tmp_path / "hub"), tmp_path / "imports")[0]
+    tok, trained = load_tokenizer(path), []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        shared = SharedBase(load_policy(path), path, LoraSettings(enabled=True, rank=4, alpha=8,
+                                                                  gradient_checkpointing=checkpointing))
+        sft_train(SFTConfig(epochs=2, batch_size=4, lr=1e-2, device="cpu"), AdapterView(shared, "policy"), tok, DEMOS)
+        trained.append({n: p.detach().clone() for n, p in shared.model.named_parameters() if ".policy." in n})
+    assert all(torch.allclose(trained[0][n], trained[1][n], atol=1e-6) for n in trained[0])
+    assert any(p.abs().sum() > 0 for n, p in trained[0].items() if "lora_B" in n)  # B starts at 0: it trained
