@@ -3,6 +3,7 @@ as FEEDLOOP_POLICY_PATH is imported at first start and serves; users chat and gi
 round trains LoRA adapters over it; the candidate is promoted and served; and the promoted
 directory, loaded by plain `AutoModelForCausalLM.from_pretrained`, says what the engine served."""
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -24,6 +25,7 @@ ASK = [{"role": "user", "content": "tell me a short story about a cat"}]
 def test_an_imported_llama_goes_round_the_loop_with_lora(new_database, tmp_path):
     src = build("llama", tmp_path / "hub" / "my-llama")
     before = content_hash(src)
+    (tmp_path / "home").mkdir()
     s = Server(new_database(), tmp_path / "home", FEEDLOOP_POLICY_PATH=src).start()
     try:
         give_feedback(s, n_prompts=8)
@@ -38,9 +40,9 @@ def test_an_imported_llama_goes_round_the_loop_with_lora(new_database, tmp_path)
             assert v1["path"].startswith(str(tmp_path / "home")) and v2["status"] == "candidate"
             assert v2["parent_id"] == 1 and v2["reference_id"] == 1  # LoRA's reference is its base
             assert op.post(f"/v1/admin/models/{vid}/promote").status_code == 200
-        lineage = read_manifest(v2["path"])["config"]["lora"]
-        assert lineage["base"] == v1["path"] and lineage["base_id"] == 1 and lineage["rank"] == 4
-        assert (tmp_path / v2["path"] / "adapter" / "adapter_model.safetensors").exists()
+            lineage = read_manifest(v2["path"])["config"]["lora"]
+            assert lineage["base"] == v1["path"] and lineage["base_id"] == 1 and lineage["rank"] == 4
+            assert (Path(v2["path"]) / "adapter" / "adapter_model.safetensors").exists()
 
         client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.create_key(), max_retries=0)
         served = answer_from(f"v{vid}", lambda: client.chat.completions.create(
