@@ -105,8 +105,7 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> Trained:
     if "ppo" in cfg.stages and reward_path is None:
         raise RuntimeError("PPO needs a reward model: train one first (feedloop train reward)")
     if rm is not None and shared is not None:  # the reward adapter scores, on the base already in memory
-        rm.eval()
-        reward_fn = lambda convs, answers: reward.score(rm, tokenizer, convs, answers)  # noqa: E731
+        reward_fn = scores_of(rm.eval(), tokenizer)
     else:
         reward_fn = reward_scorer(reward_path, tokenizer, cfg.device) if reward_path else None
 
@@ -163,7 +162,12 @@ def train_reward(cfg: RoundConfig, inp: Inputs, tokenizer, shared: SharedBase | 
 def reward_scorer(path: str | Path, tokenizer, device: str) -> ppo.RewardFn:
     """The reward model at `path` as PPO's and the gates' reward: normalised scores, (B,)."""
     scorer, _ = reward.load_reward_model(path, device)
-    return lambda convs, answers: reward.score(scorer, tokenizer, convs, answers)
+    return scores_of(scorer, tokenizer)
+
+
+def scores_of(model, tokenizer) -> ppo.RewardFn:
+    """A reward model's normalised scores as PPO's and the gates' reward: (B,)."""
+    return lambda convs, answers: reward.score(model, tokenizer, convs, answers)
 
 
 def carried_kl_coef(parent: ModelVersion) -> float | None:
