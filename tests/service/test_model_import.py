@@ -9,7 +9,17 @@ import pytest
 
 from schemas.checkpoint import content_hash
 from tests.byo_models import EOT, build, build_seq2seq
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Server
+
+
+@pytest.fixture(scope="module")
+def server(new_database, tmp_path_factory):
+    """A server whose first policy is a tiny Llama directory imported at start-up
+    (FEEDLOOP_POLICY_PATH pointing at a plain Hugging Face directory)."""
+    home = tmp_path_factory.mktemp("home")
+    s = Server(new_database(), home, FEEDLOOP_POLICY_PATH=build("llama", home.parent / "first")).start()
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +51,11 @@ def test_a_bad_import_is_a_400_naming_what_is_missing_and_registers_nothing(case
     assert BAD[case] in error["message"] and error["param"] == "path" and error["code"] == "invalid_model"
     assert error["type"] == "invalid_request_error"
     assert versions(operator) == before
+
+
+def test_the_first_policy_was_imported_into_the_data_directory(operator, server):
+    (v1,) = operator.get("/v1/admin/models").json()["data"]
+    assert v1["status"] == "active" and v1["path"].startswith(str(server.env["FEEDLOOP_HOME"]))
 
 
 def test_a_good_import_is_a_candidate_and_its_directory_is_left_as_it_was(dirs, operator, server):
