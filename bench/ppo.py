@@ -1,14 +1,22 @@
-"""Seconds per PPO update (rollout + scoring + all epochs) of feedloop's trainer against TRL 1.12's
-`trl.experimental.ppo.PPOTrainer`, on the same models, prompts and settings, in one run.
+"""Seconds per PPO update (rollout + scoring + all epochs) and peak memory of feedloop's trainer,
+full fine-tuning and LoRA, against TRL 1.12's `trl.experimental.ppo.PPOTrainer`, on the same
+models, prompts and settings, in one run.
 
-    python bench/ppo.py [--updates 5] [--threads 1] [--repeats 2]
+    python bench/ppo.py [--updates 5] [--threads 1] [--repeats 2] [--models gpt2-2x128 gpt2-10m ...]
 
-Setup, identical for both sides: GPT-2 policies of 2x128 and 4x256 (random init, built here, never
-downloaded), a tokenizer trained on the bundled demonstrations, a reward model of the same shape
+Setup, identical for every side: GPT-2 policies of 2x128, 4x256, about 10M (8x320) and about 50M
+(12x576) parameters (random init, built here, never downloaded), a tokenizer trained on the bundled demonstrations, a reward model of the same shape
 (`GPT2ForSequenceClassification`, one label) that also initialises the value model, a frozen copy
 of the policy as reference; batch 16 bundled prompts, 32-token answers at temperature 0.7,
 4 epochs of 4 minibatches, fp32, no gradient checkpointing, dropout off. An untrained policy
 rarely emits EOS, so nearly every answer runs the full 32 tokens on both sides.
+
+The LoRA side (`ours-lora`, `trainer.lora`) trains rank-16 adapters on every linear layer over one
+frozen base that policy, reference (adapters off), value model and reward model share, as a round
+with `{"lora": {"enabled": true}}` does: the value and reward heads start from the reward model's
+head, the reward adapter from zero (its scores are the reward model's backbone with the policy's
+weights, a different function from the full side's separate reward model: this side is timed for
+its cost, not for what it learns).
 
 Each (side, model) runs in its own subprocess, so peak memory is that process's peak RSS (and
 peak CUDA allocation on a GPU). An update is timed from one to the next: ours between the starts
@@ -25,6 +33,7 @@ packages (torch, transformers) through a `.pth` and holds only `trl==1.12.0` and
 (datasets, pandas...). Both sides thus run the same torch and transformers.
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -37,7 +46,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"gpt2-2x128": dict(n_layer=2, n_embd=128, n_head=4), "gpt2-4x256": dict(n_layer=4, n_embd=256, n_head=4)}
+MODELS = {"gpt2-2x128": dict(n_layer=2, n_embd=128, n_head=4), "gpt2-4x256": dict(n_layer=4, n_embd=256, n_head=4),
+          "gpt2-10m": dict(n_layer=8, n_embd=320, n_head=5), "gpt2-50m": dict(n_layer=12, n_embd=576, n_head=9)}
+SIDES = ("ours", "ours-lora", "trl")
 TRL_VERSION = "1.12.0"
 SETTINGS = dict(batch_size=16, max_new_tokens=32, ppo_epochs=4, num_minibatches=4, temperature=0.7, lr=1e-5,
                 missing_eos_penalty=1.0, kl_coef=0.05)
@@ -115,7 +126,20 @@ def _per_update(stamps: list[tuple[float, float]]) -> dict:
     return {"wall": statistics.median(wall), "cpu": statistics.median(cpu), "walls": wall, "cpus": cpu}
 
 
-def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
+def lora_models(model_dir: Path, device: str):
+    """(policy, reference, value model, reward model): adapters over one shared GPT-2 base."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from trainer.lora import AdapterView, HeadView, LoraSettings, SharedBase
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir / "policy").to(device)
+    shared = SharedBase(base, model_dir / "policy", LoraSettings(enabled=True, rank=16, alpha=32))
+    head = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward").score
+    return (AdapterView(shared, "policy"), AdapterView(shared, None),
+            HeadView(shared, "value", copy.deepcopy(head)).to(device), HeadView(shared, "reward", head).to(device))
+
+
+def run_ours(model_dir: Path, prompts: dict, updates: int, lora: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -124,12 +148,16 @@ def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
     from trainer import ppo
 
     tok = AutoTokenizer.from_pretrained(model_dir / "policy")
-    policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
-    ref = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
-    value = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
-    rm = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward").eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rm.to(device)
+    if lora:
+        policy, ref, value, rm = lora_models(model_dir, device)
+        rm.eval()
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
+        ref = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
+        value = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
+        rm = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward").eval()
+        rm.to(device)
 
     @torch.no_grad()
     def reward_fn(convs, answers):
@@ -138,7 +166,10 @@ def run_ours(model_dir: Path, prompts: dict, updates: int) -> dict:
                 for c, a in zip(convs, answers)]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=device)
-        return rm(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
+        mask = (ids != tok.pad_token_id).long()
+        if lora:  # the head's output at every position: read it at the last real token
+            return rm(input_ids=ids, attention_mask=mask)[torch.arange(len(seqs)), mask.sum(1) - 1, 0]
+        return rm(input_ids=ids, attention_mask=mask).logits[:, 0]
 
     # An update starts with its rollout: stamp both clocks there (the trainer is not changed).
     stamps, rollout = [], ppo.rollout
@@ -216,8 +247,8 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     prompts = json.loads((args.work / "prompts.json").read_text())
     model_dir = args.work / args.model
-    if args.worker == "ours":
-        result = run_ours(model_dir, prompts, args.updates)
+    if args.worker.startswith("ours"):
+        result = run_ours(model_dir, prompts, args.updates, lora=args.worker == "ours-lora")
     else:
         with tempfile.TemporaryDirectory() as out:
             result = run_trl(model_dir, prompts, args.updates, Path(out))
@@ -243,7 +274,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--repeats", type=int, default=2, help="runs per side and model; fastest median kept")
     p.add_argument("--models", nargs="*", default=list(MODELS))
-    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -262,25 +293,28 @@ def main() -> None:
         for model in args.models:
             best = {}
             for _ in range(args.repeats):
-                for side, python in (("ours", sys.executable), ("trl", trl_py)):
+                for side, python in (("ours", sys.executable), ("ours-lora", sys.executable), ("trl", trl_py)):
                     r = run_side(python, side, model, work, args)
                     if side not in best or r["cpu"] < best[side]["cpu"]:
                         best[side] = r
-            rows.append((model, best["ours"], best["trl"]))
+            rows.append((model, best["ours"], best["trl"], best["ours-lora"]))
 
     mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0][1] else "peak_rss_mb"
     print(f"\n{'':<12} {'seconds per update (wall)':^28} {'seconds per update (CPU)':^28} "
-          f"{'peak MB':^15} {'TRL gc':>7}")
+          f"{'peak MB':^15} {'TRL gc':>7}   {'LoRA (ours, full vs LoRA)':^36}")
     print(f"{'model':<12} {'ours':>8} {'TRL':>8} {'ratio':>8}   {'ours':>8} {'TRL':>8} {'ratio':>8}   "
-          f"{'ours':>6} {'TRL':>6}   {'s/upd':>6}")
-    for model, ours, trl in rows:
+          f"{'ours':>6} {'TRL':>6}   {'s/upd':>6}   {'wall':>7} {'CPU':>7} {'peak MB':>8} {'mem/full':>9}")
+    for model, ours, trl, lora in rows:
         print(f"{model:<12} {ours['wall']:>8.3f} {trl['wall']:>8.3f} {ours['wall'] / trl['wall']:>8.2f}   "
               f"{ours['cpu']:>8.3f} {trl['cpu']:>8.3f} {ours['cpu'] / trl['cpu']:>8.2f}   "
-              f"{ours[mem]:>6.0f} {trl[mem]:>6.0f}   {trl['gc_seconds_per_update']:>6.3f}")
+              f"{ours[mem]:>6.0f} {trl[mem]:>6.0f}   {trl['gc_seconds_per_update']:>6.3f}   "
+              f"{lora['wall']:>7.3f} {lora['cpu']:>7.3f} {lora[mem]:>8.0f} {lora[mem] / ours[mem]:>9.2f}")
     print(f"ratio = ours / TRL (goal <= 0.50). Medians over {args.updates} updates after a warm-up, best of "
           f"{args.repeats} alternating runs; CPU time is the worker's own, which other load on a shared machine "
           f"leaves alone. Peak memory: the worker's {'CUDA allocation' if mem == 'peak_cuda_mb' else 'RSS'}. "
-          f"TRL gc: seconds TRL spends in its own gc.collect() calls per update. Mean answer length (ours): "
+          f"TRL gc: seconds TRL spends in its own gc.collect() calls per update. LoRA: rank 16 on every "
+          f"linear layer over one shared base; mem/full = its peak over full fine-tuning's (goal at 50M <= 0.50). "
+          f"Mean answer length (ours): "
           + ", ".join(f"{r[1]['answer_tokens']:.1f}" for r in rows) + " tokens.")
 
 

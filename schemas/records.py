@@ -211,6 +211,11 @@ class ModelAction(BaseModel):
     reason: Text | None = Field(None, max_length=2000)
 
 
+class ModelImport(ModelAction):
+    path: str = Field(min_length=1, max_length=4096,
+                      description="a Hugging Face causal-LM directory the server can read; never modified")
+
+
 class CanaryAction(ModelAction):
     fraction: float = Field(gt=0, lt=1, description="share of `feedloop` requests this version takes")
 

@@ -10,10 +10,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from schemas.checkpoint import BadCheckpoint
 from schemas.settings import Settings, get_settings
 from service import errors
+from lm.importing import NotAChatModel
 from service.middleware import Admission, RequestGuard, TrailingSlash
 from service.recording import Recorder, Spool
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
                             console, feedback, health, me)
+from service.model_import import policy_checkpoint
 from service.serving import Serving, follow_registry, settle_heap, sync_with_registry
 from store import keys
 from store.db import Database, database_url, migrate
@@ -40,10 +42,13 @@ async def ensure_policy_path(db: Database, settings: Settings) -> None:
     there that fails its hash is reported and skipped: the server starts and says it is not
     ready (and falls back to an earlier version when there is one) instead of crashing."""
     try:
+        path = await asyncio.to_thread(policy_checkpoint, settings)  # a plain HF directory is imported
         async with db.connection() as conn:
-            await ensure_initial_policy(conn, path=settings.policy_path, actor="FEEDLOOP_POLICY_PATH")
+            await ensure_initial_policy(conn, path=path, actor="FEEDLOOP_POLICY_PATH")
     except BadCheckpoint as e:
         log.error("FEEDLOOP_POLICY_PATH is not an intact checkpoint, not registered: %s", e)
+    except NotAChatModel as e:
+        log.error("FEEDLOOP_POLICY_PATH cannot be imported, not registered: %s", e)
 
 
 @asynccontextmanager

@@ -71,7 +71,7 @@ def cmd_models(args) -> None:
     from pydantic import ValidationError
 
     from schemas.records import TargetUpdate
-    from service import targets
+    from service import model_import, targets
 
     settings = get_settings()
     migrate(database_url(settings))
@@ -106,6 +106,7 @@ def cmd_models(args) -> None:
                                              **update.changes()),
         "register": lambda c: _register(c, args, update, actor),
         "verify": lambda c: registry.verify(c, id=args.id, actor=actor, reason=args.reason),
+        "import": lambda c: model_import.import_policy(c, settings, path=args.path, actor=actor, reason=args.reason),
     }
     try:
         v = asyncio.run(_with_conn(ops[args.action]))
@@ -262,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--endpoint", help='the inference server\'s base URL ("": FEEDLOOP_REMOTE_URL)')
         p.add_argument("--model-id", help='the model id it is asked for ("": FEEDLOOP_REMOTE_MODEL, else '
                        "the checkpoint's path)")
+    imported = models_sub.add_parser("import", help="a Hugging Face causal-LM directory as a candidate policy "
+                                     "(checked; the directory is never modified)")
+    imported.add_argument("path")
+    imported.add_argument("--reason")
     models.set_defaults(run=cmd_models)
     export = sub.add_parser("export", help="training data as JSONL in TRL's formats")
     export.add_argument("--format", choices=["preference", "kto", "sft"], default="preference")

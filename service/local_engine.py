@@ -25,6 +25,7 @@ import torch
 
 from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_policy, load_tokenizer
+from lm.turns import end_of_turn_ids
 from lm.decoding import Batch, left_pad, prefill
 from lm.grammar import Constraints
 from lm.sampling import sample_rows
@@ -67,7 +68,7 @@ class LocalEngine:
         self.context_length = context_length(self.model.config)
         self.constraints = Constraints(self.tokenizer, self.model.config.vocab_size)
         self.tool_format = tool_format(self.tokenizer)
-        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.end_ids, self.pad_id = set(end_of_turn_ids(self.tokenizer)), self.tokenizer.pad_token_id
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self._queued, self._queued_lock = 0, threading.Lock()  # submitted, not yet admitted
         # The worker's own state: what waits, and the running batch (one Row per batch row).
@@ -251,9 +252,9 @@ class LocalEngine:
                                      [r.rng for r in rows], allowed=None if allowed is None else
                                      allowed.to(logits.device), logprobs=any(k is not None for k in wanted))
         for k, (r, tok) in enumerate(zip(rows, next_ids)):
-            if r.matcher is not None and tok != self.eos_id:
+            if r.matcher is not None and tok not in self.end_ids:
                 r.matcher.consume_token(tok)
-            if wanted[k] is not None and tok != self.eos_id:  # the answer's tokens, as OpenAI lists them
+            if wanted[k] is not None and tok not in self.end_ids:  # the answer's tokens, as OpenAI lists them
                 r.logprobs.append(self._logprob_entry(logp[k], tok, wanted[k]))
         self._advance(rows, next_ids)
 
@@ -275,7 +276,7 @@ class LocalEngine:
             r.last = tok
             if r.gen.cancelled:
                 r.finish = "cancelled"
-            elif tok == self.eos_id:
+            elif tok in self.end_ids:
                 r.finish = "stop"
             else:
                 r.tokens.append(tok)

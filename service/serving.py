@@ -196,11 +196,12 @@ async def fall_back(pool, serving: Serving, *, failed: ModelVersion | None) -> N
         return
     if serving.settings.policy_path:
         from schemas.checkpoint import BadCheckpoint, read_manifest
+        from service.model_import import policy_checkpoint
         try:
-            await asyncio.to_thread(read_manifest, serving.settings.policy_path)  # hashed off the event loop
+            path = await asyncio.to_thread(policy_checkpoint, serving.settings)  # imported when a plain HF dir
+            await asyncio.to_thread(read_manifest, path)  # hashed off the event loop
             async with pool.connection() as conn:
-                version = await registry.ensure_initial_policy(conn, path=serving.settings.policy_path,
-                                                               actor="FEEDLOOP_POLICY_PATH")
+                version = await registry.ensure_initial_policy(conn, path=path, actor="FEEDLOOP_POLICY_PATH")
             await serving.set_active(version)
         except BadCheckpoint as e:
             log.error("%s, and FEEDLOOP_POLICY_PATH is not intact either: %s", why, e)

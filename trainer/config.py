@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from lm.device import resolve_device
 from schemas.settings import Settings
 from trainer.gates import GateConfig
+from trainer.lora import LoraSettings
 from trainer.ppo import PPOConfig
 from trainer.reward import RewardConfig
 from trainer.sft import SFTConfig
@@ -54,6 +55,8 @@ class RoundConfig:
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=2, heldout_frac=0.2))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(**DEFAULT_PPO))
     gates: GateConfig = field(default_factory=GateConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters over one frozen base instead of full fine-tuning (`trainer.lora`)"""
 
     def __post_init__(self):
         if self.anchor not in ("parent", "root"):

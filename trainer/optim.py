@@ -10,13 +10,14 @@ def adamw(model_or_params, lr: float, weight_decay: float, *, eps: float = 1e-8,
           fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over a module's parameters, decaying only those with 2+ dimensions (matrices,
     embeddings): decaying biases and norm gains only pulls them towards 0 for nothing. An iterable
-    of parameters instead of a module is decayed as one group, all alike."""
+    of parameters instead of a module is decayed as one group, all alike. Frozen parameters
+    (`requires_grad` False) are left out."""
     if isinstance(model_or_params, torch.nn.Module):
-        params = list(model_or_params.parameters())
+        params = [p for p in model_or_params.parameters() if p.requires_grad]  # a frozen LoRA base: none
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     else:
-        groups = [{"params": list(model_or_params), "weight_decay": weight_decay}]
+        groups = [{"params": [p for p in model_or_params if p.requires_grad], "weight_decay": weight_decay}]
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused)
 
 

@@ -21,14 +21,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lm.chat import as_messages, context_length, encode_prompt
 from lm.decoding import left_pad
+from lm.turns import check_pad, end_of_turn_ids
 from schemas.bundled import bundled_prompts
 from trainer.rollout import Samples, decode, join, response_logits, response_values, sample
-from trainer.common import disable_dropout, on_terminal
+from trainer.common import disable_dropout, fp32_trainable, make_accelerator, on_terminal
 from trainer.optim import adamw, set_lr, warmup_linear
 from trainer.sft import answer_loss, collate, encode_demonstration
 
@@ -67,6 +67,9 @@ class PPOConfig:
     """seeds prompt order and sampling"""
     device: str = "auto"
     """torch device; auto lets accelerate pick (a GPU when present)"""
+    mixed_precision: str = "auto"
+    """autocast: auto (bf16 on a GPU with bf16, fp16 on other GPUs, none on CPU), no, bf16, fp16;
+    trainable weights and AdamW's state stay fp32 either way"""
     steps: int = 20
     """PPO updates: each samples `batch_size` answers, scores them and trains `ppo_epochs` on them"""
 
@@ -195,7 +198,7 @@ def rollout(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     """Sample one answer per prompt from the current policy, cut at EOS."""
     ids, mask = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     samples = sample(policy, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+                     end_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator)
     return Rollout(ids, mask, samples, decode(tokenizer, samples.responses, samples.response_mask))
 
 
@@ -482,8 +485,7 @@ def ppo_epochs(model, optimizer, accelerator, batch: Batch, cfg: PPOConfig, gene
 
 def check_inputs(cfg: PPOConfig, policy, tokenizer, prompts: list) -> None:
     """Refuse what would train silently wrong, before any model work."""
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("PPO needs a pad token distinct from EOS (answers are cut at EOS)")
+    check_pad(tokenizer)  # answers are cut at the end of turn, then padded
     n_positions = context_length(policy.config)
     if n_positions and cfg.max_prompt_tokens + cfg.max_new_tokens > n_positions:
         raise ValueError(f"max_prompt_tokens + max_new_tokens exceeds the policy's {n_positions} positions")
@@ -508,6 +510,7 @@ def prepare(cfg: PPOConfig, policy, ref_policy, value_model, accelerator) -> tup
     device = accelerator.device
     ref_policy.requires_grad_(False).eval().to(device)
     model = PolicyAndValue(policy, value_model).to(device)
+    fp32_trainable(model)  # never pure-bf16 Adam
     # Adam eps 1e-5 as OpenAI's lm-human-preferences and CleanRL (N-details on PyTorch's Adam).
     # The fused kernel (CPU and CUDA) makes a step ~5x cheaper than the per-tensor loop on small models.
     optimizer = adamw(model.parameters(), cfg.lr, cfg.weight_decay, eps=1e-5,
@@ -544,7 +547,7 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
     last value of every `CURVE_KEYS` entry, their per-step curves under "ppo/curves", and more."""
     check_inputs(cfg, policy, tokenizer, prompts)
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     device = accelerator.device
     t_start = time.time()
     if accelerator.is_main_process:

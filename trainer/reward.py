@@ -3,7 +3,8 @@ Bradley-Terry loss on users' comparisons, then normalised so reference answers s
 
 The model is a Hugging Face sequence-classification model with one label, so anything that loads
 `AutoModelForSequenceClassification` loads it. The score is read at the last real token of
-`chat(prompt) + answer + EOS` (pad differs from EOS, so that token is the EOS). The normalisation
+`chat(prompt) + answer + end of turn` (`lm.turns`; pad differs from every end-of-turn id, so that
+token is the end of turn). The normalisation
 lives in the checkpoint's config.json: normalised = (raw - reward_bias) / reward_scale, which
 `score` applies and any other loader can.
 
@@ -25,15 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lm.chat import as_messages, context_length, encode_prompt
 from lm.checkpoint import save_pretrained
+from lm.turns import check_pad, turn_end_id
 from lm.device import resolve_device
 from schemas.records import TrainingPair
-from trainer.common import disable_dropout, on_terminal
+from trainer.common import disable_dropout, fp32_trainable, make_accelerator, on_terminal
 from trainer.optim import adamw, set_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class RewardConfig:
     """seeds the batch order and the train/held-out split"""
     device: str = "auto"
     """torch device; auto picks an accelerator when present"""
+    mixed_precision: str = "auto"
+    """autocast: auto (bf16 on a GPU with bf16, fp16 on other GPUs, none on CPU), no, bf16, fp16;
+    trainable weights and AdamW's state stay fp32 either way"""
     max_length: int | None = None
     """longest sequence in tokens (prompt + answer + EOS), cut from the left so the scored end
     survives; None means the model's context length"""
@@ -124,7 +128,7 @@ class Encoder:
             answers = self.tokenizer([a for _, a in new], add_special_tokens=False)["input_ids"]
             for key, answer_ids in zip(new, answers):
                 prompt_ids = self.prompt_ids[key[0]]
-                ids = prompt_ids + answer_ids + [self.tokenizer.eos_token_id]
+                ids = prompt_ids + answer_ids + [turn_end_id(self.tokenizer)]
                 cut = max(0, len(ids) - self.max_length)
                 if cut:  # drop from the left: the score is read at the end, and recent context matters most
                     self.truncated += 1
@@ -264,17 +268,43 @@ def packed_rewards(model, head, packed: Packed) -> torch.Tensor:
     per_token = []
     hook = head.register_forward_hook(lambda module, args, out: per_token.append(out))
     try:
-        mask = packed.allowed
         config = getattr(model, "module", model).config  # under DDP the model is wrapped
-        if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(dtype).min)
+        mask = packed_masks(config, packed.allowed, packed.position_ids, next(model.parameters()).dtype)
         model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
               use_cache=False)
     finally:
         hook.remove()
     return per_token[0][packed.rows, packed.cols, 0].float()  # (R, T, 1) -> (S,)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the model's sliding layers, or None when it has none."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def packed_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, dtype):
+    """The attention mask a packed batch is run with (a 4-D mask is used as given: the model adds
+    neither causality nor its window). Sliding-window layers see only keys less than `window`
+    positions back, as when the sequence runs alone; positions count within the sequence, so the
+    window is applied to them, not to the packed columns. Models that mix full and sliding layers
+    (`layer_types`: Gemma 2/3, Qwen 2/3) take one mask per layer type."""
+    masks = {"full_attention": allowed}
+    window = sliding_window(config)
+    if window is not None:
+        distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]  # (R, 1, T, T) query - key
+        masks["sliding_attention"] = allowed & (distance < window)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask
+        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                 for k, m in masks.items()}
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if window is None or kinds == {"full_attention"}:
+        return masks["full_attention"]
+    if kinds and kinds <= set(masks):
+        return {k: masks[k] for k in kinds}
+    return masks["sliding_attention"]  # one window on every layer (Mistral)
 
 
 def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
@@ -386,10 +416,9 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("the reward model needs a pad token distinct from EOS to find the last real token")
+    check_pad(tokenizer)  # the last real token (the end of turn) is found by pad
     disable_dropout(model)
 
     train_pairs, heldout_pairs = split_pairs(pairs, cfg.heldout_frac, cfg.seed)
@@ -401,6 +430,7 @@ def train(cfg: RewardConfig, model, tokenizer, pairs: list[TrainingPair],
     heldout_enc = encode_pairs(encoder, heldout_pairs)
 
     head = model.score  # the scalar head, read per token by `packed_rewards`; taken before DDP wraps the model
+    fp32_trainable(model)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     fit = train_epochs(cfg, model, head, optimizer, accelerator, train_enc, rng, tokenizer.pad_token_id)

@@ -13,6 +13,7 @@ import torch
 
 from lm.decoding import generate, position_ids
 from lm.sampling import sample_batch
+from lm.turns import end_of_turn_ids
 
 
 @dataclass
@@ -28,10 +29,12 @@ class Samples:
 
 
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
-           temperature: float, eos_id: int, pad_id: int,
+           temperature: float, end_ids: list[int], pad_id: int,
            generator: torch.Generator | None = None) -> Samples:
     """Sample answers token by token with a KV cache; temperature 0 is greedy. Stops when every
-    row has emitted EOS. Log-probs are those of the distribution sampled from (logits / T)."""
+    row has emitted an end-of-turn id (`end_ids`, `lm.turns`: EOS below means any of them).
+    Log-probs are those of the distribution sampled from (logits / T)."""
+    end_ids = torch.tensor(list(end_ids), device=prompt_ids.device)
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # (B,)
     tokens, logprobs = [], []
 
@@ -41,21 +44,21 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         token = token.masked_fill(done, pad_id)  # finished rows only pad
         tokens.append(token)
         logprobs.append(lp.masked_fill(done, 0.0))
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, end_ids)
         if bool(done.all()) or len(tokens) == max_new_tokens:
             return None
         return token
 
     generate(model, prompt_ids, prompt_mask, step)
     responses = torch.stack(tokens, 1)  # (B, R)
-    response_mask = _mask_through_eos(responses, eos_id)
-    return Samples(responses, torch.stack(logprobs, 1) * response_mask, response_mask,
-                   (responses == eos_id).any(1))
+    is_end = torch.isin(responses, end_ids)  # (B, R)
+    response_mask = _mask_through_eos(is_end)
+    return Samples(responses, torch.stack(logprobs, 1) * response_mask, response_mask, is_end.any(1))
 
 
-def _mask_through_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, R) 1 up to and including the first EOS (everywhere when there is none)."""
-    is_eos = (responses == eos_id).long()
+def _mask_through_eos(is_end: torch.Tensor) -> torch.Tensor:
+    """(B, R) 1 up to and including the first end of turn (everywhere when there is none)."""
+    is_eos = is_end.long()
     before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before this column
     return (before == 0).long()
 
@@ -88,9 +91,9 @@ def response_values(value_model, ids, mask, pos, R: int) -> torch.Tensor:
 
 
 def decode(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Answer texts without EOS or padding, as the reward model and users see them."""
-    out = []
+    """Answer texts without end of turn or padding, as the reward model and users see them."""
+    out, drop = [], {*end_of_turn_ids(tokenizer), tokenizer.pad_token_id}
     for row, m in zip(responses.tolist(), response_mask.tolist()):
-        ids = [t for t, keep in zip(row, m) if keep and t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+        ids = [t for t, keep in zip(row, m) if keep and t not in drop]
         out.append(tokenizer.decode(ids, skip_special_tokens=True))
     return out

@@ -156,7 +156,10 @@ async def _inputs(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun, 
     root = await lineage_root(conn, policy)
     return Inputs(pairs=pairs, demonstrations=demos,
                   prompts=await _ppo_prompts(conn, policy.path, cfg) if "ppo" in cfg.stages else [],
-                  policy=policy, reference=policy if cfg.anchor == "parent" else root, root=root,
+                  policy=policy, root=root,
+                  # LoRA's reference is the base with the adapters off: the policy this round starts
+                  # from, so a LoRA round is always anchored on its parent
+                  reference=policy if cfg.anchor == "parent" or cfg.lora.enabled else root,
                   previous_reward=await registry.get_active_version(conn, kind="reward"),
                   out=settings.checkpoint_dir / f"run-{run.id}")
 

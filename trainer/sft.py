@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lm.chat import encode_prompt
 from lm.checkpoint import save_pretrained
-from trainer.common import on_terminal
+from lm.turns import turn_end_id
+from trainer.common import fp32_trainable, make_accelerator, on_terminal
 from trainer.optim import adamw, set_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,17 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     """torch device; auto picks an accelerator when present"""
+    mixed_precision: str = "auto"
+    """autocast: auto (bf16 on a GPU with bf16, fp16 on other GPUs, none on CPU), no, bf16, fp16;
+    trainable weights and AdamW's state stay fp32 either way"""
 
 
 def encode_demonstration(tokenizer, prompt, completion: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): the chat-formatted prompt, then the answer and EOS; only the answer
-    and EOS are learned, so the model learns to answer and to stop, not to parrot users."""
+    """(input_ids, labels): the chat-formatted prompt, then the answer and its end of turn
+    (`lm.turns.turn_end_id`); only the answer and the end of turn are learned, so the model learns
+    to answer and to stop, not to parrot users."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [turn_end_id(tokenizer)]
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
@@ -61,8 +65,9 @@ def answer_loss(model, ids, mask, labels) -> torch.Tensor:
 def train(cfg: SFTConfig, model, tokenizer, demonstrations: list[dict]) -> dict:
     """Fine-tune `model` in place on [{"prompt", "completion"}]; returns metrics."""
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     examples = [encode_demonstration(tokenizer, d["prompt"], d["completion"]) for d in demonstrations]
+    fp32_trainable(model)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

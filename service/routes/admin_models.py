@@ -4,9 +4,9 @@ service/targets.py: a version served by an inference server is deployed (the hoo
 checked before the registry changes."""
 from fastapi import APIRouter
 
-from schemas.records import (CanaryAction, ListPublic, ModelAction, ModelVersion, ModelVersionPublic, Promotion,
+from schemas.records import (CanaryAction, ListPublic, ModelAction, ModelImport, ModelVersion, ModelVersionPublic, Promotion,
                              ServingTarget, TargetUpdate)
-from service import targets
+from service import model_import, targets
 from service.deps import OPERATORS_ONLY, ConnDep, OperatorKey, SettingsDep
 from service.errors import ERROR_RESPONSES
 from store import exchanges, registry
@@ -48,6 +48,18 @@ async def history(conn: ConnDep) -> ListPublic[Promotion]:
     """The audit log: what was registered, promoted, rolled back, rejected, failed or retargeted, by whom."""
     entries = await registry.list_promotions(conn)
     return ListPublic(data=entries, count=len(entries))
+
+
+@router.post("/import", response_model=ModelVersionPublic)
+async def import_model(body: ModelImport, conn: ConnDep, operator: OperatorKey,
+                       settings: SettingsDep) -> ModelVersionPublic:
+    """Register any Hugging Face causal-LM directory as a candidate policy: checked (config,
+    weights, tokenizer, a chat template taking add_generation_prompt, an end of turn, a pad that is
+    none), given a pad token when it has none, its manifest kept in the data directory; the
+    source is never written. A 400 names what is missing, and nothing is registered."""
+    version = await model_import.import_policy(conn, settings, path=body.path, actor=actor(operator),
+                                               reason=body.reason)
+    return await public(conn, version, settings)
 
 
 @router.post("/{version_id}/promote", response_model=ModelVersionPublic)

@@ -47,7 +47,7 @@ class Forwards:
         self.hold_at, self.held, self.release = hold_at, threading.Event(), threading.Event()
         self.handles = [engine.model.register_forward_pre_hook(self._before, with_kwargs=True)]
         if no_eos:
-            self.eos = engine.eos_id
+            self.eos = list(engine.end_ids)
             self.handles.append(engine.model.register_forward_hook(self._no_eos, with_kwargs=True))
 
     def _before(self, module, args, kwargs):

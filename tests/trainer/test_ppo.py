@@ -221,7 +221,7 @@ def test_batched_greedy_sampling_matches_hugging_face_generate_row_by_row(policy
     prompts = ["Hi", "What is the capital of Spain?", "Tell me a story about a bird.", "How much is 5 plus 19?"]
     seqs = [encode_prompt(tokenizer, p) for p in prompts]
     ids, mask = left_pad(seqs, tokenizer.pad_token_id)
-    s = sample(policy, ids, mask, max_new_tokens=20, temperature=0.0, eos_id=tokenizer.eos_token_id,
+    s = sample(policy, ids, mask, max_new_tokens=20, temperature=0.0, end_ids=[tokenizer.eos_token_id],
                pad_id=tokenizer.pad_token_id)
     for i, seq in enumerate(seqs):  # one row at a time, no padding, Hugging Face's own loop
         out = policy.generate(torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
@@ -238,7 +238,7 @@ def test_batched_greedy_sampling_matches_hugging_face_generate_row_by_row(policy
 def test_sampled_logprobs_are_those_of_the_full_forward_at_the_temperature(policy, tokenizer):
     prompts = bundled_prompts()[:8]
     ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    s = sample(policy, ids, mask, max_new_tokens=16, temperature=0.7, eos_id=tokenizer.eos_token_id,
+    s = sample(policy, ids, mask, max_new_tokens=16, temperature=0.7, end_ids=[tokenizer.eos_token_id],
                pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
     full_ids, full_mask, pos = join(ids, mask, s.responses, s.response_mask)
     R = s.responses.shape[1]

@@ -73,7 +73,7 @@ def test_answer_loss_is_the_mean_cross_entropy_over_answer_tokens(tokenizer):
 def greedy(model, tokenizer, prompts, max_new_tokens=24) -> list[str]:
     ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     s = sample(model, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0,
-               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+               end_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
     assert s.has_eos.all(), "a learned answer ends with EOS"
     return decode(tokenizer, s.responses, s.response_mask)
 
