@@ -5,11 +5,12 @@ Open WebUI lives in a venv of its own (`make openwebui`, run here when missing; 
 saying why, only when that install fails). It runs offline on loopback only: auth off (one admin),
 Ollama off, no embedding model, no update check, and its one OpenAI connection is feedloop with the
 README's X-Feedloop-Client-* headers. Its title and tags prompts are shortened
-(TITLE/TAGS_GENERATION_PROMPT_TEMPLATE) so they fit the bootstrap policy's 256-token context: those
-housekeeping calls reach feedloop and are recorded, which is what the last checks need. Its builtin
-tools stay on, as by default: each user turn carries 28 tool definitions (about 21 KB), which
-feedloop's chat route does not act on yet (issue 20). DATABASE_URL is kept from it: Open WebUI would
-take it for its own database."""
+(TITLE/TAGS_GENERATION_PROMPT_TEMPLATE), and their answers' length (TASK_MODEL_PARAMS), so they fit
+the bootstrap policy's 512-token context: those housekeeping calls reach feedloop and are recorded,
+which is what the last checks need. Its builtin tools stay on, as by default: each user turn
+carries 28 tool definitions (about 21 KB), more than the bootstrap's context holds, so feedloop
+answers in text (X-Feedloop-Tools-Omitted). DATABASE_URL is kept from it: Open WebUI would take it
+for its own database."""
 import asyncio
 import json
 import os
@@ -59,7 +60,10 @@ def openwebui(server, openwebui_bin, tmp_path_factory):
         ENABLE_VERSION_UPDATE_CHECK="false", ANONYMIZED_TELEMETRY="false", DO_NOT_TRACK="true",
         SCARF_NO_ANALYTICS="true", ENABLE_EVALUATION_ARENA_MODELS="False",
         TITLE_GENERATION_PROMPT_TEMPLATE="Title for: {{MESSAGES:END:2}}",
-        TAGS_GENERATION_PROMPT_TEMPLATE="Tags for: {{MESSAGES:END:2}}")
+        TAGS_GENERATION_PROMPT_TEMPLATE="Tags for: {{MESSAGES:END:2}}",
+        # a title asks for 1000 tokens by default: more than the bootstrap's context leaves, which
+        # feedloop refuses as OpenAI does (context_length_exceeded)
+        TASK_MODEL_PARAMS=json.dumps({"max_tokens": 32}))
     log = data / "openwebui.log"
     proc = subprocess.Popen([str(openwebui_bin), "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=data, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
