@@ -35,10 +35,17 @@ class NotAChatModel(Invalid):
         super().__init__(message, param="path")
 
 
+def readable_dir(src: Path) -> bool:
+    try:
+        return src.is_dir() and os.access(src, os.R_OK | os.X_OK)
+    except OSError:  # a name too long, say: is_dir raises for what it does not take as "missing"
+        return False
+
+
 def load_checked(src: Path):
     """(config, tokenizer) of the causal LM at `src`, or NotAChatModel naming what is missing."""
-    if not src.is_dir() or not os.access(src, os.R_OK | os.X_OK):
-        raise NotAChatModel(f"{src} is not a readable directory")
+    if not readable_dir(src):
+        raise NotAChatModel(f"{str(src)[:300]} is not a readable directory")
     try:
         config = AutoConfig.from_pretrained(src)
     except Exception as e:

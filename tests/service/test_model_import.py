@@ -31,11 +31,13 @@ def dirs(tmp_path_factory):
         "pad is the end of turn": build("llama", root / "pad-eot", pad=EOT),
         "not a causal LM": build_seq2seq(root / "t5"),
         "unreadable path": root / "does-not-exist",
+        "name too long": root / ("0" * 300),  # the OS refuses the name itself (found by the fuzz test)
     }
 
 
 BAD = {"no chat template": "no chat template", "pad is the end of turn": "also an end-of-turn token",
-       "not a causal LM": "not a causal language model", "unreadable path": "not a readable directory"}
+       "not a causal LM": "not a causal language model", "unreadable path": "not a readable directory",
+       "name too long": "not a readable directory"}
 
 
 def versions(operator) -> list[int]:
