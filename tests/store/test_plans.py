@@ -42,7 +42,7 @@ ONLINE = {
                                 prompt_hash="h", params="{}", model_version_id=1, stream=False, batch_rows=1,
                                 prompt_tokens=1, completion_tokens=1, queue_ms=0, first_token_ms=None,
                                 total_ms=0, client_ref=None, client_chat_id=None, client_task=None),
-    "insert_completion": dict(request_id=5, choice_index=0, text="t", finish_reason="stop",
+    "insert_completion": dict(request_id=5, choice_index=0, text="t", finish_reason="stop", tool_calls=None, logprobs=None,
                               completion_tokens=1, model_version_id=1),
     "get_chat_request": dict(response_id="chatcmpl-77"),
     "list_completions": dict(request_id=77),
