@@ -40,3 +40,23 @@ def test_remote_generation_is_served_and_recorded(front, server):
     with psycopg.connect(server.db_url) as conn:  # the back server saw the fan-out as 3 requests
         n = conn.execute("SELECT count(*) FROM chat_requests WHERE params->>'seed' IN ('7', '8', '9')").fetchone()[0]
     assert n == 6
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_what_a_remote_server_cannot_do_is_refused_by_name(front):
+    """Tools, grammars and log-probabilities are the local decoding core's: through a remote engine
+    a tool on auto is answered in text, and what needs the core is a 400 naming its parameter."""
+    client = openai.OpenAI(base_url=front.url + "/v1", api_key=front.create_key(), max_retries=0)
+    ask = dict(model="feedloop", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=8)
+    plain = client.chat.completions.create(tools=[WEATHER], **ask)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
+    refused = {"tool_choice": dict(tools=[WEATHER], tool_choice="required"),
+               "response_format": dict(response_format={"type": "json_object"}),
+               "logprobs": dict(logprobs=True)}
+    for param, extra in refused.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**extra, **ask)
+        assert e.value.param == param, (param, e.value.body)
