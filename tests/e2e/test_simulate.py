@@ -97,19 +97,25 @@ CASES = {  # preference: (rounds at most, requests per round, new feedback event
     "brevity": (5, 600, 250),
     "detail": (5, 600, 250),
     "offers_more": (5, 600, 80),  # sparse signal: most answers tie, n >= 2 mostly yields nothing
-    "shorter_then_longer": (7, 400, 150),  # shorter for rounds 1-3, longer from round 4
+    "shorter_then_longer": (7, 600, 250),  # shorter for rounds 1-3, longer from round 4
 }
+# The default round config, but for users known to change their minds: a shorter memory (pairs
+# count half after half a round), as an operator expecting such users would set it.
+ROUND_CONFIG = {"shorter_then_longer": {"recency_half_life": 0.5}}
 
 
 @pytest.fixture
 def loop(new_database, policy_path, tmp_path, request):
     """The API and the trainer service on the default round config, promoting what passes the
     gates."""
-    _, _, min_feedback = CASES[request.node.callspec.params["preference"]]
+    preference = request.node.callspec.params["preference"]
+    _, _, min_feedback = CASES[preference]
     server = Server(new_database(), tmp_path, FEEDLOOP_POLICY_PATH=policy_path).start()
     env = dict(server.env, FEEDLOOP_TRAIN_INTERVAL_SECONDS="3", FEEDLOOP_PROMOTION="auto",
                FEEDLOOP_MIN_NEW_FEEDBACK=str(min_feedback), FEEDLOOP_TORCH_THREADS="1")
     env.pop("FEEDLOOP_ROUND_CONFIG", None)
+    if preference in ROUND_CONFIG:
+        env["FEEDLOOP_ROUND_CONFIG"] = json.dumps(ROUND_CONFIG[preference])
     trainer = subprocess.Popen([sys.executable, "-m", "trainer", "trainer"], cwd=ROOT, env=env,
                                stdout=open(tmp_path / "trainer.log", "ab"), stderr=subprocess.STDOUT)
     yield server
