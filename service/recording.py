@@ -177,22 +177,23 @@ class Recorder:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            if self.spool.ids and self.db.available:
-                try:
-                    await self.drain_spool()
-                except Exception:
-                    log.exception("draining the spool failed; trying again later")
+            await self._drain_if_due("draining the spool failed; trying again later")
 
     async def wait(self) -> None:
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
         if self._drainer is not None:
             self._drainer.cancel()
+        await self._drain_if_due("could not drain the spool at shutdown; the next start will")
+
+    async def _drain_if_due(self, failure: str) -> None:
+        """Drain the spool when it holds exchanges and the database is back; a failure is logged
+        (`failure`), not raised: the spool keeps them for the next try."""
         if self.spool.ids and self.db.available:
             try:
                 await self.drain_spool()
             except Exception:
-                log.exception("could not drain the spool at shutdown; the next start will")
+                log.exception(failure)
 
 
 async def _insert(conn, record: ExchangeCreate) -> None:
