@@ -9,6 +9,8 @@ trie, with no per-grammar compile over the whole vocabulary; it is one dependenc
 (xgrammar brings triton); and it is maintained as the structured-output engine behind vLLM,
 SGLang and llama.cpp."""
 import json
+import threading
+from collections import OrderedDict
 
 import llguidance
 import llguidance.hf
@@ -54,28 +56,46 @@ def literal(text: str) -> str:
 
 
 class Constraints:
-    """One model's grammars: compiled against its tokenizer, one matcher per constrained row."""
+    """One model's grammars: compiled against its tokenizer once, one matcher per constrained row."""
+
+    CACHED = 64  # grammars kept compiled: a client sends the same tools or schema again and again
 
     def __init__(self, tokenizer, vocab_size: int):
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()  # checked on the event loop, matched on the engine's thread
 
     def check(self, grammar: str) -> None:
         """Raises GrammarError when `grammar` does not compile (a schema llguidance refuses)."""
-        ok, error = self._validate(grammar)
-        if not ok:
-            raise GrammarError(error)
+        self._compiled_matcher(grammar)
 
-    def _validate(self, grammar: str) -> tuple[bool, str]:
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher at the grammar's start: a copy of the compiled one, so n choices and
+        repeated requests compile it once."""
+        return self._compiled_matcher(grammar).deep_copy()
+
+    def _compiled_matcher(self, grammar: str) -> llguidance.LLMatcher:
+        with self._lock:
+            if grammar in self._compiled:
+                self._compiled.move_to_end(grammar)
+                return self._compiled[grammar]
+        m = self._compile(grammar)
+        with self._lock:
+            self._compiled[grammar] = m
+            while len(self._compiled) > self.CACHED:
+                self._compiled.popitem(last=False)
+        return m
+
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
         try:
             compiled = llguidance.grammar_from("lark", grammar)
         except Exception as e:  # its parser's own message says what is wrong
-            return False, str(e)
+            raise GrammarError(str(e)) from None
         is_err, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, self.tokenizer)
-        return not is_err, "; ".join(messages)
-
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        m = llguidance.LLMatcher(self.tokenizer, llguidance.grammar_from("lark", grammar))
+        if is_err:
+            raise GrammarError("; ".join(messages))
+        m = llguidance.LLMatcher(self.tokenizer, compiled)
         if m.is_error():
             raise GrammarError(m.get_error())
         return m

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lm.grammar import Constraints, json_grammar
+from lm.grammar import Constraints, GrammarError, json_grammar
 from lm.sampling import sample_rows
 from lm.tools import FORMATS, tool_format
 
@@ -98,3 +98,19 @@ def test_tool_call_formats_parse(name, text, content, calls):
     got_content, got = FORMATS[name].parse(text, {"get_weather"})
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls
     assert got_content == (content if calls else text)
+
+
+def test_a_grammar_compiles_once_and_each_matcher_starts_fresh(tokenizer):
+    """Matchers for one grammar are copies of one compiled matcher: a row that advanced (or a
+    cached copy) never leaks its state into the next row, and a bad grammar stays refused."""
+    constraints = Constraints(tokenizer, len(tokenizer))
+    grammar = json_grammar({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    first = constraints.matcher(grammar)
+    start = constraints.allowed([first]).clone()
+    for token in tokenizer.encode('{"ok": '):
+        assert first.consume_token(token)
+    assert not torch.equal(constraints.allowed([first]), start)
+    assert torch.equal(constraints.allowed([constraints.matcher(grammar)]), start)
+    for _ in range(2):
+        with pytest.raises(GrammarError):
+            constraints.check("start: %json {")
