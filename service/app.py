@@ -11,6 +11,8 @@ from schemas.checkpoint import BadCheckpoint
 from schemas.settings import Settings, get_settings
 from service import errors
 from lm.importing import NotAChatModel
+from service.auth import Keys
+from service.feedback_writer import FeedbackWriter
 from service.middleware import Admission, RequestGuard, TrailingSlash
 from service.recording import Recorder, Spool
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
@@ -64,6 +66,7 @@ async def lifespan(app: FastAPI):
     serving = Serving(settings)
     recorder = Recorder(db, await asyncio.to_thread(Spool, settings.spool_dir, settings.spool_max_exchanges))
     app.state.database, app.state.serving, app.state.recorder = db, serving, recorder
+    app.state.keys, app.state.feedback_writer = Keys(db), FeedbackWriter(db)
     await ensure_init_key(db, settings)
     if settings.policy_path:
         await ensure_policy_path(db, settings)

@@ -19,7 +19,7 @@ from starlette.routing import compile_path
 
 from schemas.errors import DomainError
 from schemas.openai import text_problem
-from service.auth import authenticate, required_role
+from service.auth import required_role
 from service.errors import ApiError, domain_error, server_error
 from service.metrics import LATENCY, REQUESTS
 
@@ -116,8 +116,7 @@ class Admission:
         try:
             need = required_role(scope["path"], self.settings)
             if need is not None:
-                state["api_key"] = await authenticate(scope["app"].state.database, headers.get("authorization"),
-                                                      need)
+                state["api_key"] = await scope["app"].state.keys.authenticate(headers.get("authorization"), need)
             check_params(scope, path_params, headers)
             body = None
             if json_body and not _json_content(headers.get("content-type")):

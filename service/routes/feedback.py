@@ -17,9 +17,10 @@ from schemas.openai import ErrorResponse
 from schemas.settings import get_settings
 from schemas.records import (ApiKeyPublic, FeedbackCreate, FeedbackPublic, PreferenceCreate,
                              PreferencePublic, RankingCreate, RankingPublic)
-from service.deps import ConnDep, CurrentKey
+from service.deps import ConnDep, CurrentKey, DatabaseDep
 from service.errors import ERROR_RESPONSES
 from store import feedback
+from store.feedback import FeedbackEvent
 
 M = TypeVar("M", bound=BaseModel)
 RESPONSES = ERROR_RESPONSES | {409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
@@ -67,16 +68,20 @@ def recorded_yet(request: Request, *response_ids: str) -> None:
 
 
 @router.post("/feedback", response_model=FeedbackPublic)
-async def give_feedback(body: FeedbackCreate, key: CurrentKey, conn: ConnDep, response: Response,
+async def give_feedback(body: FeedbackCreate, key: CurrentKey, db: DatabaseDep, response: Response,
                         request: Request, idempotency_key: IdempotencyKey = None) -> FeedbackPublic:
     """Thumbs (+1/-1), a rating (1-7), a comment or a corrected answer on one completion; a
     second one of the same kind by the same key replaces the first."""
     recorded_yet(request, body.response_id)
-    return await write_once(
-        conn, key=key, idempotency_key=idempotency_key, route="POST /v1/feedback",
-        request=body.model_dump_json().encode(), response=response, model=FeedbackPublic,
-        write=lambda: feedback.record_feedback(conn, feedback=body, author_key_id=key.id,
-                                               owned_by=owned_by(key)))
+    event = FeedbackEvent(body, key.id, owned_by(key))
+    if idempotency_key is None:  # written with the events that arrive with it (service/feedback_writer.py)
+        return await request.app.state.feedback_writer(event)
+    async with db.connection() as conn:
+        return await write_once(
+            conn, key=key, idempotency_key=idempotency_key, route="POST /v1/feedback",
+            request=body.model_dump_json().encode(), response=response, model=FeedbackPublic,
+            write=lambda: feedback.record_feedback(conn, feedback=body, author_key_id=key.id,
+                                                   owned_by=event.owned_by))
 
 
 @router.post("/rankings", response_model=RankingPublic)
