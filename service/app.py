@@ -96,7 +96,8 @@ def create_app() -> FastAPI:
                    health, console):
         app.include_router(module.router)
     app.mount("/console", console.assets, name="console")
-    app.add_middleware(Admission, settings=settings)  # inner: keys, then unstorable text
+    app.add_middleware(Admission, settings=settings,  # inner: keys, then unstorable text
+                       direct={("POST", "/v1/feedback"): feedback.give_feedback_directly})
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # outer: ids, size, crashes
     app.add_middleware(TrailingSlash)
     if settings.cors_origins:  # outermost: a browser's preflight carries no key

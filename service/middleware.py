@@ -104,8 +104,11 @@ class RequestGuard:
 
 
 class Admission:
-    def __init__(self, app, settings):
-        self.app, self.settings = app, settings
+    """`direct`: (method, path) -> a handler that may answer an admitted request itself, given its
+    body (a hot route's fast path); it returns False to leave the request to the app."""
+
+    def __init__(self, app, settings, direct: dict | None = None):
+        self.app, self.settings, self.direct = app, settings, direct or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -129,6 +132,9 @@ class Admission:
             return await send_error(send, e)
         except DomainError as e:  # the database, unreachable while authenticating
             return await send_error(send, domain_error(e))
+        direct = self.direct.get((scope["method"], scope["path"]))
+        if direct is not None and body is not None and await direct(scope, body, send):
+            return
         await self.app(scope, receive, send)
 
 
