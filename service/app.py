@@ -11,6 +11,8 @@ from schemas.checkpoint import BadCheckpoint
 from schemas.settings import Settings, get_settings
 from service import errors
 from lm.importing import NotAChatModel
+from service.auth import Keys
+from service.feedback_writer import FeedbackWriter
 from service.middleware import Admission, RequestGuard, TrailingSlash
 from service.recording import Recorder, Spool
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
@@ -64,6 +66,7 @@ async def lifespan(app: FastAPI):
     serving = Serving(settings)
     recorder = Recorder(db, await asyncio.to_thread(Spool, settings.spool_dir, settings.spool_max_exchanges))
     app.state.database, app.state.serving, app.state.recorder = db, serving, recorder
+    app.state.keys, app.state.feedback_writer = Keys(db), FeedbackWriter(db)
     await ensure_init_key(db, settings)
     if settings.policy_path:
         await ensure_policy_path(db, settings)
@@ -93,7 +96,8 @@ def create_app() -> FastAPI:
                    health, console):
         app.include_router(module.router)
     app.mount("/console", console.assets, name="console")
-    app.add_middleware(Admission, settings=settings)  # inner: keys, then unstorable text
+    app.add_middleware(Admission, settings=settings,  # inner: keys, then unstorable text
+                       direct={("POST", "/v1/feedback"): feedback.give_feedback_directly})
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # outer: ids, size, crashes
     app.add_middleware(TrailingSlash)
     if settings.cors_origins:  # outermost: a browser's preflight carries no key

@@ -13,6 +13,7 @@ from typing import Literal
 
 from schemas.records import ApiKeyPublic
 from schemas.settings import Settings
+from service.coalesce import Coalescer
 from service.errors import ApiError
 from store import keys
 from store.db import Database
@@ -41,26 +42,34 @@ def bearer(authorization: str | None) -> str:
     return token.strip()
 
 
-async def authenticate(db: Database, authorization: str | None, need: Need) -> ApiKeyPublic:
-    """The live key in the header, counted against its rate limit; 401, 403 or 429 otherwise."""
-    token = bearer(authorization)
+class Keys:
+    """The caller's key, looked up on every request: nothing is cached, so a revoked key is refused
+    from the moment its revocation commits, on every replica and worker. Concurrent requests'
+    lookups share one query (service/coalesce.py): under load the key check costs a query per
+    batch of requests, not per request."""
 
-    async def look_up(conn) -> tuple[ApiKeyPublic | None, bool]:
-        key = await keys.get_api_key(conn, key=token)
-        if key is None or not key.rate_limit:
-            return key, True
-        return key, await keys.take_rate_limited_request(conn, key_id=key.id, rate_limit=key.rate_limit)
+    def __init__(self, db: Database):
+        self.db = db
+        self._live = Coalescer(self._look_up, lanes=2)
 
-    # A short borrow of its own (retried once on a connection that broke under it): a streamed
-    # chat must not hold a pool connection while it runs.
-    key, within_limit = await db.retrying(look_up)
-    if key is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    if need == "operator" and key.role != "operator":
-        raise ApiError(403, "This route needs an operator key.", code="operator_only")
-    if not within_limit:
-        # The windows are the database's calendar minutes; this replica's clock says when the
-        # next one opens (equal up to clock skew).
-        raise ApiError(429, f"Rate limit reached: {key.rate_limit} requests per minute for this key.",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(60 - time.gmtime().tm_sec)})
-    return key
+    async def _look_up(self, tokens: list[str]) -> list[ApiKeyPublic | None]:
+        # A short borrow of its own (retried once on a connection that broke under it): a streamed
+        # chat must not hold a pool connection while it runs.
+        found = await self.db.retrying(lambda conn: keys.get_api_keys(conn, keys=tokens))
+        return [found.get(t) for t in tokens]
+
+    async def authenticate(self, authorization: str | None, need: Need) -> ApiKeyPublic:
+        """The live key in the header, counted against its rate limit; 401, 403 or 429 otherwise."""
+        key = await self._live(bearer(authorization))
+        if key is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        within_limit = not key.rate_limit or await self.db.retrying(
+            lambda conn: keys.take_rate_limited_request(conn, key_id=key.id, rate_limit=key.rate_limit))
+        if need == "operator" and key.role != "operator":
+            raise ApiError(403, "This route needs an operator key.", code="operator_only")
+        if not within_limit:
+            # The windows are the database's calendar minutes; this replica's clock says when the
+            # next one opens (equal up to clock skew).
+            raise ApiError(429, f"Rate limit reached: {key.rate_limit} requests per minute for this key.",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(60 - time.gmtime().tm_sec)})
+        return key

@@ -6,17 +6,19 @@ from psycopg import AsyncConnection
 
 from schemas.records import ApiKeyPublic
 from schemas.settings import Settings, get_settings
-from service.auth import authenticate, required_role
+from service.auth import required_role
 from service.errors import ApiError
 from service.serving import Serving
 from store.db import Database
 
 
-def get_database(request: Request) -> Database:
+# async, though they await nothing: FastAPI runs a plain `def` dependency in a worker thread, a
+# thread hop on every request
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
@@ -25,13 +27,13 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def current_key(request: Request, db: DatabaseDep) -> ApiKeyPublic:
+async def current_key(request: Request) -> ApiKeyPublic:
     """The key `Admission` (service/middleware.py) authenticated before the body was read; a
     route outside the keyed paths that asks for one authenticates here."""
     key = getattr(request.state, "api_key", None)
     if key is None:
-        key = await authenticate(db, request.headers.get("authorization"),
-                                 required_role(request.url.path, request.app.state.settings) or "user")
+        key = await request.app.state.keys.authenticate(
+            request.headers.get("authorization"), required_role(request.url.path, request.app.state.settings) or "user")
         request.state.api_key = key
     return key
 

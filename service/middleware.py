@@ -19,7 +19,7 @@ from starlette.routing import compile_path
 
 from schemas.errors import DomainError
 from schemas.openai import text_problem
-from service.auth import authenticate, required_role
+from service.auth import required_role
 from service.errors import ApiError, domain_error, server_error
 from service.metrics import LATENCY, REQUESTS
 
@@ -104,8 +104,11 @@ class RequestGuard:
 
 
 class Admission:
-    def __init__(self, app, settings):
-        self.app, self.settings = app, settings
+    """`direct`: (method, path) -> a handler that may answer an admitted request itself, given its
+    body (a hot route's fast path); it returns False to leave the request to the app."""
+
+    def __init__(self, app, settings, direct: dict | None = None):
+        self.app, self.settings, self.direct = app, settings, direct or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -116,8 +119,7 @@ class Admission:
         try:
             need = required_role(scope["path"], self.settings)
             if need is not None:
-                state["api_key"] = await authenticate(scope["app"].state.database, headers.get("authorization"),
-                                                      need)
+                state["api_key"] = await scope["app"].state.keys.authenticate(headers.get("authorization"), need)
             check_params(scope, path_params, headers)
             body = None
             if json_body and not _json_content(headers.get("content-type")):
@@ -130,6 +132,9 @@ class Admission:
             return await send_error(send, e)
         except DomainError as e:  # the database, unreachable while authenticating
             return await send_error(send, domain_error(e))
+        direct = self.direct.get((scope["method"], scope["path"]))
+        if direct is not None and body is not None and await direct(scope, body, send):
+            return
         await self.app(scope, receive, send)
 
 

@@ -12,17 +12,18 @@ id and keep it until they commit; `current_watermark` takes it exclusively for a
 id at or below the watermark it returns belongs to a row that is committed or rolled back for good.
 """
 from datetime import datetime
+from typing import NamedTuple
 
 from psycopg import AsyncConnection, pq
 from psycopg.types.json import Jsonb
 
-from schemas.errors import Conflict, Invalid, NotFound
+from schemas.errors import Conflict, DomainError, Invalid, NotFound
 from schemas.records import (CompletionRef, CompletionTarget, DemonstrationImport, FeedbackCreate,
                              FeedbackPublic, PreferenceCreate, PreferenceImport, PreferencePublic,
                              RankingCreate, RankingPublic)
 from store import locks
 from store.exchanges import prompt_hash
-from store.sql import execute, fetch_all, fetch_one
+from store.sql import execute, fetch_all, fetch_each, fetch_one
 
 
 def _in_transaction(conn: AsyncConnection) -> None:
@@ -56,8 +57,15 @@ async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
     in the caller's transaction (which this joins to the event writers); NotFound otherwise,
     with one message for unknown and someone else's."""
     _in_transaction(conn)
-    row = await fetch_one(conn, "find_completion", response_id=ref.response_id,
-                          choice_index=ref.choice_index, owner=owned_by, lock=locks.EVENTS)
+    return _target(await fetch_one(conn, "find_completion", **_find_params(ref, owned_by)), ref, param)
+
+
+def _find_params(ref: CompletionRef, owned_by: int | None) -> dict:
+    return dict(response_id=ref.response_id, choice_index=ref.choice_index, owner=owned_by, lock=locks.EVENTS)
+
+
+def _target(row: dict | None, ref: CompletionRef, param: str | None) -> CompletionTarget:
+    """What `find_completion` found, or why it may not be judged."""
     if row is None:
         raise NotFound(f"No completion with response_id '{ref.response_id}' and choice_index "
                        f"{ref.choice_index}.", param=param)
@@ -71,12 +79,50 @@ async def record_feedback(conn, *, feedback: FeedbackCreate, author_key_id: int,
                           owned_by: int | None) -> FeedbackPublic:
     """Thumbs, rating, comment or correction on one completion; a repeat replaces the author's
     value of that kind (and is new data only when the value changed)."""
-    completion = await find_completion(conn, ref=feedback, owned_by=owned_by)
-    key = dict(completion_id=completion.id, author_key_id=author_key_id, kind=feedback.kind)
-    row = await fetch_one(conn, "upsert_feedback", **key, value=feedback.value, text=feedback.text)
-    if row is None:  # the same value again: nothing changed
-        row = await fetch_one(conn, "get_feedback", **key)
-    return FeedbackPublic(**row)
+    [result] = await record_feedback_group(conn, [FeedbackEvent(feedback, author_key_id, owned_by)])
+    if isinstance(result, DomainError):
+        raise result
+    return result
+
+
+class FeedbackEvent(NamedTuple):
+    """One `record_feedback` call's arguments."""
+    feedback: FeedbackCreate
+    author_key_id: int
+    owned_by: int | None
+
+    def same_row(self) -> tuple:
+        """Events with equal values write the same feedback row."""
+        return self.feedback.response_id, self.feedback.choice_index, self.author_key_id, self.feedback.kind
+
+
+async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[FeedbackPublic | DomainError]:
+    """`record_feedback` for every event in the caller's transaction, each step one round trip for
+    all of them (pipeline mode) instead of one per event: an event's answer, or the error that
+    event alone gets (an unknown or someone else's completion, a client's housekeeping call),
+    writing nothing for it. No two events may write the same row (`FeedbackEvent.same_row`):
+    each answer is its own write's. A database error fails the transaction, for every event."""
+    _in_transaction(conn)
+    found = await fetch_each(conn, "find_completion", [_find_params(e.feedback, e.owned_by) for e in events])
+    results: list[FeedbackPublic | DomainError | None] = [None] * len(events)
+    writes = []  # (event index, row key)
+    for i, (event, row) in enumerate(zip(events, found)):
+        try:
+            target = _target(row, event.feedback, None)
+        except DomainError as e:
+            results[i] = e
+            continue
+        writes.append((i, dict(completion_id=target.id, author_key_id=event.author_key_id, kind=event.feedback.kind)))
+    # rows locked in one order by every group: two groups never wait on each other in a cycle
+    writes.sort(key=lambda w: (w[1]["completion_id"], w[1]["author_key_id"], w[1]["kind"]))
+    saved = await fetch_each(conn, "upsert_feedback", [dict(k, value=events[i].feedback.value,
+                                                            text=events[i].feedback.text) for i, k in writes])
+    unchanged = [(i, k) for (i, k), row in zip(writes, saved) if row is None]  # the same value again
+    again = await fetch_each(conn, "get_feedback", [k for _, k in unchanged])
+    for (i, _), row in [*zip(writes, saved), *zip(unchanged, again)]:
+        if row is not None:
+            results[i] = FeedbackPublic(**row)
+    return results
 
 
 async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,

@@ -31,6 +31,13 @@ async def get_api_key(conn, *, key: str) -> ApiKeyPublic | None:
     return ApiKeyPublic(**row) if row else None
 
 
+async def get_api_keys(conn, *, keys: list[str]) -> dict[str, ApiKeyPublic]:
+    """The live ones among `keys`, by key: what `get_api_key` answers for each, in one query."""
+    by_hash = {hash_key(k): k for k in keys}
+    rows = await fetch_all(conn, "get_api_keys_by_hashes", key_hashes=list(by_hash))
+    return {by_hash[r.pop("key_hash")]: ApiKeyPublic(**r) for r in rows}
+
+
 async def take_rate_limited_request(conn, *, key_id: int, rate_limit: int) -> bool:
     """Count one request against the key's per-minute limit; False when this minute's is used up."""
     return await fetch_one(conn, "take_rate_limited_request", key_id=key_id, rate_limit=rate_limit) is not None

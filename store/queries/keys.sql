@@ -12,6 +12,11 @@ RETURNING id, prefix, name, role, rate_limit, created_at, revoked_at;
 SELECT id, prefix, name, role, rate_limit, created_at, revoked_at
 FROM api_keys WHERE key_hash = %(key_hash)s AND revoked_at IS NULL;
 
+-- name: get_api_keys_by_hashes
+-- The live keys among these hashes (one query for many concurrent requests' keys).
+SELECT key_hash, id, prefix, name, role, rate_limit, created_at, revoked_at
+FROM api_keys WHERE key_hash = ANY(%(key_hashes)s::text[]) AND revoked_at IS NULL;
+
 -- name: list_api_keys
 -- One page of keys, newest first, revoked ones included: ids below `before` (null: from the newest).
 SELECT id, prefix, name, role, rate_limit, created_at, revoked_at

@@ -266,3 +266,37 @@ def test_the_same_key_with_another_body_is_a_conflict(server, user, operator, ex
     # keys are per API key: another key may use the same string
     assert operator.post("/v1/feedback", json={**ref(ex["one"]), "kind": "comment", "text": "b"},
                          headers=key).status_code == 200
+
+
+def test_concurrent_feedback_is_each_committed_when_answered(server, user_key, openai_client):
+    """Many POSTs at once (written in groups: service/feedback_writer.py): every 200 is already
+    in the database when its caller reads it, one in the burst that may not be judged is its
+    own 404 and changes nothing, and no event is drawn twice."""
+    rids = [ask(openai_client, n=4, temperature=1.5).id for _ in range(3)]
+    events = [({**ref(rid, i), "kind": kind, "value": value}, kind, value)
+              for rid in rids for i in range(4) for kind, value in (("thumbs", -1), ("rating", 5))]
+    before, drawn_before = count(server, "feedback"), watermark(server)
+    results = []
+
+    def post(body, kind, value):
+        with server.client(user_key) as c, psycopg.connect(server.db_url) as conn:
+            barrier.wait()  # all at once
+            r = c.post("/v1/feedback", json=body)
+            stored = None
+            if r.status_code == 200:
+                stored = conn.execute("SELECT kind, value FROM feedback WHERE id = %s",
+                                      (int(r.json()["id"].removeprefix("fb_")),)).fetchone()
+            results.append((r.status_code, stored, (kind, value)))
+
+    threads = [threading.Thread(target=post, args=e) for e in events]
+    threads.append(threading.Thread(target=post, args=({**ref("chatcmpl-nope"), "kind": "thumbs", "value": 1},
+                                                       "thumbs", 1)))
+    barrier = threading.Barrier(len(threads))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s for s, _, _ in results) == [200] * len(events) + [404]
+    assert all(stored == expected for s, stored, expected in results if s == 200)
+    assert count(server, "feedback") == before + len(events)
+    assert watermark(server) == drawn_before + len(events)
