@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from lm.checkpoint import save_pretrained
 from lm.device import resolve_device
@@ -38,6 +39,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 for name, value in list(vars(sub).items()):
                     if _is_dropout(name, value):
                         setattr(sub, name, 0.0)
+
+
+def fused_activations(model: torch.nn.Module) -> None:
+    """Swap transformers' tanh-GELU written in Python (`gelu_new`: GPT-2, GPT-J, Phi-2; seven
+    elementwise ops and as many saved for the backward) for PyTorch's fused kernel of the same
+    function (`gelu_pytorch_tanh`, equal to float rounding, ~4e-7). On a CPU the Python form is
+    about a tenth of a small model's forward and backward. Only the modules in memory change:
+    the config, and so what a published checkpoint loads, keeps `gelu_new`."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
 
 
 def mixed_precision(device: str, wanted: str = "auto") -> str:

@@ -28,7 +28,7 @@ from lm.decoding import left_pad
 from lm.turns import check_pad, end_of_turn_ids
 from schemas.bundled import bundled_prompts
 from trainer.rollout import Samples, decode, join, response_logits, response_values, sample
-from trainer.common import disable_dropout, fp32_trainable, make_accelerator, on_terminal
+from trainer.common import disable_dropout, fp32_trainable, fused_activations, make_accelerator, on_terminal
 from trainer.optim import adamw, set_lr, warmup_linear
 from trainer.sft import answer_loss, collate, encode_demonstration
 
@@ -507,6 +507,7 @@ def prepare(cfg: PPOConfig, policy, ref_policy, value_model, accelerator) -> tup
     accelerate; dropout off everywhere and the reference frozen on the same device."""
     for m in (policy, ref_policy, value_model):
         disable_dropout(m)
+        fused_activations(m)  # rollout, reference and update all run the same swapped function
     device = accelerator.device
     ref_policy.requires_grad_(False).eval().to(device)
     model = PolicyAndValue(policy, value_model).to(device)

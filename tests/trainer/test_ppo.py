@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lm.chat import encode_prompt
 from lm.decoding import left_pad
@@ -261,6 +261,24 @@ def test_value_model_reads_every_answer_position(policy_path, tokenizer):
         pooled = vm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]).logits[:, 0]
     assert values.shape == (2, 3)
     assert torch.allclose(values[:, -1], pooled, atol=1e-5)
+
+
+def test_prepare_runs_gpt2s_python_gelu_as_the_fused_kernel_of_the_same_function(tokenizer):
+    # GPT-2 checkpoints say `gelu_new` (tanh-GELU in Python ops); PPO runs PyTorch's fused form.
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=2, n_embd=32, n_head=2,
+                        activation_function="gelu_new", pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    policy = GPT2LMHeadModel(config)
+    before = GPT2LMHeadModel(config)
+    before.load_state_dict(policy.state_dict())
+    value = AutoModelForSequenceClassification.from_config(config)
+    cfg = ppo.PPOConfig(device="cpu", batch_size=4, num_minibatches=2)
+    ppo.prepare(cfg, policy, GPT2LMHeadModel(config), value, ppo.make_accelerator("cpu"))
+    acts = {type(m).__name__ for model in (policy, value) for m in model.modules() if "GELU" in type(m).__name__}
+    assert acts == {"GELUTanh"}
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+    with torch.no_grad():
+        assert torch.allclose(policy(input_ids=ids).logits, before.eval()(input_ids=ids).logits, atol=1e-5)
+    assert policy.config.activation_function == "gelu_new"  # what a published checkpoint says
 
 
 # --- end to end ------------------------------------------------------------------------------------
