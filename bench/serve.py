@@ -178,11 +178,16 @@ async def open_loop(client, model: str, prompts: list[str], cell: Cell, seconds:
 def measure_http(system: str, base_url: str, key: str, model: str, prompts: list[str], args,
                  extra_body: dict | None = None, metrics_url: str | None = None,
                  counts_eos: bool = False) -> list[Cell]:
+    import httpx2  # the openai client's HTTP library
     import openai
 
     async def run() -> list[Cell]:
         gc.freeze()  # this process's heap (torch too, once generate ran) is no collector's work while it measures
-        http = openai.DefaultAsyncHttpxClient(trust_env=False)
+        # Idle connections are dropped after 2 s, before uvicorn closes them (its keep-alive is
+        # 5 s, httpx's too): at equal timeouts a request sent on a connection the server is
+        # closing fails with "Server disconnected without sending a response" (max_retries=0).
+        http = openai.DefaultAsyncHttpxClient(trust_env=False, limits=httpx2.Limits(
+            max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0))
         client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300,
                                     http_client=http)
         cells = []

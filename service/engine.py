@@ -137,10 +137,24 @@ class Generation:
                     wrapped.__cause__, p = p, wrapped
                 self.error = p
                 continue
+            p = self._catch_up(p)
             if self.first_token is None and p.text:
                 self.first_token = time.perf_counter()
             self.open_choices -= p.finish_reason is not None
             yield p
+
+    def _catch_up(self, p: Piece) -> Piece:
+        """The same choice's pieces already waiting behind `p`, joined to it: a consumer that
+        fell behind the engine sends one chunk for them, not one per token (each chunk costs
+        the server and the client more than the token did)."""
+        while p.finish_reason is None and self._pieces:
+            nxt = self._pieces[0]
+            if not isinstance(nxt, Piece) or nxt.index != p.index:
+                return p
+            self._pieces.popleft()
+            logprobs = None if p.logprobs is None and nxt.logprobs is None else (p.logprobs or []) + (nxt.logprobs or [])
+            p = Piece(p.index, p.text + nxt.text, nxt.finish_reason, nxt.tokens, logprobs)
+        return p
 
     def timings(self) -> dict[str, float | None]:
         ms = lambda a, b: None if a is None or b is None else round((b - a) * 1000, 2)
