@@ -39,6 +39,11 @@ from service.metrics import (BATCH_OCCUPANCY, BATCH_ROWS, GENERATED_TOKENS, QUEU
 
 log = logging.getLogger(__name__)
 
+ADMIT_SHARE = 0.25
+"""a busy batch admits once the waiting rows are this share of its own ..."""
+ADMIT_DEFER = 3
+"""... or after this many decoding steps"""
+
 
 class Row:
     """One choice being generated: its tokens, its sampler state, what was streamed so far."""
@@ -79,6 +84,7 @@ class LocalEngine:
         self._rows: list[Row] = []
         self._batch: Batch | None = None
         self._closing = False
+        self._deferred = 0  # decoding steps since requests waited and a prefill did not pay
         self._rng = torch.Generator(device=device).manual_seed(random.getrandbits(63))  # rows without a seed
         self._rate = (time.perf_counter(), 0)  # (since, tokens): generated tokens per second
         self._occupancy = BATCH_OCCUPANCY.labels(version=version.name)
@@ -188,6 +194,10 @@ class LocalEngine:
         width, see `Batch.repackable`, admits only into an empty batch.)"""
         if self._batch is not None and not self._batch.repackable:
             return []
+        if not self._prefill_pays():
+            self._deferred += 1
+            return []
+        self._deferred = 0
         free, admitted = self.max_batch_rows - len(self._rows), []
         while self._waiting and (self._waiting[0].sampling.n <= free or not (self._rows or admitted)):
             gen = self._waiting.popleft()
@@ -195,6 +205,19 @@ class LocalEngine:
             admitted.append(gen)
         self._dequeued(len(admitted))
         return admitted
+
+    def _prefill_pays(self) -> bool:
+        """Whether to prefill what waits now or after another decoding step. A prefill is a
+        forward of its own, which for a small model costs about what a decoding step of the
+        whole batch does (the time goes on per-layer overhead, not arithmetic): admitting one
+        request at every step, as rows finish one by one, would spend every other forward on a
+        prefill of one prompt. So while the batch is busy, requests wait until their rows are
+        a fair share of it (`ADMIT_SHARE`), at most `ADMIT_DEFER` steps."""
+        if not (self._waiting and self._rows) or self._deferred >= ADMIT_DEFER:
+            return True
+        free = self.max_batch_rows - len(self._rows)
+        waiting = min(free, sum(g.sampling.n for g in self._waiting))
+        return waiting >= ADMIT_SHARE * len(self._rows) or waiting == free
 
     def _dequeued(self, count: int) -> None:
         if count:
@@ -210,12 +233,12 @@ class LocalEngine:
             prompts.setdefault(tuple(gen.prompt_ids), len(prompts))
         ids, mask = (t.to(self.device) for t in left_pad([list(p) for p in prompts], self.pad_id))
         for gen in admitted:
-            gen.admit()
+            gen.admit(wake=False)  # the route hears it with the first pieces: one wake-up
         logits, batch = prefill(self.model, ids, mask)  # (U, V)
         rows = [Row(gen, i, self.device, self.constraints, self.detokenizer.answer())
                 for gen in admitted for i in range(gen.sampling.n)]
         source = [prompts[tuple(r.gen.prompt_ids)] for r in rows]  # each row's prompt in `batch`
-        self._sample(rows, logits[source])
+        self._sample(rows, logits[source], admitted)
         now = time.perf_counter()
         for gen in admitted:
             TIME_TO_FIRST_TOKEN.observe(now - gen.submitted)
@@ -249,7 +272,7 @@ class LocalEngine:
         else:
             self._batch = None
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+    def _sample(self, rows: list[Row], logits: torch.Tensor, admitted: list[Generation] = ()) -> None:
         matchers = [r.matcher for r in rows]
         allowed = self.constraints.allowed(matchers)
         wanted = [r.gen.sampling.logprobs for r in rows]
@@ -262,7 +285,7 @@ class LocalEngine:
                 r.matcher.consume_token(tok)
             if wanted[k] is not None and tok not in self.end_ids:  # the answer's tokens, as OpenAI lists them
                 r.logprobs.append(self._logprob_entry(logp[k], tok, wanted[k]))
-        self._advance(rows, next_ids)
+        self._advance(rows, next_ids, admitted)
 
     def _logprob_entry(self, logp: torch.Tensor, token: int, top: int) -> dict:
         """OpenAI's entry for one drawn token (and its `id`): -inf, a token the distribution
@@ -274,8 +297,9 @@ class LocalEngine:
         return {"id": token, **item(token, float(logp[token])),
                 "top_logprobs": [item(int(t), float(v)) for v, t in zip(values.tolist(), ids.tolist())]}
 
-    def _advance(self, rows: list[Row], next_ids: list[int]) -> None:
-        """Append each open row's token, decide whether it finished, push new text per request."""
+    def _advance(self, rows: list[Row], next_ids: list[int], admitted: list[Generation]) -> None:
+        """Append each open row's token, decide whether it finished, push new text per request;
+        one wake-up for the pieces and the requests `admitted` this step."""
         pushed: dict[Generation, list[Piece]] = {}
         generated = 0
         for r, tok in zip(rows, next_ids):
@@ -300,7 +324,9 @@ class LocalEngine:
                 pushed.setdefault(r.gen, []).append(piece)
         GENERATED_TOKENS.inc(generated)
         self._rate = (self._rate[0], self._rate[1] + generated)
-        wake_all([gen for gen, pieces in pushed.items() if gen.push(pieces, wake=False)])
+        woken = [gen for gen, pieces in pushed.items() if gen.push(pieces, wake=False)]
+        woken += [gen for gen in admitted if gen not in pushed and gen.push([], wake=False)]
+        wake_all(woken)
 
     @staticmethod
     def _visible_text(r: Row, text: str | None) -> tuple[str, bool]:
