@@ -145,7 +145,7 @@ async def closed_loop(client, model: str, prompts: list[str], cell: Cell, second
             if a.ttft is not None:
                 cell.ttfts.append(a.ttft)
 
-    await asyncio.gather(*(worker() for _ in range(int(cell.level))))
+    await settle(*(worker() for _ in range(int(cell.level))))
     cell.seconds = time.perf_counter() - start
 
 
@@ -171,8 +171,16 @@ async def open_loop(client, model: str, prompts: list[str], cell: Cell, seconds:
         if (delay := start + at - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
+    await settle(*tasks)
     cell.seconds = time.perf_counter() - start
+
+
+async def settle(*aws) -> None:
+    """Await all of them, then raise the first failure: a failed request must not leave the
+    others running into the next cell."""
+    failed = [r for r in await asyncio.gather(*aws, return_exceptions=True) if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
 
 
 def measure_http(system: str, base_url: str, key: str, model: str, prompts: list[str], args,
@@ -200,7 +208,12 @@ def measure_http(system: str, base_url: str, key: str, model: str, prompts: list
                 before = await batch_rows(http, metrics_url)
                 cell = Cell(system, load, level)
                 loop = closed_loop if load == "closed" else open_loop
-                await loop(client, model, prompts, cell, args.seconds, args.max_tokens, extra_body)
+                try:
+                    await loop(client, model, prompts, cell, args.seconds, args.max_tokens, extra_body)
+                except Exception as e:  # noqa: BLE001 - this cell's reason; the other cells stand
+                    cells.append(Cell(system, load, level, note=f"did not finish: {type(e).__name__}: {e}"[:200]))
+                    print(f"  {system:<12} {load:<6} {level:>5g}: {cells[-1].note}", flush=True)
+                    continue
                 after = await batch_rows(http, metrics_url)
                 if before and after and after[1] > before[1]:
                     cell.note = f"mean batch {(after[0] - before[0]) / (after[1] - before[1]):.1f} rows"
