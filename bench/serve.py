@@ -145,7 +145,7 @@ async def closed_loop(client, model: str, prompts: list[str], cell: Cell, second
             if a.ttft is not None:
                 cell.ttfts.append(a.ttft)
 
-    await asyncio.gather(*(worker() for _ in range(int(cell.level))))
+    await settle(*(worker() for _ in range(int(cell.level))))
     cell.seconds = time.perf_counter() - start
 
 
@@ -171,18 +171,31 @@ async def open_loop(client, model: str, prompts: list[str], cell: Cell, seconds:
         if (delay := start + at - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
+    await settle(*tasks)
     cell.seconds = time.perf_counter() - start
+
+
+async def settle(*aws) -> None:
+    """Await all of them, then raise the first failure: a failed request must not leave the
+    others running into the next cell."""
+    failed = [r for r in await asyncio.gather(*aws, return_exceptions=True) if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
 
 
 def measure_http(system: str, base_url: str, key: str, model: str, prompts: list[str], args,
                  extra_body: dict | None = None, metrics_url: str | None = None,
                  counts_eos: bool = False) -> list[Cell]:
+    import httpx2  # the openai client's HTTP library
     import openai
 
     async def run() -> list[Cell]:
         gc.freeze()  # this process's heap (torch too, once generate ran) is no collector's work while it measures
-        http = openai.DefaultAsyncHttpxClient(trust_env=False)
+        # Idle connections are dropped after 2 s, before uvicorn closes them (its keep-alive is
+        # 5 s, httpx's too): at equal timeouts a request sent on a connection the server is
+        # closing fails with "Server disconnected without sending a response" (max_retries=0).
+        http = openai.DefaultAsyncHttpxClient(trust_env=False, limits=httpx2.Limits(
+            max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0))
         client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300,
                                     http_client=http)
         cells = []
@@ -195,7 +208,12 @@ def measure_http(system: str, base_url: str, key: str, model: str, prompts: list
                 before = await batch_rows(http, metrics_url)
                 cell = Cell(system, load, level)
                 loop = closed_loop if load == "closed" else open_loop
-                await loop(client, model, prompts, cell, args.seconds, args.max_tokens, extra_body)
+                try:
+                    await loop(client, model, prompts, cell, args.seconds, args.max_tokens, extra_body)
+                except Exception as e:  # noqa: BLE001 - this cell's reason; the other cells stand
+                    cells.append(Cell(system, load, level, note=f"did not finish: {type(e).__name__}: {e}"[:200]))
+                    print(f"  {system:<12} {load:<6} {level:>5g}: {cells[-1].note}", flush=True)
+                    continue
                 after = await batch_rows(http, metrics_url)
                 if before and after and after[1] > before[1]:
                     cell.note = f"mean batch {(after[0] - before[0]) / (after[1] - before[1]):.1f} rows"

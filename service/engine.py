@@ -62,6 +62,7 @@ class Generation:
         self._wake_pending = False
         self._admitted: asyncio.Future = self.loop.create_future()
         self._admitted.add_done_callback(_retrieved)  # a refusal nobody awaits is not an error
+        self._admit_pending = False  # admitted, the route not yet told (`admit(wake=False)`)
         self._cancelled = threading.Event()
         self.error: Exception | None = None
         """what the engine failed with; every later read raises it again"""
@@ -73,10 +74,15 @@ class Generation:
         self.first_token: float | None = None
 
     # engine side (any thread) ----------------------------------------------------------------
-    def admit(self) -> None:
-        """It has a place in the batch: it will be generated, and answered 200."""
+    def admit(self, *, wake: bool = True) -> None:
+        """It has a place in the batch: it will be generated, and answered 200. With
+        `wake=False` the route learns it at the next wake-up (`push`, `wake_all`): an engine
+        that admits and pushes the first pieces in one step wakes the loop once."""
         self.started = time.perf_counter()
-        self._call(_settle, self._admitted, None)
+        if wake:
+            self._call(_settle, self._admitted, None)
+        else:
+            self._admit_pending = True
 
     def reject(self, error: EngineOverloaded) -> None:
         """It will not be generated: the route answers with `error` and records nothing."""
@@ -95,8 +101,15 @@ class Generation:
                 return False
             self._wake_pending = True
         if wake:
-            self._call(self._ready.set)
+            self._call(self._woken)
         return True
+
+    def _woken(self) -> None:
+        """On the event loop: what was admitted and pushed since the last wake-up is there."""
+        if self._admit_pending:
+            self._admit_pending = False
+            _settle(self._admitted, None)
+        self._ready.set()
 
     def _call(self, fn, *args) -> None:
         try:
@@ -137,10 +150,24 @@ class Generation:
                     wrapped.__cause__, p = p, wrapped
                 self.error = p
                 continue
+            p = self._catch_up(p)
             if self.first_token is None and p.text:
                 self.first_token = time.perf_counter()
             self.open_choices -= p.finish_reason is not None
             yield p
+
+    def _catch_up(self, p: Piece) -> Piece:
+        """The same choice's pieces already waiting behind `p`, joined to it: a consumer that
+        fell behind the engine sends one chunk for them, not one per token (each chunk costs
+        the server and the client more than the token did)."""
+        while p.finish_reason is None and self._pieces:
+            nxt = self._pieces[0]
+            if not isinstance(nxt, Piece) or nxt.index != p.index:
+                return p
+            self._pieces.popleft()
+            logprobs = None if p.logprobs is None and nxt.logprobs is None else (p.logprobs or []) + (nxt.logprobs or [])
+            p = Piece(p.index, p.text + nxt.text, nxt.finish_reason, nxt.tokens, logprobs)
+        return p
 
     def timings(self) -> dict[str, float | None]:
         ms = lambda a, b: None if a is None or b is None else round((b - a) * 1000, 2)
@@ -161,7 +188,7 @@ def wake_all(gens: list[Generation]) -> None:
 
 def _set_ready(gens: list[Generation]) -> None:
     for gen in gens:
-        gen._ready.set()
+        gen._woken()
 
 
 def _retrieved(future: asyncio.Future) -> None:

@@ -27,6 +27,7 @@ from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_policy, load_tokenizer
 from lm.turns import end_of_turn_ids
 from lm.decoding import Batch, left_pad, prefill
+from lm.detokenize import AnswerText, Detokenizer
 from lm.grammar import Constraints
 from lm.sampling import sample_rows
 from lm.tools import tool_format
@@ -38,20 +39,26 @@ from service.metrics import (BATCH_OCCUPANCY, BATCH_ROWS, GENERATED_TOKENS, QUEU
 
 log = logging.getLogger(__name__)
 
+ADMIT_SHARE = 0.25
+"""a busy batch admits once the waiting rows are this share of its own ..."""
+ADMIT_DEFER = 3
+"""... or after this many decoding steps"""
+
 
 class Row:
     """One choice being generated: its tokens, its sampler state, what was streamed so far."""
 
-    def __init__(self, gen: Generation, index: int, device: str, constraints: Constraints):
+    def __init__(self, gen: Generation, index: int, device: str, constraints: Constraints, answer: AnswerText):
         self.gen, self.index = gen, index
         p = gen.sampling
         # A grammar's matcher (each choice its own: they diverge), advanced by every token drawn.
         self.matcher = constraints.matcher(p.grammar) if p.grammar else None
         self.logprobs: list[dict] = []  # entries not yet pushed (with logprobs asked for)
         self.temperature, self.top_p, self.stops, self.max_tokens = p.temperature, p.top_p, p.stop, p.max_tokens
-        seed = p.seed + index if p.seed is not None else random.getrandbits(63)
-        self.rng = torch.Generator(device=device).manual_seed(seed % (2**63))
-        self.tokens: list[int] = []
+        # A seed replays: the choice draws alone from its own generator (`sample_rows`). Without
+        # one it draws from the engine's shared generator, with every other such row at once.
+        self.rng = None if p.seed is None else torch.Generator(device=device).manual_seed((p.seed + index) % (2**63))
+        self.answer = answer  # its tokens and their text
         self.last = -1  # the token sampled last: the row's input at the next step
         self.sent = 0  # characters of the answer already pushed to the client
         self.finish: str | None = None
@@ -69,6 +76,7 @@ class LocalEngine:
         self.constraints = Constraints(self.tokenizer, self.model.config.vocab_size)
         self.tool_format = tool_format(self.tokenizer)
         self.end_ids, self.pad_id = set(end_of_turn_ids(self.tokenizer)), self.tokenizer.pad_token_id
+        self.detokenizer = Detokenizer(self.tokenizer)
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self._queued, self._queued_lock = 0, threading.Lock()  # submitted, not yet admitted
         # The worker's own state: what waits, and the running batch (one Row per batch row).
@@ -76,6 +84,8 @@ class LocalEngine:
         self._rows: list[Row] = []
         self._batch: Batch | None = None
         self._closing = False
+        self._deferred = 0  # decoding steps since requests waited and a prefill did not pay
+        self._rng = torch.Generator(device=device).manual_seed(random.getrandbits(63))  # rows without a seed
         self._rate = (time.perf_counter(), 0)  # (since, tokens): generated tokens per second
         self._occupancy = BATCH_OCCUPANCY.labels(version=version.name)
         self._tokens_per_second = TOKENS_PER_SECOND.labels(version=version.name)
@@ -184,6 +194,10 @@ class LocalEngine:
         width, see `Batch.repackable`, admits only into an empty batch.)"""
         if self._batch is not None and not self._batch.repackable:
             return []
+        if not self._prefill_pays():
+            self._deferred += 1
+            return []
+        self._deferred = 0
         free, admitted = self.max_batch_rows - len(self._rows), []
         while self._waiting and (self._waiting[0].sampling.n <= free or not (self._rows or admitted)):
             gen = self._waiting.popleft()
@@ -191,6 +205,19 @@ class LocalEngine:
             admitted.append(gen)
         self._dequeued(len(admitted))
         return admitted
+
+    def _prefill_pays(self) -> bool:
+        """Whether to prefill what waits now or after another decoding step. A prefill is a
+        forward of its own, which for a small model costs about what a decoding step of the
+        whole batch does (the time goes on per-layer overhead, not arithmetic): admitting one
+        request at every step, as rows finish one by one, would spend every other forward on a
+        prefill of one prompt. So while the batch is busy, requests wait until their rows are
+        a fair share of it (`ADMIT_SHARE`), at most `ADMIT_DEFER` steps."""
+        if not (self._waiting and self._rows) or self._deferred >= ADMIT_DEFER:
+            return True
+        free = self.max_batch_rows - len(self._rows)
+        waiting = min(free, sum(g.sampling.n for g in self._waiting))
+        return waiting >= ADMIT_SHARE * len(self._rows) or waiting == free
 
     def _dequeued(self, count: int) -> None:
         if count:
@@ -206,11 +233,12 @@ class LocalEngine:
             prompts.setdefault(tuple(gen.prompt_ids), len(prompts))
         ids, mask = (t.to(self.device) for t in left_pad([list(p) for p in prompts], self.pad_id))
         for gen in admitted:
-            gen.admit()
+            gen.admit(wake=False)  # the route hears it with the first pieces: one wake-up
         logits, batch = prefill(self.model, ids, mask)  # (U, V)
-        rows = [Row(gen, i, self.device, self.constraints) for gen in admitted for i in range(gen.sampling.n)]
+        rows = [Row(gen, i, self.device, self.constraints, self.detokenizer.answer())
+                for gen in admitted for i in range(gen.sampling.n)]
         source = [prompts[tuple(r.gen.prompt_ids)] for r in rows]  # each row's prompt in `batch`
-        self._sample(rows, logits[source])
+        self._sample(rows, logits[source], admitted)
         now = time.perf_counter()
         for gen in admitted:
             TIME_TO_FIRST_TOKEN.observe(now - gen.submitted)
@@ -244,19 +272,20 @@ class LocalEngine:
         else:
             self._batch = None
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+    def _sample(self, rows: list[Row], logits: torch.Tensor, admitted: list[Generation] = ()) -> None:
         matchers = [r.matcher for r in rows]
         allowed = self.constraints.allowed(matchers)
         wanted = [r.gen.sampling.logprobs for r in rows]
         next_ids, logp = sample_rows(logits, [r.temperature for r in rows], [r.top_p for r in rows],
                                      [r.rng for r in rows], allowed=None if allowed is None else
-                                     allowed.to(logits.device), logprobs=any(k is not None for k in wanted))
+                                     allowed.to(logits.device), logprobs=any(k is not None for k in wanted),
+                                     shared=self._rng)
         for k, (r, tok) in enumerate(zip(rows, next_ids)):
             if r.matcher is not None and tok not in self.end_ids:
                 r.matcher.consume_token(tok)
             if wanted[k] is not None and tok not in self.end_ids:  # the answer's tokens, as OpenAI lists them
                 r.logprobs.append(self._logprob_entry(logp[k], tok, wanted[k]))
-        self._advance(rows, next_ids)
+        self._advance(rows, next_ids, admitted)
 
     def _logprob_entry(self, logp: torch.Tensor, token: int, top: int) -> dict:
         """OpenAI's entry for one drawn token (and its `id`): -inf, a token the distribution
@@ -268,39 +297,47 @@ class LocalEngine:
         return {"id": token, **item(token, float(logp[token])),
                 "top_logprobs": [item(int(t), float(v)) for v, t in zip(values.tolist(), ids.tolist())]}
 
-    def _advance(self, rows: list[Row], next_ids: list[int]) -> None:
-        """Append each open row's token, decide whether it finished, push new text per request."""
+    def _advance(self, rows: list[Row], next_ids: list[int], admitted: list[Generation]) -> None:
+        """Append each open row's token, decide whether it finished, push new text per request;
+        one wake-up for the pieces and the requests `admitted` this step."""
         pushed: dict[Generation, list[Piece]] = {}
         generated = 0
         for r, tok in zip(rows, next_ids):
             r.last = tok
+            text = None
             if r.gen.cancelled:
                 r.finish = "cancelled"
             elif tok in self.end_ids:
                 r.finish = "stop"
             else:
-                r.tokens.append(tok)
+                text = r.answer.add(tok)
                 generated += 1
-                if len(r.tokens) >= r.max_tokens:
+                if len(r.answer.tokens) >= r.max_tokens:
                     r.finish = "length"
-            text, stopped = self._visible_text(r)
+            text, stopped = self._visible_text(r, text)
             if stopped:
                 r.finish = "stop"
-            piece = Piece(r.index, text[r.sent:], r.finish, len(r.tokens))
+            piece = Piece(r.index, text[r.sent:], r.finish, len(r.answer.tokens))
             r.sent = len(text)
             if piece.text or piece.finish_reason:
                 piece.logprobs, r.logprobs = r.logprobs, []  # the tokens drawn since the last piece
                 pushed.setdefault(r.gen, []).append(piece)
         GENERATED_TOKENS.inc(generated)
         self._rate = (self._rate[0], self._rate[1] + generated)
-        wake_all([gen for gen, pieces in pushed.items() if gen.push(pieces, wake=False)])
+        woken = [gen for gen, pieces in pushed.items() if gen.push(pieces, wake=False)]
+        woken += [gen for gen in admitted if gen not in pushed and gen.push([], wake=False)]
+        wake_all(woken)
 
-    def _visible_text(self, r: Row) -> tuple[str, bool]:
+    @staticmethod
+    def _visible_text(r: Row, text: str | None) -> tuple[str, bool]:
         """The answer so far as it may be shown: cut at a stop string (then stopped), and while
-        open, hold back an incomplete UTF-8 character and any tail that could start a stop."""
+        open, hold back an incomplete UTF-8 character (`text`, what `AnswerText.add` returned
+        for this step's token, holds it back already) and any tail that could start a stop."""
+        if r.finish or text is None:
+            text = r.answer.final()
         # Byte-level BPE can sample a NUL byte, which Postgres text cannot hold: shown and
         # recorded alike as U+FFFD.
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True).replace("\x00", "\ufffd")
+        text = text.replace("\x00", "\ufffd")
         for s in r.stops:
             at = text.find(s, max(0, r.sent - len(s)))
             if at != -1:

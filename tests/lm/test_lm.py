@@ -6,6 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from lm.chat import as_messages, context_length, encode_prompt
 from lm.decoding import generate, left_pad, position_ids, prefill
+from lm.detokenize import Detokenizer
 from lm.sampling import draw, sample_batch, sample_rows
 from trainer.tokenizer import build_tokenizer
 
@@ -119,6 +120,36 @@ def test_sample_rows_replays_a_seed():
     # ... and as `torch.multinomial` draws with that generator: seeds give what they gave before.
     probs = torch.softmax(logits[2] / 0.7, -1)
     assert mixed[2] == int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)))
+
+
+def test_rows_without_a_seed_draw_from_the_shared_generator():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seeded, _ = sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0], [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    shared = lambda: torch.Generator().manual_seed(5)
+    mixed = lambda: sample_rows(logits, [0.0, 1.0, 0.7], [1.0, 0.9, 1.0],
+                                [None, None, torch.Generator().manual_seed(3)], shared=shared())[0]
+    got = mixed()
+    assert got[0] == int(logits[0].argmax())  # greedy stays greedy
+    assert got[2] == seeded[2]  # a seeded row draws as it does beside other seeded rows
+    assert got == mixed()  # the shared generator's state decides the unseeded rows
+    # an unseeded nucleus row draws inside its nucleus
+    probs = torch.softmax(logits[1], -1)
+    nucleus = set(probs.argsort(descending=True)[:int((probs.sort(descending=True).values.cumsum(0) < 0.9).sum()) + 1].tolist())
+    draws = {sample_rows(logits[1:2], [1.0], [0.9], [None], shared=torch.Generator().manual_seed(s))[0][0] for s in range(40)}
+    assert draws <= nucleus and len(draws) > 1
+
+
+def test_answer_text_is_the_whole_answer_decoded(tokenizer):
+    import random
+    detok = Detokenizer(tokenizer)
+    assert detok.incremental
+    rng = random.Random(0)
+    for _ in range(40):  # random tokens: special ones, and bytes that end mid-character
+        answer, tokens = detok.answer(), []
+        for _ in range(rng.randint(1, 30)):
+            tokens.append(rng.randrange(len(tokenizer)))
+            assert answer.add(tokens[-1]) == tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+        assert answer.final() == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def test_sample_batch_logprobs_are_of_the_tempered_distribution():
