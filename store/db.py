@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from schemas.errors import Unavailable
 from schemas.settings import Settings
+from store import partitions
 from store.locks import MIGRATE
 from store.sql import fetch_one
 
@@ -71,6 +72,7 @@ def migrate(url: str) -> list[int]:
                                  (number, name))
                 log.info("applied migration %03d_%s", number, name)
                 applied.append(number)
+            partitions.ensure_ahead(conn)  # the coming months, at every start-up
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE,))
     return applied

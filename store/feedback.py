@@ -72,7 +72,8 @@ async def record_feedback(conn, *, feedback: FeedbackCreate, author_key_id: int,
     """Thumbs, rating, comment or correction on one completion; a repeat replaces the author's
     value of that kind (and is new data only when the value changed)."""
     completion = await find_completion(conn, ref=feedback, owned_by=owned_by)
-    key = dict(completion_id=completion.id, author_key_id=author_key_id, kind=feedback.kind)
+    key = dict(completion_id=completion.id, exchange_at=completion.exchange_at, author_key_id=author_key_id,
+               kind=feedback.kind)
     row = await fetch_one(conn, "upsert_feedback", **key, value=feedback.value, text=feedback.text)
     if row is None:  # the same value again: nothing changed
         row = await fetch_one(conn, "get_feedback", **key)
@@ -96,7 +97,7 @@ async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
     if ranked != list(range(n)):
         raise Invalid(f"order must be a permutation of the response's {n} choices: each of "
                       f"0..{n - 1} exactly once (got {ranked}).", param="order")
-    key = dict(request_id=request["id"], author_key_id=author_key_id)
+    key = dict(request_id=request["id"], exchange_at=request["exchange_at"], author_key_id=author_key_id)
     row = await fetch_one(conn, "upsert_ranking", **key, ordering=Jsonb(ranking.order))
     if row is None:
         row = await fetch_one(conn, "get_ranking", **key)
@@ -113,8 +114,8 @@ async def record_preference(conn, *, preference: PreferenceCreate, author_key_id
         raise Invalid("chosen and rejected answer different prompts; a preference compares "
                       "two completions of the same conversation.", param="rejected")
     key = dict(author_key_id=author_key_id, chosen_id=chosen.id, rejected_id=rejected.id)
-    row = await fetch_one(conn, "upsert_preference", **key, strength=preference.strength,
-                          margin=preference.strength)
+    row = await fetch_one(conn, "upsert_preference", **key, chosen_at=chosen.exchange_at,
+                          rejected_at=rejected.exchange_at, strength=preference.strength, margin=preference.strength)
     if row is None:
         row = await fetch_one(conn, "get_preference", **key)
     return PreferencePublic(**row)

@@ -16,17 +16,18 @@ DELETE FROM training_pairs WHERE preference_id IN (SELECT id FROM preferences WH
 -- name: store_explicit_pairs
 -- Pairwise preferences and imported pairs with events in (after, upto], as given.
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, preference_id, versions, margin, origin)
+                            rejected_completion_id, chosen_at, rejected_at, preference_id, versions, margin, origin)
 SELECT 'preference:' || p.id, p.source, 'preference:' || p.id, p.event_id, p.updated_at,
-       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.id,
+       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.chosen_at,
+       p.rejected_at, p.id,
        sides(cc.model_version_id, rc.model_version_id), p.margin,
        jsonb_build_object('event_id', p.event_id, 'preference', p.id)
        || CASE WHEN p.chosen_completion_id IS NULL THEN '{}'::jsonb
           ELSE jsonb_build_object('completions', jsonb_build_array(p.chosen_completion_id, p.rejected_completion_id)) END
 FROM preferences p
-LEFT JOIN completions cc ON cc.id = p.chosen_completion_id
-LEFT JOIN chat_requests rq ON rq.id = cc.request_id
-LEFT JOIN completions rc ON rc.id = p.rejected_completion_id
+LEFT JOIN completions cc ON cc.id = p.chosen_completion_id AND cc.request_created_at = p.chosen_at
+LEFT JOIN chat_requests rq ON rq.id = cc.request_id AND rq.created_at = cc.request_created_at
+LEFT JOIN completions rc ON rc.id = p.rejected_completion_id AND rc.request_created_at = p.rejected_at
 WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
 
 -- name: forget_ranking_pairs
@@ -36,29 +37,30 @@ DELETE FROM training_pairs WHERE ranking_id IN (SELECT id FROM rankings WHERE ev
 -- name: store_ranking_pairs
 -- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first.
 WITH tiers AS (
-    SELECT r.id, r.event_id, r.updated_at, r.request_id, t.rank,
+    SELECT r.id, r.event_id, r.updated_at, r.request_id, r.exchange_at, t.rank,
            CASE jsonb_typeof(t.tier) WHEN 'array' THEN t.tier ELSE jsonb_build_array(t.tier) END AS members
     FROM rankings r CROSS JOIN LATERAL jsonb_array_elements(r.ordering) WITH ORDINALITY AS t(tier, rank)
     WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
 ), placed AS (
-    SELECT t.id, t.event_id, t.updated_at, t.request_id, t.rank, m.choice::int AS choice
+    SELECT t.id, t.event_id, t.updated_at, t.request_id, t.exchange_at, t.rank, m.choice::int AS choice
     FROM tiers t CROSS JOIN LATERAL jsonb_array_elements_text(t.members) AS m(choice)
 )
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, ranking_id, versions, margin, origin)
+                            rejected_completion_id, chosen_at, rejected_at, ranking_id, versions, margin, origin)
 SELECT 'ranking:' || b.id || ':' || b.choice || '>' || w.choice, 'ranking', 'ranking:' || b.id, b.event_id,
-       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.id, sides(cb.model_version_id, cw.model_version_id), 0,
+       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.exchange_at, b.exchange_at, b.id, sides(cb.model_version_id, cw.model_version_id), 0,
        jsonb_build_object('event_id', b.event_id, 'ranking', b.id, 'choices', jsonb_build_array(b.choice, w.choice),
                           'completions', jsonb_build_array(cb.id, cw.id))
 FROM placed b JOIN placed w ON w.id = b.id AND w.rank > b.rank
-JOIN chat_requests rq ON rq.id = b.request_id
-JOIN completions cb ON cb.request_id = b.request_id AND cb.choice_index = b.choice
-JOIN completions cw ON cw.request_id = b.request_id AND cw.choice_index = w.choice;
+JOIN chat_requests rq ON rq.id = b.request_id AND rq.created_at = b.exchange_at
+JOIN completions cb ON cb.request_id = b.request_id AND cb.request_created_at = b.exchange_at AND cb.choice_index = b.choice
+JOIN completions cw ON cw.request_id = b.request_id AND cw.request_created_at = b.exchange_at AND cw.choice_index = w.choice;
 
 -- name: touched_prompts
 -- Prompts with a thumbs or rating whose event is past `after`: their judged pairs may have changed.
 SELECT coalesce(array_agg(DISTINCT rq.prompt_hash), '{}') AS prompts
-FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
 WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating');
 
 -- name: forget_judged_pairs
@@ -68,9 +70,9 @@ DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating') AND prompt_hash 
 -- name: store_judged_pairs
 -- Thumbs and rating pairs of these prompts judged at `upto` (the rules are migration 012's functions).
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, versions, margin, origin)
+                            rejected_completion_id, chosen_at, rejected_at, versions, margin, origin)
 SELECT j.source || ':' || j.chosen_id || '>' || j.rejected_id, j.source, j.source || ':' || j.chosen_id || '>' || j.rejected_id,
-       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id,
+       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id, a.request_created_at, b.request_created_at,
        sides(a.model_version_id, b.model_version_id), j.margin,
        jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
                           'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
