@@ -8,7 +8,7 @@
 -- go together. Postgres wants every unique key of a partitioned table to hold the partition key,
 -- so keys and foreign keys gain that time; it is fixed by the row a key names (a completion's
 -- exchange has one time), so every uniqueness rule means what it meant before:
---   chat_requests  PK (id, created_at)          response_id unique with created_at
+--   chat_requests  PK (id, created_at)          response_id unique (a trigger: across months too)
 --   completions    PK (id, request_created_at)  FK (request_id, request_created_at)
 --   feedback       PK (id, exchange_at)         one value per (completion, author, kind, exchange_at)
 --   rankings       PK (id, exchange_at)         one ranking per (request, author, exchange_at)
@@ -199,6 +199,22 @@ ALTER TABLE preferences
 CREATE INDEX preferences_exchange_at ON preferences (least(chosen_at, rejected_at)) WHERE source = 'pairwise';
 CREATE INDEX training_pairs_exchange_at ON training_pairs (least(chosen_at, rejected_at));
 
+-- A response id names one exchange, ever: recording one twice (a spool drained again after a
+-- commit whose answer was lost: service/recording.py) is refused as a duplicate. The unique index
+-- holds the partition key, so it only says so within a month; this says it across months. Writers
+-- of one id queue on a transaction lock on it (the two-key space, apart from store/locks.py's),
+-- so the second sees the first's committed row; the check is one probe of each month's index.
+CREATE FUNCTION response_id_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('feedloop.response_id'), hashtext(NEW.response_id));
+    IF EXISTS (SELECT 1 FROM chat_requests WHERE response_id = NEW.response_id) THEN
+        RAISE unique_violation USING MESSAGE = format('response id %s is recorded already', NEW.response_id);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER chat_requests_response_id_once BEFORE INSERT ON chat_requests
+    FOR EACH ROW EXECUTE FUNCTION response_id_once();
+
 CREATE TRIGGER completions_immutable BEFORE UPDATE ON completions
     FOR EACH ROW EXECUTE FUNCTION completions_immutable();
 
@@ -209,10 +225,41 @@ CREATE TRIGGER chat_requests_counted AFTER INSERT ON chat_requests
 CREATE TRIGGER completions_counted AFTER INSERT ON completions
     FOR EACH ROW EXECUTE FUNCTION count_completion();
 
+-- What a stored row needs of a completion it names, looked up in the completion's own month.
+-- Functions rather than joins, which the planner costs as a probe of every month (it does not
+-- count the months that run-time pruning skips) and, over a few hundred thousand rows, would
+-- rather hash the whole table than probe it.
+CREATE FUNCTION completion_version(completion bigint, at timestamptz) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT model_version_id FROM completions WHERE id = completion AND request_created_at = at
+$$;
+CREATE FUNCTION completion_prompt_hash(completion bigint, at timestamptz) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT rq.prompt_hash FROM completions c JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = at
+    WHERE c.id = completion AND c.request_created_at = at
+$$;
+CREATE FUNCTION exchange_prompt_hash(request bigint, at timestamptz) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT prompt_hash FROM chat_requests WHERE id = request AND created_at = at
+$$;
+
+-- The pairs a ranking yields, (better, worse) choice indices: every two choices in different tiers.
+-- PL/pgSQL with ROWS: the planner takes a ranking for the few pairs it has (inlined, it would guess
+-- 100 tiers of 100 choices and plan, and JIT-compile, for a million pairs).
+CREATE FUNCTION ranking_pairs(ordering jsonb) RETURNS TABLE (better int, worse int)
+LANGUAGE plpgsql IMMUTABLE ROWS 3 AS $$
+BEGIN
+    RETURN QUERY
+    WITH placed AS (
+        SELECT t.rank, m.choice::int AS choice
+        FROM jsonb_array_elements(ordering) WITH ORDINALITY AS t(tier, rank)
+        CROSS JOIN LATERAL jsonb_array_elements_text(CASE jsonb_typeof(t.tier) WHEN 'array' THEN t.tier
+                                                     ELSE jsonb_build_array(t.tier) END) AS m(choice)
+    )
+    SELECT b.choice, w.choice FROM placed b JOIN placed w ON w.rank > b.rank;
+END $$;
+
 DROP FUNCTION count_feedback_row(bigint, text, smallint, int);
 CREATE FUNCTION count_feedback_row(completion bigint, at timestamptz, kind text, value smallint, sign int)
 RETURNS void LANGUAGE sql AS $$
-    SELECT bump_version_stats((SELECT model_version_id FROM completions WHERE id = completion AND request_created_at = at),
+    SELECT bump_version_stats(completion_version(completion, at),
         d_thumbs => CASE WHEN kind = 'thumbs' THEN sign ELSE 0 END,
         d_thumbs_up => CASE WHEN kind = 'thumbs' AND value > 0 THEN sign ELSE 0 END,
         d_thumbs_down => CASE WHEN kind = 'thumbs' AND value < 0 THEN sign ELSE 0 END,
@@ -254,8 +301,8 @@ CREATE FUNCTION count_preference_row(chosen bigint, chosen_at timestamptz, rejec
                                      rejected_at timestamptz, sign int)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    winner bigint := (SELECT model_version_id FROM completions WHERE id = chosen AND request_created_at = chosen_at);
-    loser bigint := (SELECT model_version_id FROM completions WHERE id = rejected AND request_created_at = rejected_at);
+    winner bigint := completion_version(chosen, chosen_at);
+    loser bigint := completion_version(rejected, rejected_at);
     duel int := CASE WHEN winner <> loser THEN sign ELSE 0 END;
 BEGIN
     PERFORM bump_version_stats(winner, d_preference => sign, d_arena_wins => duel);
@@ -330,13 +377,17 @@ LANGUAGE sql STABLE AS $$
     WHERE hi.mean > lo.mean AND hi.text <> lo.text
 $$;
 
+-- (texts looked up per pair in their month, as completion_version does, for the same reason)
 CREATE VIEW training_pair_rows AS
-SELECT tp.*, coalesce(rq.messages, p.prompt) AS prompt, coalesce(cc.text, p.chosen) AS chosen,
-       coalesce(rc.text, p.rejected) AS rejected
+SELECT tp.*,
+       coalesce((SELECT rq.messages FROM completions c
+                 JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
+                 WHERE c.id = tp.chosen_completion_id AND c.request_created_at = tp.chosen_at), p.prompt) AS prompt,
+       coalesce((SELECT c.text FROM completions c
+                 WHERE c.id = tp.chosen_completion_id AND c.request_created_at = tp.chosen_at), p.chosen) AS chosen,
+       coalesce((SELECT c.text FROM completions c
+                 WHERE c.id = tp.rejected_completion_id AND c.request_created_at = tp.rejected_at), p.rejected) AS rejected
 FROM training_pairs tp
-LEFT JOIN completions cc ON cc.id = tp.chosen_completion_id AND cc.request_created_at = tp.chosen_at
-LEFT JOIN chat_requests rq ON rq.id = cc.request_id AND rq.created_at = cc.request_created_at
-LEFT JOIN completions rc ON rc.id = tp.rejected_completion_id AND rc.request_created_at = tp.rejected_at
 LEFT JOIN preferences p ON p.id = tp.preference_id AND p.source = 'import';
 
 ANALYZE chat_requests, completions, feedback, rankings, preferences, training_pairs;

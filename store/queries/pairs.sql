@@ -18,16 +18,14 @@ DELETE FROM training_pairs WHERE preference_id IN (SELECT id FROM preferences WH
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
                             rejected_completion_id, chosen_at, rejected_at, preference_id, versions, margin, origin)
 SELECT 'preference:' || p.id, p.source, 'preference:' || p.id, p.event_id, p.updated_at,
-       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.chosen_at,
-       p.rejected_at, p.id,
-       sides(cc.model_version_id, rc.model_version_id), p.margin,
+       coalesce(completion_prompt_hash(p.chosen_completion_id, p.chosen_at), p.prompt_hash), p.chosen_completion_id,
+       p.rejected_completion_id, p.chosen_at, p.rejected_at, p.id,
+       sides(completion_version(p.chosen_completion_id, p.chosen_at),
+             completion_version(p.rejected_completion_id, p.rejected_at)), p.margin,
        jsonb_build_object('event_id', p.event_id, 'preference', p.id)
        || CASE WHEN p.chosen_completion_id IS NULL THEN '{}'::jsonb
           ELSE jsonb_build_object('completions', jsonb_build_array(p.chosen_completion_id, p.rejected_completion_id)) END
 FROM preferences p
-LEFT JOIN completions cc ON cc.id = p.chosen_completion_id AND cc.request_created_at = p.chosen_at
-LEFT JOIN chat_requests rq ON rq.id = cc.request_id AND rq.created_at = cc.request_created_at
-LEFT JOIN completions rc ON rc.id = p.rejected_completion_id AND rc.request_created_at = p.rejected_at
 WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
 
 -- name: forget_ranking_pairs
@@ -35,26 +33,25 @@ WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
 DELETE FROM training_pairs WHERE ranking_id IN (SELECT id FROM rankings WHERE event_id > %(after)s);
 
 -- name: store_ranking_pairs
--- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first.
-WITH tiers AS (
-    SELECT r.id, r.event_id, r.updated_at, r.request_id, r.exchange_at, t.rank,
-           CASE jsonb_typeof(t.tier) WHEN 'array' THEN t.tier ELSE jsonb_build_array(t.tier) END AS members
-    FROM rankings r CROSS JOIN LATERAL jsonb_array_elements(r.ordering) WITH ORDINALITY AS t(tier, rank)
+-- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first
+-- (ranking_pairs, migration 013); the choices read by their exchange's key, in its month.
+WITH pairs AS (
+    SELECT r.id, r.event_id, r.updated_at, r.request_id, r.exchange_at, rp.better, rp.worse,
+           ARRAY(SELECT c.id FROM completions c WHERE c.request_id = r.request_id
+                 AND c.request_created_at = r.exchange_at ORDER BY c.choice_index) AS choices
+    FROM rankings r CROSS JOIN LATERAL ranking_pairs(r.ordering) rp
     WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
-), placed AS (
-    SELECT t.id, t.event_id, t.updated_at, t.request_id, t.exchange_at, t.rank, m.choice::int AS choice
-    FROM tiers t CROSS JOIN LATERAL jsonb_array_elements_text(t.members) AS m(choice)
 )
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
                             rejected_completion_id, chosen_at, rejected_at, ranking_id, versions, margin, origin)
-SELECT 'ranking:' || b.id || ':' || b.choice || '>' || w.choice, 'ranking', 'ranking:' || b.id, b.event_id,
-       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.exchange_at, b.exchange_at, b.id, sides(cb.model_version_id, cw.model_version_id), 0,
-       jsonb_build_object('event_id', b.event_id, 'ranking', b.id, 'choices', jsonb_build_array(b.choice, w.choice),
-                          'completions', jsonb_build_array(cb.id, cw.id))
-FROM placed b JOIN placed w ON w.id = b.id AND w.rank > b.rank
-JOIN chat_requests rq ON rq.id = b.request_id AND rq.created_at = b.exchange_at
-JOIN completions cb ON cb.request_id = b.request_id AND cb.request_created_at = b.exchange_at AND cb.choice_index = b.choice
-JOIN completions cw ON cw.request_id = b.request_id AND cw.request_created_at = b.exchange_at AND cw.choice_index = w.choice;
+SELECT 'ranking:' || p.id || ':' || p.better || '>' || p.worse, 'ranking', 'ranking:' || p.id, p.event_id,
+       p.updated_at, exchange_prompt_hash(p.request_id, p.exchange_at), p.choices[p.better + 1],
+       p.choices[p.worse + 1], p.exchange_at, p.exchange_at, p.id,
+       sides(completion_version(p.choices[p.better + 1], p.exchange_at),
+             completion_version(p.choices[p.worse + 1], p.exchange_at)), 0,
+       jsonb_build_object('event_id', p.event_id, 'ranking', p.id, 'choices', jsonb_build_array(p.better, p.worse),
+                          'completions', jsonb_build_array(p.choices[p.better + 1], p.choices[p.worse + 1]))
+FROM pairs p;
 
 -- name: touched_prompts
 -- Prompts with a thumbs or rating whose event is past `after`: their judged pairs may have changed.

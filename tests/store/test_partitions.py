@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
+from schemas.errors import Conflict
 from schemas.records import CompletionRecord, FeedbackCreate, PreferenceCreate, RankingCreate
 from store import derive, exchanges, feedback, keys, partitions, registry
 from store.db import migrate, migrations
@@ -128,6 +129,16 @@ def test_a_time_no_month_was_made_for_is_written_to_the_default(store):
     with psycopg.connect(store.url, autocommit=True) as conn:
         conn.execute("SELECT ensure_exchange_partitions(since => '1999-01-01', upto => '1999-01-02')")
     assert list(store.where("chat_requests")) == ["chat_requests_default"]
+
+
+def test_a_response_id_is_recorded_once_across_months(store):
+    """Uniqueness within a partition is all Postgres gives; the spool relies on a second recording
+    of an exchange being refused (service/recording.py), whatever month the first went to."""
+    store.exchange("chatcmpl-once", "Hi", ["a"], at=OLD)
+    with pytest.raises(Conflict) as e:
+        store.exchange("chatcmpl-once", "Hi", ["a"])
+    assert e.value.code == "already_exists"
+    assert store.sql("SELECT count(*) FROM chat_requests") == [(1,)]
 
 
 def stats(store) -> dict:

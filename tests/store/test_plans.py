@@ -121,8 +121,13 @@ def scanned(plan: dict) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ONLINE) + sorted(ROUND))
 def test_no_sequential_scan_of_a_big_table(seeded, name):
+    """A partition holding next to nothing (a month to come, a default) may be scanned: reading it
+    costs nothing, and the planner rightly prefers that to an index of it."""
     plan = explain(seeded, name)
-    assert not {parent(t) for t in scanned(plan)} & BIG, json.dumps(plan, indent=1)[:4000]
+    url, _ = seeded
+    with psycopg.connect(url) as conn:
+        small = {r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relkind = 'r' AND reltuples < 1000")}
+    assert not {parent(t) for t in scanned(plan) - small} & BIG, json.dumps(plan, indent=1)[:4000]
 
 
 @pytest.mark.slow
