@@ -22,7 +22,7 @@ import psycopg
 
 from common import ADMIN_URL, ScratchDatabase  # common put the repository on sys.path
 from store import derive, feedback, partitions
-from store.db import migrate, migrations
+from store.db import migrate
 
 SEED = """
 SET synchronous_commit = off;
@@ -60,16 +60,6 @@ def counts(conn) -> dict[str, int]:
     return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
-def at_012(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-                     " applied_at timestamptz NOT NULL DEFAULT now())")
-        for number, name, sql in migrations():
-            if number < 13:
-                conn.execute(sql)
-                conn.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, name))
-
-
 def seed(url: str, n: int, days: float) -> float:
     t0 = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -101,7 +91,7 @@ def main() -> None:
     db = ScratchDatabase(args.admin_url, Path(tempfile.mkdtemp(prefix="feedloop-bench-partitions-")))
     try:
         print(f"database: {db.where}; {args.exchanges:,} exchanges over {args.days:g} days", flush=True)
-        at_012(db.url)
+        migrate(db.url, below=13)
         print(f"seed (at 012): {seed(db.url, args.exchanges, args.days):.1f} s", flush=True)
         with psycopg.connect(db.url, autocommit=True) as conn:
             before = counts(conn)

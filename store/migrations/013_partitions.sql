@@ -329,15 +329,20 @@ END $$;
 
 -- --- the pair rules and the stored pairs' view, each row joined within its own month -----------
 
+-- The completions the judged-pair rules start from: every one (prompts null) or those of these
+-- prompts, each with its exchange's time. (Where exchanges are excluded from training, say so here.)
+CREATE FUNCTION judged_completions(prompts text[])
+RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text) LANGUAGE sql STABLE AS $$
+    SELECT c.id, c.request_created_at, c.text, rq.prompt_hash
+    FROM chat_requests rq JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
+    WHERE prompts IS NULL OR rq.prompt_hash = ANY (prompts)
+$$;
+
 CREATE OR REPLACE FUNCTION thumbs_pairs_of(prompts text[], upto bigint)
 RETURNS TABLE (chosen_id bigint, rejected_id bigint, prompt_hash text, event_id bigint,
                feedback_ids bigint[], judged_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    WITH in_scope AS (
-        SELECT c.id, c.request_created_at AS at, c.text, rq.prompt_hash
-        FROM chat_requests rq JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
-        WHERE prompts IS NULL OR rq.prompt_hash = ANY (prompts)
-    ), verdict AS (
+    WITH in_scope AS (SELECT * FROM judged_completions(prompts)), verdict AS (
         SELECT f.completion_id, sum(f.value) AS net, max(f.event_id) AS event_id,
                array_agg(f.id ORDER BY f.id) AS feedback_ids, max(f.updated_at) AS judged_at
         FROM feedback f JOIN in_scope s ON s.id = f.completion_id AND s.at = f.exchange_at
@@ -357,11 +362,7 @@ CREATE OR REPLACE FUNCTION rating_pairs_of(prompts text[], upto bigint, scale do
 RETURNS TABLE (chosen_id bigint, rejected_id bigint, prompt_hash text, margin double precision,
                event_id bigint, feedback_ids bigint[], judged_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    WITH in_scope AS (
-        SELECT c.id, c.request_created_at AS at, c.text, rq.prompt_hash
-        FROM chat_requests rq JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
-        WHERE prompts IS NULL OR rq.prompt_hash = ANY (prompts)
-    ), score AS (
+    WITH in_scope AS (SELECT * FROM judged_completions(prompts)), score AS (
         SELECT f.completion_id, avg(f.value) AS mean, max(f.event_id) AS event_id,
                array_agg(f.id ORDER BY f.id) AS feedback_ids, max(f.updated_at) AS judged_at
         FROM feedback f JOIN in_scope s ON s.id = f.completion_id AND s.at = f.exchange_at

@@ -231,12 +231,8 @@ def test_the_migration_carries_every_row_over(new_database):
     url = new_database()
     with psycopg.connect(url, autocommit=True) as conn:  # a database at 012, with a year of exchanges
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-                     " applied_at timestamptz NOT NULL DEFAULT now())")
-        for number, name, sql in migrations():
-            if number < 13:
-                conn.execute(sql)
-                conn.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (number, name))
+    migrate(url, below=13)
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(OLD_SCHEMA_ROWS)
         conn.execute(STORED_PAIRS)
         before = snapshot(conn)
