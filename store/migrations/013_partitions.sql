@@ -225,19 +225,9 @@ CREATE TRIGGER chat_requests_counted AFTER INSERT ON chat_requests
 CREATE TRIGGER completions_counted AFTER INSERT ON completions
     FOR EACH ROW EXECUTE FUNCTION count_completion();
 
--- What a stored row needs of a completion it names, looked up in the completion's own month.
--- Functions rather than joins, which the planner costs as a probe of every month (it does not
--- count the months that run-time pruning skips) and, over a few hundred thousand rows, would
--- rather hash the whole table than probe it.
+-- A completion's version, looked up in its own month (the counters' triggers).
 CREATE FUNCTION completion_version(completion bigint, at timestamptz) RETURNS bigint LANGUAGE sql STABLE AS $$
     SELECT model_version_id FROM completions WHERE id = completion AND request_created_at = at
-$$;
-CREATE FUNCTION completion_prompt_hash(completion bigint, at timestamptz) RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT rq.prompt_hash FROM completions c JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = at
-    WHERE c.id = completion AND c.request_created_at = at
-$$;
-CREATE FUNCTION exchange_prompt_hash(request bigint, at timestamptz) RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT prompt_hash FROM chat_requests WHERE id = request AND created_at = at
 $$;
 
 -- The pairs a ranking yields, (better, worse) choice indices: every two choices in different tiers.
@@ -378,7 +368,10 @@ LANGUAGE sql STABLE AS $$
     WHERE hi.mean > lo.mean AND hi.text <> lo.text
 $$;
 
--- (texts looked up per pair in their month, as completion_version does, for the same reason)
+-- A stored pair's texts are read per pair, each in its month (scalar subqueries: an index probe
+-- of one month each, as run-time pruning leaves it). Joins would let the planner, which costs a
+-- probe as one of every month (it does not count the months pruning skips), rather hash every
+-- month of completions for a round's few hundred new pairs.
 CREATE VIEW training_pair_rows AS
 SELECT tp.*,
        coalesce((SELECT rq.messages FROM completions c

@@ -14,14 +14,18 @@ UPDATE training_pairs_state SET watermark = %(upto)s;
 DELETE FROM training_pairs WHERE preference_id IN (SELECT id FROM preferences WHERE event_id > %(after)s);
 
 -- name: store_explicit_pairs
--- Pairwise preferences and imported pairs with events in (after, upto], as given.
+-- Pairwise preferences and imported pairs with events in (after, upto], as given. (What a pair needs
+-- of its completions is read per pair in its month: see training_pair_rows, migration 013.)
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
                             rejected_completion_id, chosen_at, rejected_at, preference_id, versions, margin, origin)
 SELECT 'preference:' || p.id, p.source, 'preference:' || p.id, p.event_id, p.updated_at,
-       coalesce(completion_prompt_hash(p.chosen_completion_id, p.chosen_at), p.prompt_hash), p.chosen_completion_id,
-       p.rejected_completion_id, p.chosen_at, p.rejected_at, p.id,
-       sides(completion_version(p.chosen_completion_id, p.chosen_at),
-             completion_version(p.rejected_completion_id, p.rejected_at)), p.margin,
+       coalesce((SELECT rq.prompt_hash FROM completions c
+                 JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
+                 WHERE c.id = p.chosen_completion_id AND c.request_created_at = p.chosen_at), p.prompt_hash),
+       p.chosen_completion_id, p.rejected_completion_id, p.chosen_at, p.rejected_at, p.id,
+       sides((SELECT model_version_id FROM completions WHERE id = p.chosen_completion_id AND request_created_at = p.chosen_at),
+             (SELECT model_version_id FROM completions WHERE id = p.rejected_completion_id AND request_created_at = p.rejected_at)),
+       p.margin,
        jsonb_build_object('event_id', p.event_id, 'preference', p.id)
        || CASE WHEN p.chosen_completion_id IS NULL THEN '{}'::jsonb
           ELSE jsonb_build_object('completions', jsonb_build_array(p.chosen_completion_id, p.rejected_completion_id)) END
@@ -34,24 +38,24 @@ DELETE FROM training_pairs WHERE ranking_id IN (SELECT id FROM rankings WHERE ev
 
 -- name: store_ranking_pairs
 -- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first
--- (ranking_pairs, migration 013); the choices read by their exchange's key, in its month.
-WITH pairs AS (
-    SELECT r.id, r.event_id, r.updated_at, r.request_id, r.exchange_at, rp.better, rp.worse,
-           ARRAY(SELECT c.id FROM completions c WHERE c.request_id = r.request_id
-                 AND c.request_created_at = r.exchange_at ORDER BY c.choice_index) AS choices
-    FROM rankings r CROSS JOIN LATERAL ranking_pairs(r.ordering) rp
+-- (ranking_pairs, migration 013); the exchange's prompt and choices (id, version) read in its month.
+WITH ranked AS (
+    SELECT r.id, r.event_id, r.updated_at, r.exchange_at, r.ordering,
+           (SELECT prompt_hash FROM chat_requests WHERE id = r.request_id AND created_at = r.exchange_at) AS prompt_hash,
+           ARRAY(SELECT ARRAY[c.id, c.model_version_id] FROM completions c
+                 WHERE c.request_id = r.request_id AND c.request_created_at = r.exchange_at
+                 ORDER BY c.choice_index) AS choices
+    FROM rankings r
     WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
 )
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
                             rejected_completion_id, chosen_at, rejected_at, ranking_id, versions, margin, origin)
-SELECT 'ranking:' || p.id || ':' || p.better || '>' || p.worse, 'ranking', 'ranking:' || p.id, p.event_id,
-       p.updated_at, exchange_prompt_hash(p.request_id, p.exchange_at), p.choices[p.better + 1],
-       p.choices[p.worse + 1], p.exchange_at, p.exchange_at, p.id,
-       sides(completion_version(p.choices[p.better + 1], p.exchange_at),
-             completion_version(p.choices[p.worse + 1], p.exchange_at)), 0,
-       jsonb_build_object('event_id', p.event_id, 'ranking', p.id, 'choices', jsonb_build_array(p.better, p.worse),
-                          'completions', jsonb_build_array(p.choices[p.better + 1], p.choices[p.worse + 1]))
-FROM pairs p;
+SELECT 'ranking:' || r.id || ':' || rp.better || '>' || rp.worse, 'ranking', 'ranking:' || r.id, r.event_id,
+       r.updated_at, r.prompt_hash, r.choices[rp.better + 1][1], r.choices[rp.worse + 1][1], r.exchange_at,
+       r.exchange_at, r.id, sides(r.choices[rp.better + 1][2], r.choices[rp.worse + 1][2]), 0,
+       jsonb_build_object('event_id', r.event_id, 'ranking', r.id, 'choices', jsonb_build_array(rp.better, rp.worse),
+                          'completions', jsonb_build_array(r.choices[rp.better + 1][1], r.choices[rp.worse + 1][1]))
+FROM ranked r CROSS JOIN LATERAL ranking_pairs(r.ordering) rp;
 
 -- name: touched_prompts
 -- Prompts with a thumbs or rating whose event is past `after`: their judged pairs may have changed.
