@@ -26,6 +26,8 @@ from store.db import migrate
 
 SEED = """
 SET synchronous_commit = off;
+-- seeding only: triggers off (the counters are written in one go at the end)
+SET session_replication_role = replica;
 INSERT INTO api_keys (key_hash, prefix, name, role) VALUES ('h', 'p', 'seed', 'user');
 INSERT INTO model_versions (kind, path, content_hash, status) VALUES ('policy', '/seed', '0', 'archived');
 INSERT INTO chat_requests (response_id, api_key_id, messages, prompt_hash, params, model_version_id, stream,
@@ -43,6 +45,10 @@ FROM generate_series(1, %(n)s) g;
 INSERT INTO rankings (request_id, author_key_id, ordering) SELECT g, 1, '[1, 0]' FROM generate_series(1, %(n)s, 7) g;
 INSERT INTO preferences (source, author_key_id, chosen_completion_id, rejected_completion_id, strength)
 SELECT 'pairwise', 1, 2 * g - 1, 2 * g, 1 FROM generate_series(1, %(n)s, 9) g;
+SET session_replication_role = origin;
+INSERT INTO version_stats (version_id, shard, requests, completions, thumbs, rating)
+SELECT 1, -2, %(n)s, 2 * %(n)s, count(*) FILTER (WHERE kind = 'thumbs'), count(*) FILTER (WHERE kind = 'rating')
+FROM feedback;
 """
 TABLES = ("chat_requests", "completions", "feedback", "rankings", "preferences", "training_pairs")
 

@@ -5,6 +5,11 @@
 -- The stored pairs' watermark, locked until the transaction ends: one roll-forward at a time.
 SELECT watermark FROM training_pairs_state FOR UPDATE;
 
+-- name: without_jit
+-- No JIT compiling for the rest of the transaction: the roll-forward probes each row's month with
+-- subqueries, which JIT compiles over and over (measured: 65 s instead of 13 ms for 200 rankings).
+SELECT set_config('jit', 'off', true);
+
 -- name: set_pairs_watermark
 -- The stored pairs are now those judged at this watermark.
 UPDATE training_pairs_state SET watermark = %(upto)s;
@@ -38,8 +43,9 @@ DELETE FROM training_pairs WHERE ranking_id IN (SELECT id FROM rankings WHERE ev
 
 -- name: store_ranking_pairs
 -- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first
--- (ranking_pairs, migration 013); the exchange's prompt and choices (id, version) read in its month.
-WITH ranked AS (
+-- (ranking_pairs, migration 013); the exchange's prompt and choices (id, version) read in its month,
+-- once per ranking (MATERIALIZED: inlined, each use of `choices` would read them again).
+WITH ranked AS MATERIALIZED (
     SELECT r.id, r.event_id, r.updated_at, r.exchange_at, r.ordering,
            (SELECT prompt_hash FROM chat_requests WHERE id = r.request_id AND created_at = r.exchange_at) AS prompt_hash,
            ARRAY(SELECT ARRAY[c.id, c.model_version_id] FROM completions c

@@ -100,6 +100,7 @@ def seeded(new_database):
     url = new_database()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SEED)
+        conn.execute("SET jit = off")  # as refresh_pairs does (Q["without_jit"], for its transaction)
         # the stored pairs as a round leaves them (prompts null: all), then statistics for the planner
         for name in ("store_explicit_pairs", "store_ranking_pairs"):
             conn.execute(Q[name], dict(after=0, upto=2**62))
