@@ -75,7 +75,7 @@ class Result:
 
 # --- a scratch database with answers to judge ------------------------------------------------
 
-def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
+def seed(url: str, clients: int, completions: int) -> tuple[list[str], int, str]:
     """One user key per client, and `completions` recorded answers (one choice each) owned
     round-robin by them: answer i (completion id i + 1) belongs to key i mod clients.
     Returns the keys and the first key's id."""
@@ -98,13 +98,16 @@ def seed(url: str, clients: int, completions: int) -> tuple[list[str], int]:
             "  (%(hashes)s::text[])[1 + i %% %(prompts)s], '{}', %(version)s, false, 1, 5, 3, 0, 1"
             " FROM generate_series(0, %(n)s - 1) AS i ORDER BY i",
             dict(key0=ids[0], clients=clients, prompts=PROMPTS, hashes=hashes, version=version, n=completions))
-        conn.execute("INSERT INTO completions (request_id, choice_index, text, finish_reason, completion_tokens,"
-                     " model_version_id) SELECT id, 0, 'Answer ' || id, 'stop', 3, %s FROM chat_requests ORDER BY id",
+        conn.execute("INSERT INTO completions (request_id, request_created_at, choice_index, text, finish_reason,"
+                     " completion_tokens, model_version_id)"
+                     " SELECT id, created_at, 0, 'Answer ' || id, 'stop', 3, %s FROM chat_requests ORDER BY id",
                      (version,))
+        # one transaction, one time: every exchange (so every feedback row) is in one partition
+        [(exchange_at,)] = conn.execute("SELECT DISTINCT created_at::text FROM chat_requests").fetchall()
         first = conn.execute("SELECT min(id) FROM completions").fetchone()[0]
         assert first == 1, "completion ids start at 1 in a fresh database"
         conn.execute("ANALYZE")
-    return secrets, ids[0]
+    return secrets, ids[0], exchange_at
 
 
 # --- (a) the API ----------------------------------------------------------------------------
@@ -211,15 +214,16 @@ PICK = """\\set cid random(1, :n)
 """
 
 
-def scripts(work: Path, prefix: str) -> dict[str, list[Path]]:
+def scripts(work: Path, prefix: str, exchange_at: str) -> dict[str, list[Path]]:
     """Per system, the script files (thumbs and rating half and half, as the API gets them)."""
     out = {"pgbench": [], "pgbench-tx": []}
     for kind, value in (("thumbs", ":value"), ("rating", ":rating")):
         literals = dict(kind=f"'{kind}'", value=value, text="NULL", completion_id=":cid",
+                        exchange_at=f"'{exchange_at}'::timestamptz",
                         lock=str(locks.EVENTS))
-        upsert = ("INSERT INTO feedback (completion_id, author_key_id, kind, value, text)"
-                  f" VALUES (:cid, :author_key_id, '{kind}', {value}, NULL)"
-                  " ON CONFLICT (completion_id, author_key_id, kind) DO UPDATE"
+        upsert = ("INSERT INTO feedback (completion_id, exchange_at, author_key_id, kind, value, text)"
+                  f" VALUES (:cid, {literals['exchange_at']}, :author_key_id, '{kind}', {value}, NULL)"
+                  " ON CONFLICT (completion_id, author_key_id, kind, exchange_at) DO UPDATE"
                   " SET value = EXCLUDED.value, text = EXCLUDED.text, event_id = EXCLUDED.event_id, updated_at = now()"
                   " WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text);\n")
         single = work / f"upsert-{kind}.sql"
@@ -304,10 +308,10 @@ def main() -> None:
     db = ScratchDatabase(args.admin_url, work)
     print(f"bench: scratch database {db.name} on {db.where}, logs in {work}", flush=True)
     try:
-        keys, key0 = seed(db.url, args.clients, args.completions)
+        keys, key0, exchange_at = seed(db.url, args.clients, args.completions)
         load = os.getloadavg()[0]
         results = [bench_api(db.url, keys, args, work)]
-        for system, files in scripts(work, key_prefix(keys)).items():
+        for system, files in scripts(work, key_prefix(keys), exchange_at).items():
             results.append(bench_pgbench(system, files, db.url, key0, args, work))
         with psycopg.connect(db.url) as conn:
             rows = conn.execute("SELECT count(*), max(event_id) FROM feedback").fetchone()

@@ -52,13 +52,17 @@ SELECT g + %(off)s, 'chatcmpl-seed-' || g, %(key0)s + g %% %(authors)s,
        md5('q' || g / %(per_prompt)s), '{}', %(version)s, false, 1, 5, 6, 0, 1,
        now() - make_interval(secs => (%(hi)s - g) / 100.0)
 FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g;
-INSERT INTO completions (id, request_id, choice_index, text, finish_reason, completion_tokens, model_version_id)
-SELECT 2 * (g + %(off)s) + i, g + %(off)s, i, 'Answer ' || (g + i) %% 5, 'stop', 3, %(version)s
-FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g, generate_series(0, 1) i;
-INSERT INTO feedback (completion_id, author_key_id, kind, value)
-SELECT 2 * (g + %(off)s) + g %% 2, %(key0)s + g %% %(authors)s, CASE WHEN g %% 3 = 0 THEN 'rating' ELSE 'thumbs' END,
+-- choices and feedback carry their exchange's time (the partition key, migration 013)
+INSERT INTO completions (id, request_id, request_created_at, choice_index, text, finish_reason, completion_tokens,
+                         model_version_id)
+SELECT 2 * rq.id + i, rq.id, rq.created_at, i, 'Answer ' || (rq.id - %(off)s + i) %% 5, 'stop', 3, %(version)s
+FROM chat_requests rq, generate_series(0, 1) i WHERE rq.id BETWEEN %(lo)s + %(off)s AND %(hi)s + %(off)s;
+INSERT INTO feedback (completion_id, exchange_at, author_key_id, kind, value)
+SELECT 2 * rq.id + g %% 2, rq.created_at, %(key0)s + g %% %(authors)s,
+       CASE WHEN g %% 3 = 0 THEN 'rating' ELSE 'thumbs' END,
        CASE WHEN g %% 3 = 0 THEN 1 + g %% 7 WHEN g / 2 %% 2 = 0 THEN 1 ELSE -1 END
-FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g;
+FROM chat_requests rq CROSS JOIN LATERAL (SELECT rq.id - %(off)s AS g) n
+WHERE rq.id BETWEEN %(lo)s + %(off)s AND %(hi)s + %(off)s;
 SET session_replication_role = origin;
 SELECT setval('chat_requests_id_seq', %(hi)s + %(off)s), setval('completions_id_seq', 2 * (%(hi)s + %(off)s) + 1);
 INSERT INTO version_stats AS s (version_id, shard, requests, completions, thumbs, thumbs_up, thumbs_down, rating,

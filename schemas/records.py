@@ -285,6 +285,7 @@ class CompletionTarget(BaseModel):
     """A recorded completion that feedback is about, as the store finds it."""
     id: int
     request_id: int
+    exchange_at: datetime  # its exchange's time: the month its rows are kept in (store migration 013)
     choice_index: int
     response_id: str
     prompt_hash: str

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     min_new_pairs: int = Field(1, description="a round trains only with at least this many new pairs")
     promotion: Literal["auto", "manual"] = Field("manual", description="auto: a candidate that passes the gates is promoted")
     round_config: dict = Field(default_factory=dict, description="JSON overrides of the round config, e.g. {\"ppo\": {\"steps\": 8}}")
+    retention_days: float | None = Field(None, gt=0, description="exchanges (with their choices, feedback and "
+                                         "rankings) older than this are dropped a month at a time by the "
+                                         "trainer; unset: kept for ever")
+    partition_job_seconds: float = Field(86400.0, gt=0, description="how often the trainer makes the coming "
+                                         "months' partitions and applies the retention")
 
     # Open WebUI feedback import (trainer/openwebui.py): a scheduled job of the trainer service when
     # the URL, the key and an interval are all set; off by default

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from schemas.errors import Unavailable
 from schemas.settings import Settings
+from store import partitions
 from store.locks import MIGRATE
 from store.sql import fetch_one
 
@@ -51,8 +52,10 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def migrate(url: str) -> list[int]:
-    """Apply the migrations this database lacks; returns the numbers applied (idempotent)."""
+def migrate(url: str, below: int | None = None) -> list[int]:
+    """Apply the migrations this database lacks (those numbered below `below` only, when given: a
+    database as an older release left it, for testing a migration); returns the numbers applied
+    (idempotent)."""
     applied = []
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE,))
@@ -63,7 +66,7 @@ def migrate(url: str) -> list[int]:
                 " applied_at timestamptz NOT NULL DEFAULT now())")
             done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
             for number, name, sql in migrations():
-                if number in done:
+                if number in done or (below is not None and number >= below):
                     continue
                 with conn.transaction():
                     conn.execute(sql)
@@ -71,6 +74,8 @@ def migrate(url: str) -> list[int]:
                                  (number, name))
                 log.info("applied migration %03d_%s", number, name)
                 applied.append(number)
+            if below is None:
+                partitions.ensure_ahead(conn)  # the coming months, at every start-up
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE,))
     return applied

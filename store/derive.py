@@ -121,6 +121,7 @@ async def refresh_pairs(conn, *, upto: int) -> int:
     later round got there first)."""
     async with conn.transaction():
         stored = (await fetch_one(conn, "lock_pairs_state"))["watermark"]
+        await execute(conn, "without_jit")
         if upto <= stored:
             return stored
         # Rows changed past `upto` (written after the watermark was read) are forgotten and left

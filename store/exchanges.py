@@ -35,7 +35,8 @@ async def record_exchange(conn, *, response_id: str, api_key_id: int, user: str 
                           queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms,
                           client_ref=client_ref, client_chat_id=client_chat_id, client_task=client_task)
     await execute_many(conn, "insert_completion", [
-        dict(c.model_dump(), request_id=row["id"], tool_calls=_jsonb(c.tool_calls), logprobs=_jsonb(c.logprobs))
+        dict(c.model_dump(), request_id=row["id"], request_created_at=row["created_at"],
+             tool_calls=_jsonb(c.tool_calls), logprobs=_jsonb(c.logprobs))
         for c in choices])
 
 
@@ -47,8 +48,8 @@ async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:
     req = await fetch_one(conn, "get_chat_request", response_id=response_id)
     if req is None:
         raise NotFound(f"no exchange {response_id}")
-    choices = [CompletionRecord(**r) for r in await fetch_all(conn, "list_completions", request_id=req["id"])]
-    on = dict(request_id=req["id"])  # what users said about it (queries in feedback.sql)
+    on = dict(request_id=req["id"], exchange_at=req["created_at"])  # its rows are all in its month
+    choices = [CompletionRecord(**r) for r in await fetch_all(conn, "list_completions", **on)]
     return ExchangeRecord(
         **req, user=req["user_field"], choices=choices,
         feedback=[FeedbackPublic(**r) for r in await fetch_all(conn, "list_feedback_on_request", **on)],

@@ -112,7 +112,8 @@ async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[Feedb
         except DomainError as e:
             results[i] = e
             continue
-        writes.append((i, dict(completion_id=target.id, author_key_id=event.author_key_id, kind=event.feedback.kind)))
+        writes.append((i, dict(completion_id=target.id, exchange_at=target.exchange_at,
+                                author_key_id=event.author_key_id, kind=event.feedback.kind)))
     # rows locked in one order by every group: two groups never wait on each other in a cycle
     writes.sort(key=lambda w: (w[1]["completion_id"], w[1]["author_key_id"], w[1]["kind"]))
     saved = await fetch_each(conn, "upsert_feedback", [dict(k, value=events[i].feedback.value,
@@ -142,7 +143,7 @@ async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
     if ranked != list(range(n)):
         raise Invalid(f"order must be a permutation of the response's {n} choices: each of "
                       f"0..{n - 1} exactly once (got {ranked}).", param="order")
-    key = dict(request_id=request["id"], author_key_id=author_key_id)
+    key = dict(request_id=request["id"], exchange_at=request["exchange_at"], author_key_id=author_key_id)
     row = await fetch_one(conn, "upsert_ranking", **key, ordering=Jsonb(ranking.order))
     if row is None:
         row = await fetch_one(conn, "get_ranking", **key)
@@ -159,8 +160,8 @@ async def record_preference(conn, *, preference: PreferenceCreate, author_key_id
         raise Invalid("chosen and rejected answer different prompts; a preference compares "
                       "two completions of the same conversation.", param="rejected")
     key = dict(author_key_id=author_key_id, chosen_id=chosen.id, rejected_id=rejected.id)
-    row = await fetch_one(conn, "upsert_preference", **key, strength=preference.strength,
-                          margin=preference.strength)
+    row = await fetch_one(conn, "upsert_preference", **key, chosen_at=chosen.exchange_at,
+                          rejected_at=rejected.exchange_at, strength=preference.strength, margin=preference.strength)
     if row is None:
         row = await fetch_one(conn, "get_preference", **key)
     return PreferencePublic(**row)

@@ -1,9 +1,11 @@
 """`feedloop trainer`: the trainer service. APScheduler tries a round on an interval or cron
 schedule (it trains once enough new feedback arrived, or the oldest waited long enough:
 `trainer.round.skip_reason`) and takes rounds operators queued through the API; the round lock makes any number of
-replicas safe. At start-up, rounds a killed trainer left `running` are marked failed."""
+replicas safe. At start-up, rounds a killed trainer left `running` are marked failed. A daily job
+makes the coming months' partitions and applies the retention (trainer/retention.py)."""
 import asyncio
 import logging
+from datetime import datetime, timezone
 
 import psycopg
 from apscheduler.schedulers.blocking import BlockingScheduler
@@ -12,6 +14,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from schemas.settings import Settings
 from store.db import database_url, migrate
+from trainer.retention import partition_job
 from trainer.round import recover, run_round
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ def serve(settings: Settings) -> None:
                       id="round")
     scheduler.add_job(queued_rounds, IntervalTrigger(seconds=settings.queue_poll_seconds, timezone="UTC"),
                       args=(url, settings), max_instances=1, coalesce=True, id="queued")
+    scheduler.add_job(partition_job, IntervalTrigger(seconds=settings.partition_job_seconds, timezone="UTC"),
+                      args=(url, settings), max_instances=1, coalesce=True, id="partitions",
+                      next_run_time=datetime.now(timezone.utc))  # and once at start-up
     if settings.openwebui_url and settings.openwebui_api_key and settings.openwebui_import_seconds:
         scheduler.add_job(openwebui_import, IntervalTrigger(seconds=settings.openwebui_import_seconds, timezone="UTC"),
                           args=(url, settings), max_instances=1, coalesce=True, id="openwebui")

@@ -8,13 +8,13 @@ INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt
 VALUES (%(response_id)s, %(api_key_id)s, %(user_field)s, %(messages)s, %(prompt_hash)s, %(params)s,
         %(model_version_id)s, %(stream)s, %(batch_rows)s, %(prompt_tokens)s, %(completion_tokens)s,
         %(queue_ms)s, %(first_token_ms)s, %(total_ms)s, %(client_ref)s, %(client_chat_id)s, %(client_task)s)
-RETURNING id;
+RETURNING id, created_at;
 
 -- name: insert_completion
--- Record one choice of a chat request.
-INSERT INTO completions (request_id, choice_index, text, finish_reason, completion_tokens,
+-- Record one choice of a chat request (in its request's month: `request_created_at` is the request's time).
+INSERT INTO completions (request_id, request_created_at, choice_index, text, finish_reason, completion_tokens,
                          model_version_id, tool_calls, logprobs)
-VALUES (%(request_id)s, %(choice_index)s, %(text)s, %(finish_reason)s, %(completion_tokens)s,
+VALUES (%(request_id)s, %(request_created_at)s, %(choice_index)s, %(text)s, %(finish_reason)s, %(completion_tokens)s,
         %(model_version_id)s, %(tool_calls)s, %(logprobs)s);
 
 -- name: get_chat_request
@@ -22,9 +22,9 @@ VALUES (%(request_id)s, %(choice_index)s, %(text)s, %(finish_reason)s, %(complet
 SELECT * FROM chat_requests WHERE response_id = %(response_id)s;
 
 -- name: list_completions
--- The choices of one recorded request, in index order.
+-- The choices of one recorded request (of its month), in index order.
 SELECT choice_index, text, finish_reason, completion_tokens, model_version_id, tool_calls, logprobs
-FROM completions WHERE request_id = %(request_id)s ORDER BY choice_index;
+FROM completions WHERE request_id = %(request_id)s AND request_created_at = %(exchange_at)s ORDER BY choice_index;
 
 -- name: recent_conversations
 -- What users asked lately: each distinct prompt once, newest first, among the newest `scan` requests
@@ -54,14 +54,14 @@ SELECT rq.response_id, rq.api_key_id, rq.user_field AS "user", rq.model_version_
        rq.completion_tokens, rq.created_at, jsonb_array_length(rq.messages) AS turns,
        left(coalesce((SELECT m.value->>'content' FROM jsonb_array_elements(rq.messages) WITH ORDINALITY AS m(value, i)
                       WHERE m.value->>'role' = 'user' ORDER BY m.i DESC LIMIT 1), ''), 200) AS prompt,
-       (SELECT count(*) FROM completions c WHERE c.request_id = rq.id) AS choices,
+       (SELECT count(*) FROM completions c WHERE c.request_id = rq.id AND c.request_created_at = rq.created_at) AS choices,
        jsonb_build_object(
            'thumbs_up', fb.thumbs_up, 'thumbs_down', fb.thumbs_down, 'rating', fb.rating,
            'comment', fb.comment, 'correction', fb.correction,
-           'ranking', (SELECT count(*) FROM rankings r WHERE r.request_id = rq.id),
+           'ranking', (SELECT count(*) FROM rankings r WHERE r.request_id = rq.id AND r.exchange_at = rq.created_at),
            'preference', (SELECT count(DISTINCT p.id) FROM preferences p JOIN completions c
                           ON c.id IN (p.chosen_completion_id, p.rejected_completion_id)
-                          WHERE c.request_id = rq.id)) AS feedback
+                          WHERE c.request_id = rq.id AND c.request_created_at = rq.created_at)) AS feedback
 FROM chat_requests rq
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE f.kind = 'thumbs' AND f.value > 0) AS thumbs_up,
@@ -69,8 +69,8 @@ CROSS JOIN LATERAL (
            count(*) FILTER (WHERE f.kind = 'rating') AS rating,
            count(*) FILTER (WHERE f.kind = 'comment') AS comment,
            count(*) FILTER (WHERE f.kind = 'correction') AS correction
-    FROM feedback f JOIN completions c ON c.id = f.completion_id
-    WHERE c.request_id = rq.id
+    FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+    WHERE c.request_id = rq.id AND c.request_created_at = rq.created_at AND f.exchange_at = rq.created_at
 ) fb
 WHERE (%(before_id)s::bigint IS NULL OR rq.id < %(before_id)s)
   AND (%(version_id)s::bigint IS NULL OR rq.model_version_id = %(version_id)s)

@@ -8,16 +8,17 @@ SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_
 -- name: find_completion
 -- A completion to judge by response id and choice index, when `owner` produced it (anyone's when owner
 -- is null); finding one joins the event writers for the rest of the transaction, saving a round trip.
-SELECT c.id, c.request_id, c.choice_index, rq.response_id, rq.prompt_hash, rq.client_task,
-       pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
-FROM completions c JOIN chat_requests rq ON rq.id = c.request_id
+SELECT c.id, c.request_id, c.request_created_at AS exchange_at, c.choice_index, rq.response_id, rq.prompt_hash,
+       rq.client_task, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
+FROM completions c JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
 WHERE rq.response_id = %(response_id)s AND c.choice_index = %(choice_index)s
   AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
 
 -- name: find_request
 -- A recorded request to rank and how many choices it has, when `owner` produced it (anyone's when null);
 -- finding one joins the event writers for the rest of the transaction.
-SELECT rq.id, rq.response_id, (SELECT count(*) FROM completions c WHERE c.request_id = rq.id) AS choices,
+SELECT rq.id, rq.created_at AS exchange_at, rq.response_id,
+       (SELECT count(*) FROM completions c WHERE c.request_id = rq.id AND c.request_created_at = rq.created_at) AS choices,
        rq.client_task, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
 FROM chat_requests rq
 WHERE rq.response_id = %(response_id)s AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
@@ -47,54 +48,59 @@ WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
 -- name: upsert_feedback
 -- One current value per (completion, author, kind); a changed value draws a new event id, an unchanged one returns nothing.
 WITH saved AS (
-    INSERT INTO feedback (completion_id, author_key_id, kind, value, text)
-    VALUES (%(completion_id)s, %(author_key_id)s, %(kind)s, %(value)s, %(text)s)
-    ON CONFLICT (completion_id, author_key_id, kind) DO UPDATE
+    INSERT INTO feedback (completion_id, exchange_at, author_key_id, kind, value, text)
+    VALUES (%(completion_id)s, %(exchange_at)s, %(author_key_id)s, %(kind)s, %(value)s, %(text)s)
+    ON CONFLICT (completion_id, author_key_id, kind, exchange_at) DO UPDATE
     SET value = EXCLUDED.value, text = EXCLUDED.text, event_id = EXCLUDED.event_id, updated_at = now()
     WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text)
     RETURNING *
 )
 SELECT 'fb_' || s.id AS id, rq.response_id, c.choice_index, s.kind, s.value, s.text, s.author_key_id,
        s.created_at, s.updated_at
-FROM saved s JOIN completions c ON c.id = s.completion_id JOIN chat_requests rq ON rq.id = c.request_id;
+FROM saved s JOIN completions c ON c.id = s.completion_id AND c.request_created_at = s.exchange_at
+     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at;
 
 -- name: get_feedback
 -- The current feedback of one kind by one author on one completion.
 SELECT 'fb_' || f.id AS id, rq.response_id, c.choice_index, f.kind, f.value, f.text, f.author_key_id,
        f.created_at, f.updated_at
-FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
-WHERE f.completion_id = %(completion_id)s AND f.author_key_id = %(author_key_id)s AND f.kind = %(kind)s;
+FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
+WHERE f.completion_id = %(completion_id)s AND f.author_key_id = %(author_key_id)s AND f.kind = %(kind)s
+  AND f.exchange_at = %(exchange_at)s;
 
 -- name: upsert_ranking
 -- One current ranking per (response, author); a changed order draws a new event id, an unchanged one returns nothing.
 WITH saved AS (
-    INSERT INTO rankings (request_id, author_key_id, ordering)
-    VALUES (%(request_id)s, %(author_key_id)s, %(ordering)s)
-    ON CONFLICT (request_id, author_key_id) DO UPDATE
+    INSERT INTO rankings (request_id, exchange_at, author_key_id, ordering)
+    VALUES (%(request_id)s, %(exchange_at)s, %(author_key_id)s, %(ordering)s)
+    ON CONFLICT (request_id, author_key_id, exchange_at) DO UPDATE
     SET ordering = EXCLUDED.ordering, event_id = EXCLUDED.event_id, updated_at = now()
     WHERE rankings.ordering IS DISTINCT FROM EXCLUDED.ordering
     RETURNING *
 )
 SELECT 'rk_' || s.id AS id, rq.response_id, s.ordering AS "order", s.author_key_id, s.created_at, s.updated_at
-FROM saved s JOIN chat_requests rq ON rq.id = s.request_id;
+FROM saved s JOIN chat_requests rq ON rq.id = s.request_id AND rq.created_at = s.exchange_at;
 
 -- name: get_ranking
 -- The current ranking by one author of one response.
 SELECT 'rk_' || r.id AS id, rq.response_id, r.ordering AS "order", r.author_key_id, r.created_at, r.updated_at
-FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
-WHERE r.request_id = %(request_id)s AND r.author_key_id = %(author_key_id)s;
+FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id AND rq.created_at = r.exchange_at
+WHERE r.request_id = %(request_id)s AND r.author_key_id = %(author_key_id)s AND r.exchange_at = %(exchange_at)s;
 
 -- name: upsert_preference
 -- One current preference per (author, pair of completions) either way round; a change draws a new event id.
 WITH saved AS (
-    INSERT INTO preferences (source, author_key_id, chosen_completion_id, rejected_completion_id,
-                             strength, margin)
-    VALUES ('pairwise', %(author_key_id)s, %(chosen_id)s, %(rejected_id)s, %(strength)s, %(margin)s)
+    INSERT INTO preferences (source, author_key_id, chosen_completion_id, chosen_at, rejected_completion_id,
+                             rejected_at, strength, margin)
+    VALUES ('pairwise', %(author_key_id)s, %(chosen_id)s, %(chosen_at)s, %(rejected_id)s, %(rejected_at)s,
+            %(strength)s, %(margin)s)
     ON CONFLICT (author_key_id, least(chosen_completion_id, rejected_completion_id),
                  greatest(chosen_completion_id, rejected_completion_id)) WHERE source = 'pairwise'
     DO UPDATE
-    SET chosen_completion_id = EXCLUDED.chosen_completion_id,
-        rejected_completion_id = EXCLUDED.rejected_completion_id, strength = EXCLUDED.strength,
+    SET chosen_completion_id = EXCLUDED.chosen_completion_id, chosen_at = EXCLUDED.chosen_at,
+        rejected_completion_id = EXCLUDED.rejected_completion_id, rejected_at = EXCLUDED.rejected_at,
+        strength = EXCLUDED.strength,
         margin = EXCLUDED.margin, event_id = EXCLUDED.event_id, updated_at = now()
     WHERE (preferences.chosen_completion_id, preferences.strength)
           IS DISTINCT FROM (EXCLUDED.chosen_completion_id, EXCLUDED.strength)
@@ -104,8 +110,10 @@ SELECT 'pf_' || s.id AS id, s.source, s.author_key_id, s.strength, s.margin, s.c
        jsonb_build_object('response_id', crq.response_id, 'choice_index', cc.choice_index) AS chosen,
        jsonb_build_object('response_id', rrq.response_id, 'choice_index', rc.choice_index) AS rejected
 FROM saved s
-JOIN completions cc ON cc.id = s.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
-JOIN completions rc ON rc.id = s.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id;
+JOIN completions cc ON cc.id = s.chosen_completion_id AND cc.request_created_at = s.chosen_at
+JOIN chat_requests crq ON crq.id = cc.request_id AND crq.created_at = cc.request_created_at
+JOIN completions rc ON rc.id = s.rejected_completion_id AND rc.request_created_at = s.rejected_at
+JOIN chat_requests rrq ON rrq.id = rc.request_id AND rrq.created_at = rc.request_created_at;
 
 -- name: get_preference
 -- The current preference by one author between two completions, either way round.
@@ -113,8 +121,10 @@ SELECT 'pf_' || p.id AS id, p.source, p.author_key_id, p.strength, p.margin, p.c
        jsonb_build_object('response_id', crq.response_id, 'choice_index', cc.choice_index) AS chosen,
        jsonb_build_object('response_id', rrq.response_id, 'choice_index', rc.choice_index) AS rejected
 FROM preferences p
-JOIN completions cc ON cc.id = p.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
-JOIN completions rc ON rc.id = p.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id
+JOIN completions cc ON cc.id = p.chosen_completion_id AND cc.request_created_at = p.chosen_at
+JOIN chat_requests crq ON crq.id = cc.request_id AND crq.created_at = cc.request_created_at
+JOIN completions rc ON rc.id = p.rejected_completion_id AND rc.request_created_at = p.rejected_at
+JOIN chat_requests rrq ON rrq.id = rc.request_id AND rrq.created_at = rc.request_created_at
 WHERE p.source = 'pairwise' AND p.author_key_id = %(author_key_id)s
   AND least(p.chosen_completion_id, p.rejected_completion_id) = least(%(chosen_id)s::bigint, %(rejected_id)s::bigint)
   AND greatest(p.chosen_completion_id, p.rejected_completion_id) = greatest(%(chosen_id)s::bigint, %(rejected_id)s::bigint);
@@ -140,15 +150,16 @@ RETURNING id;
 -- Every current feedback row on the choices of one request.
 SELECT 'fb_' || f.id AS id, rq.response_id, c.choice_index, f.kind, f.value, f.text, f.author_key_id,
        f.created_at, f.updated_at
-FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
-WHERE c.request_id = %(request_id)s
+FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
+WHERE c.request_id = %(request_id)s AND f.exchange_at = %(exchange_at)s
 ORDER BY c.choice_index, f.id;
 
 -- name: list_rankings_on_request
 -- Every current ranking of one request's choices.
 SELECT 'rk_' || r.id AS id, rq.response_id, r.ordering AS "order", r.author_key_id, r.created_at, r.updated_at
-FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id
-WHERE r.request_id = %(request_id)s
+FROM rankings r JOIN chat_requests rq ON rq.id = r.request_id AND rq.created_at = r.exchange_at
+WHERE r.request_id = %(request_id)s AND r.exchange_at = %(exchange_at)s
 ORDER BY r.id;
 
 -- name: list_preferences_on_request
@@ -157,10 +168,14 @@ SELECT 'pf_' || p.id AS id, p.source, p.author_key_id, p.strength, p.margin, p.c
        jsonb_build_object('response_id', crq.response_id, 'choice_index', cc.choice_index) AS chosen,
        jsonb_build_object('response_id', rrq.response_id, 'choice_index', rc.choice_index) AS rejected
 FROM preferences p
-JOIN completions cc ON cc.id = p.chosen_completion_id JOIN chat_requests crq ON crq.id = cc.request_id
-JOIN completions rc ON rc.id = p.rejected_completion_id JOIN chat_requests rrq ON rrq.id = rc.request_id
-WHERE p.chosen_completion_id = ANY (ARRAY(SELECT id FROM completions WHERE request_id = %(request_id)s))
-   OR p.rejected_completion_id = ANY (ARRAY(SELECT id FROM completions WHERE request_id = %(request_id)s))
+JOIN completions cc ON cc.id = p.chosen_completion_id AND cc.request_created_at = p.chosen_at
+JOIN chat_requests crq ON crq.id = cc.request_id AND crq.created_at = cc.request_created_at
+JOIN completions rc ON rc.id = p.rejected_completion_id AND rc.request_created_at = p.rejected_at
+JOIN chat_requests rrq ON rrq.id = rc.request_id AND rrq.created_at = rc.request_created_at
+WHERE p.chosen_completion_id = ANY (ARRAY(SELECT id FROM completions
+                                         WHERE request_id = %(request_id)s AND request_created_at = %(exchange_at)s))
+   OR p.rejected_completion_id = ANY (ARRAY(SELECT id FROM completions
+                                            WHERE request_id = %(request_id)s AND request_created_at = %(exchange_at)s))
 ORDER BY p.id;
 
 -- name: derive_explicit_pairs
@@ -170,9 +185,9 @@ SELECT p.id, p.event_id, p.source, p.margin,
        coalesce(cc.text, p.chosen) AS chosen, coalesce(rc.text, p.rejected) AS rejected,
        p.chosen_completion_id AS chosen_id, p.rejected_completion_id AS rejected_id
 FROM preferences p
-LEFT JOIN completions cc ON cc.id = p.chosen_completion_id
-LEFT JOIN chat_requests rq ON rq.id = cc.request_id
-LEFT JOIN completions rc ON rc.id = p.rejected_completion_id
+LEFT JOIN completions cc ON cc.id = p.chosen_completion_id AND cc.request_created_at = p.chosen_at
+LEFT JOIN chat_requests rq ON rq.id = cc.request_id AND rq.created_at = cc.request_created_at
+LEFT JOIN completions rc ON rc.id = p.rejected_completion_id AND rc.request_created_at = p.rejected_at
 WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s
 ORDER BY p.event_id;
 
@@ -182,10 +197,10 @@ SELECT r.id, r.event_id, r.ordering, rq.messages AS prompt, rq.prompt_hash,
        array_agg(c.id ORDER BY c.choice_index) AS completion_ids,
        array_agg(c.text ORDER BY c.choice_index) AS texts
 FROM rankings r
-JOIN chat_requests rq ON rq.id = r.request_id
-JOIN completions c ON c.request_id = r.request_id
+JOIN chat_requests rq ON rq.id = r.request_id AND rq.created_at = r.exchange_at
+JOIN completions c ON c.request_id = r.request_id AND c.request_created_at = r.exchange_at
 WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
-GROUP BY r.id, rq.id
+GROUP BY r.id, r.exchange_at, rq.id, rq.created_at
 ORDER BY r.event_id;
 
 -- name: derive_thumbs_pairs
@@ -223,16 +238,17 @@ SELECT (SELECT count(*) FROM demonstrations WHERE event_id > %(after)s AND event
 -- name: derive_kto_rows
 -- One row per completion whose thumbs (events <= upto) net up or down, new when any thumbs is newer than `after`.
 WITH verdict AS (
-    SELECT f.completion_id, sum(f.value) AS net, max(f.event_id) AS event_id,
+    SELECT f.completion_id, f.exchange_at, sum(f.value) AS net, max(f.event_id) AS event_id,
            array_agg(f.id ORDER BY f.id) AS feedback_ids
     FROM feedback f
     WHERE f.kind = 'thumbs' AND f.event_id <= %(upto)s
-    GROUP BY f.completion_id
+    GROUP BY f.completion_id, f.exchange_at
     HAVING sum(f.value) <> 0
 )
 SELECT v.completion_id, v.net > 0 AS label, v.event_id, v.feedback_ids, c.text AS completion,
        rq.messages AS prompt, rq.prompt_hash
-FROM verdict v JOIN completions c ON c.id = v.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+FROM verdict v JOIN completions c ON c.id = v.completion_id AND c.request_created_at = v.exchange_at
+JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
 WHERE v.event_id > %(after)s
 ORDER BY v.event_id, v.completion_id;
 
@@ -243,7 +259,8 @@ FROM demonstrations d
 WHERE d.event_id > %(after)s AND d.event_id <= %(upto)s
 UNION ALL
 SELECT 'correction', f.id, f.event_id, rq.messages, f.text, f.completion_id
-FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
 WHERE f.kind = 'correction' AND f.event_id > %(after)s AND f.event_id <= %(upto)s
 ORDER BY event_id;
 

@@ -5,6 +5,11 @@
 -- The stored pairs' watermark, locked until the transaction ends: one roll-forward at a time.
 SELECT watermark FROM training_pairs_state FOR UPDATE;
 
+-- name: without_jit
+-- No JIT compiling for the rest of the transaction: the roll-forward probes each row's month with
+-- subqueries, which JIT compiles over and over (measured: 65 s instead of 13 ms for 200 rankings).
+SELECT set_config('jit', 'off', true);
+
 -- name: set_pairs_watermark
 -- The stored pairs are now those judged at this watermark.
 UPDATE training_pairs_state SET watermark = %(upto)s;
@@ -14,19 +19,22 @@ UPDATE training_pairs_state SET watermark = %(upto)s;
 DELETE FROM training_pairs WHERE preference_id IN (SELECT id FROM preferences WHERE event_id > %(after)s);
 
 -- name: store_explicit_pairs
--- Pairwise preferences and imported pairs with events in (after, upto], as given.
+-- Pairwise preferences and imported pairs with events in (after, upto], as given. (What a pair needs
+-- of its completions is read per pair in its month: see training_pair_rows, migration 013.)
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, preference_id, versions, margin, origin)
+                            rejected_completion_id, chosen_at, rejected_at, preference_id, versions, margin, origin)
 SELECT 'preference:' || p.id, p.source, 'preference:' || p.id, p.event_id, p.updated_at,
-       coalesce(rq.prompt_hash, p.prompt_hash), p.chosen_completion_id, p.rejected_completion_id, p.id,
-       sides(cc.model_version_id, rc.model_version_id), p.margin,
+       coalesce((SELECT rq.prompt_hash FROM completions c
+                 JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
+                 WHERE c.id = p.chosen_completion_id AND c.request_created_at = p.chosen_at), p.prompt_hash),
+       p.chosen_completion_id, p.rejected_completion_id, p.chosen_at, p.rejected_at, p.id,
+       sides((SELECT model_version_id FROM completions WHERE id = p.chosen_completion_id AND request_created_at = p.chosen_at),
+             (SELECT model_version_id FROM completions WHERE id = p.rejected_completion_id AND request_created_at = p.rejected_at)),
+       p.margin,
        jsonb_build_object('event_id', p.event_id, 'preference', p.id)
        || CASE WHEN p.chosen_completion_id IS NULL THEN '{}'::jsonb
           ELSE jsonb_build_object('completions', jsonb_build_array(p.chosen_completion_id, p.rejected_completion_id)) END
 FROM preferences p
-LEFT JOIN completions cc ON cc.id = p.chosen_completion_id
-LEFT JOIN chat_requests rq ON rq.id = cc.request_id
-LEFT JOIN completions rc ON rc.id = p.rejected_completion_id
 WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
 
 -- name: forget_ranking_pairs
@@ -34,31 +42,32 @@ WHERE p.event_id > %(after)s AND p.event_id <= %(upto)s;
 DELETE FROM training_pairs WHERE ranking_id IN (SELECT id FROM rankings WHERE event_id > %(after)s);
 
 -- name: store_ranking_pairs
--- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first.
-WITH tiers AS (
-    SELECT r.id, r.event_id, r.updated_at, r.request_id, t.rank,
-           CASE jsonb_typeof(t.tier) WHEN 'array' THEN t.tier ELSE jsonb_build_array(t.tier) END AS members
-    FROM rankings r CROSS JOIN LATERAL jsonb_array_elements(r.ordering) WITH ORDINALITY AS t(tier, rank)
+-- Rankings with events in (after, upto]: a pair for every two choices in different tiers, best first
+-- (ranking_pairs, migration 013); the exchange's prompt and choices (id, version) read in its month,
+-- once per ranking (MATERIALIZED: inlined, each use of `choices` would read them again).
+WITH ranked AS MATERIALIZED (
+    SELECT r.id, r.event_id, r.updated_at, r.exchange_at, r.ordering,
+           (SELECT prompt_hash FROM chat_requests WHERE id = r.request_id AND created_at = r.exchange_at) AS prompt_hash,
+           ARRAY(SELECT ARRAY[c.id, c.model_version_id] FROM completions c
+                 WHERE c.request_id = r.request_id AND c.request_created_at = r.exchange_at
+                 ORDER BY c.choice_index) AS choices
+    FROM rankings r
     WHERE r.event_id > %(after)s AND r.event_id <= %(upto)s
-), placed AS (
-    SELECT t.id, t.event_id, t.updated_at, t.request_id, t.rank, m.choice::int AS choice
-    FROM tiers t CROSS JOIN LATERAL jsonb_array_elements_text(t.members) AS m(choice)
 )
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, ranking_id, versions, margin, origin)
-SELECT 'ranking:' || b.id || ':' || b.choice || '>' || w.choice, 'ranking', 'ranking:' || b.id, b.event_id,
-       b.updated_at, rq.prompt_hash, cb.id, cw.id, b.id, sides(cb.model_version_id, cw.model_version_id), 0,
-       jsonb_build_object('event_id', b.event_id, 'ranking', b.id, 'choices', jsonb_build_array(b.choice, w.choice),
-                          'completions', jsonb_build_array(cb.id, cw.id))
-FROM placed b JOIN placed w ON w.id = b.id AND w.rank > b.rank
-JOIN chat_requests rq ON rq.id = b.request_id
-JOIN completions cb ON cb.request_id = b.request_id AND cb.choice_index = b.choice
-JOIN completions cw ON cw.request_id = b.request_id AND cw.choice_index = w.choice;
+                            rejected_completion_id, chosen_at, rejected_at, ranking_id, versions, margin, origin)
+SELECT 'ranking:' || r.id || ':' || rp.better || '>' || rp.worse, 'ranking', 'ranking:' || r.id, r.event_id,
+       r.updated_at, r.prompt_hash, r.choices[rp.better + 1][1], r.choices[rp.worse + 1][1], r.exchange_at,
+       r.exchange_at, r.id, sides(r.choices[rp.better + 1][2], r.choices[rp.worse + 1][2]), 0,
+       jsonb_build_object('event_id', r.event_id, 'ranking', r.id, 'choices', jsonb_build_array(rp.better, rp.worse),
+                          'completions', jsonb_build_array(r.choices[rp.better + 1][1], r.choices[rp.worse + 1][1]))
+FROM ranked r CROSS JOIN LATERAL ranking_pairs(r.ordering) rp;
 
 -- name: touched_prompts
 -- Prompts with a thumbs or rating whose event is past `after`: their judged pairs may have changed.
 SELECT coalesce(array_agg(DISTINCT rq.prompt_hash), '{}') AS prompts
-FROM feedback f JOIN completions c ON c.id = f.completion_id JOIN chat_requests rq ON rq.id = c.request_id
+FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
 WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating');
 
 -- name: forget_judged_pairs
@@ -68,9 +77,9 @@ DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating') AND prompt_hash 
 -- name: store_judged_pairs
 -- Thumbs and rating pairs of these prompts judged at `upto` (the rules are migration 012's functions).
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
-                            rejected_completion_id, versions, margin, origin)
+                            rejected_completion_id, chosen_at, rejected_at, versions, margin, origin)
 SELECT j.source || ':' || j.chosen_id || '>' || j.rejected_id, j.source, j.source || ':' || j.chosen_id || '>' || j.rejected_id,
-       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id,
+       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id, a.request_created_at, b.request_created_at,
        sides(a.model_version_id, b.model_version_id), j.margin,
        jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
                           'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
