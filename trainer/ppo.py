@@ -585,8 +585,8 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
     """Optimise `policy` (and `value_model`) in place with PPO against `reward_fn` on `prompts`,
     penalised by KL to the frozen `ref_policy`. `value_model` is a `*ForSequenceClassification`
     with one label (InstructGPT: initialised from the reward model), or None with
-    `cfg.value_model == "shared"` (a new head on the policy's trunk, not published). With `cfg.ptx_coef > 0`,
-    `demonstrations` ([{"prompt", "completion"}]) are mixed in (PPO-ptx). Returns metrics: the
+    `cfg.value_model == "shared"` (a new head on the policy's trunk, not published). With
+    `cfg.ptx_coef > 0`, `demonstrations` ([{"prompt", "completion"}]) are mixed in (PPO-ptx). Returns metrics: the
     last value of every `CURVE_KEYS` entry, their per-step curves under "ppo/curves", and more."""
     check_inputs(cfg, policy, value_model, tokenizer, prompts)
     torch.manual_seed(cfg.seed)
