@@ -3,6 +3,7 @@ full fine-tuning and LoRA, against TRL 1.12's `trl.experimental.ppo.PPOTrainer`,
 models, prompts and settings, in one run.
 
     python bench/ppo.py [--updates 5] [--threads 1] [--repeats 2] [--models gpt2-2x128 gpt2-10m ...]
+                        [--sides ours ours-shared ours-lora trl]
 
 Setup, identical for every side: GPT-2 policies of 2x128, 4x256, about 10M (8x320) and about 50M
 (12x576) parameters (random init, built here, never downloaded), a tokenizer trained on the bundled demonstrations, a reward model of the same shape
@@ -17,6 +18,11 @@ with `{"lora": {"enabled": true}}` does: the value and reward heads start from t
 head, the reward adapter from zero (its scores are the reward model's backbone with the policy's
 weights, a different function from the full side's separate reward model: this side is timed for
 its cost, not for what it learns).
+
+The shared side (`ours-shared`) is full fine-tuning with `value_model="shared"`: no value model,
+a new scalar head on the policy's own trunk, one forward and one backward for policy and value
+(CleanRL's and trlx's layout). TRL's side keeps its separate value model, so `ours-shared`
+against TRL is not like for like: it is the cheaper algorithm an operator can opt into.
 
 Each (side, model) runs in its own subprocess, so peak memory is that process's peak RSS (and
 peak CUDA allocation on a GPU). An update is timed from one to the next: ours between the starts
@@ -48,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"gpt2-2x128": dict(n_layer=2, n_embd=128, n_head=4), "gpt2-4x256": dict(n_layer=4, n_embd=256, n_head=4),
           "gpt2-10m": dict(n_layer=8, n_embd=320, n_head=5), "gpt2-50m": dict(n_layer=12, n_embd=576, n_head=9)}
-SIDES = ("ours", "ours-lora", "trl")
+SIDES = ("ours", "ours-shared", "ours-lora", "trl")
 TRL_VERSION = "1.12.0"
 SETTINGS = dict(batch_size=16, max_new_tokens=32, ppo_epochs=4, num_minibatches=4, temperature=0.7, lr=1e-5,
                 missing_eos_penalty=1.0, kl_coef=0.05)
@@ -139,7 +145,7 @@ def lora_models(model_dir: Path, device: str):
             HeadView(shared, "value", copy.deepcopy(head)).to(device), HeadView(shared, "reward", head).to(device))
 
 
-def run_ours(model_dir: Path, prompts: dict, updates: int, lora: bool = False) -> dict:
+def run_ours(model_dir: Path, prompts: dict, updates: int, lora: bool = False, shared: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -155,7 +161,7 @@ def run_ours(model_dir: Path, prompts: dict, updates: int, lora: bool = False) -
     else:
         policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
         ref = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
-        value = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
+        value = None if shared else AutoModelForSequenceClassification.from_pretrained(model_dir / "reward")
         rm = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward").eval()
         rm.to(device)
 
@@ -180,7 +186,7 @@ def run_ours(model_dir: Path, prompts: dict, updates: int, lora: bool = False) -
 
     ppo.rollout = stamped_rollout
     cfg = ppo.PPOConfig(steps=updates + 2, device=device, adaptive_kl=False, anneal_lr=False, warmup_steps=0,
-                        max_prompt_tokens=128, **SETTINGS)
+                        max_prompt_tokens=128, value_model="shared" if shared else "separate", **SETTINGS)
     metrics = ppo.train(cfg, policy, ref, value, tok, [[{"role": "user", "content": p}] for p in prompts["prompts"]],
                         reward_fn)
     return {**_per_update(stamps[1:]),  # from the second update's start: one warm-up update
@@ -248,7 +254,8 @@ def worker(args) -> None:
     prompts = json.loads((args.work / "prompts.json").read_text())
     model_dir = args.work / args.model
     if args.worker.startswith("ours"):
-        result = run_ours(model_dir, prompts, args.updates, lora=args.worker == "ours-lora")
+        result = run_ours(model_dir, prompts, args.updates, lora=args.worker == "ours-lora",
+                          shared=args.worker == "ours-shared")
     else:
         with tempfile.TemporaryDirectory() as out:
             result = run_trl(model_dir, prompts, args.updates, Path(out))
@@ -274,6 +281,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--repeats", type=int, default=2, help="runs per side and model; fastest median kept")
     p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES), help="which sides run (default: all)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -281,41 +289,47 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    trl_py = trl_python()
+    trl_py = trl_python() if "trl" in args.sides else None
     import torch
     print(f"bench/ppo.py: torch {torch.__version__}, {args.threads} thread(s), "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; TRL {TRL_VERSION} via {trl_py}")
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; TRL {TRL_VERSION} via {trl_py or '(not run)'}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items()))
-    rows = []
+    rows = {}  # model -> side -> the run with the lower CPU median
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         work = Path(tmp)
         build_models(work)
         for model in args.models:
-            best = {}
+            best = rows[model] = {}
             for _ in range(args.repeats):
-                for side, python in (("ours", sys.executable), ("ours-lora", sys.executable), ("trl", trl_py)):
-                    r = run_side(python, side, model, work, args)
+                for side in [s for s in SIDES if s in args.sides]:
+                    r = run_side(trl_py if side == "trl" else sys.executable, side, model, work, args)
                     if side not in best or r["cpu"] < best[side]["cpu"]:
                         best[side] = r
-            rows.append((model, best["ours"], best["trl"], best["ours-lora"]))
+    print_table(rows, args)
 
-    mem = "peak_cuda_mb" if "peak_cuda_mb" in rows[0][1] else "peak_rss_mb"
-    print(f"\n{'':<12} {'seconds per update (wall)':^28} {'seconds per update (CPU)':^28} "
-          f"{'peak MB':^15} {'TRL gc':>7}   {'LoRA (ours, full vs LoRA)':^36}")
-    print(f"{'model':<12} {'ours':>8} {'TRL':>8} {'ratio':>8}   {'ours':>8} {'TRL':>8} {'ratio':>8}   "
-          f"{'ours':>6} {'TRL':>6}   {'s/upd':>6}   {'wall':>7} {'CPU':>7} {'peak MB':>8} {'mem/full':>9}")
-    for model, ours, trl, lora in rows:
-        print(f"{model:<12} {ours['wall']:>8.3f} {trl['wall']:>8.3f} {ours['wall'] / trl['wall']:>8.2f}   "
-              f"{ours['cpu']:>8.3f} {trl['cpu']:>8.3f} {ours['cpu'] / trl['cpu']:>8.2f}   "
-              f"{ours[mem]:>6.0f} {trl[mem]:>6.0f}   {trl['gc_seconds_per_update']:>6.3f}   "
-              f"{lora['wall']:>7.3f} {lora['cpu']:>7.3f} {lora[mem]:>8.0f} {lora[mem] / ours[mem]:>9.2f}")
-    print(f"ratio = ours / TRL (goal <= 0.50). Medians over {args.updates} updates after a warm-up, best of "
+
+def print_table(rows: dict, args) -> None:
+    first = next(iter(next(iter(rows.values())).values()))
+    mem = "peak_cuda_mb" if "peak_cuda_mb" in first else "peak_rss_mb"
+    print(f"\n{'model':<12} {'side':<12} {'wall s':>8} {'CPU s':>8} {'wall/TRL':>9} {'CPU/TRL':>8} "
+          f"{'peak MB':>8} {'mem/ours':>9} {'TRL gc':>7}")
+    for model, sides in rows.items():
+        trl, ours = sides.get("trl"), sides.get("ours")
+        for side, r in sides.items():
+            wall, cpu = (f"{r[k] / trl[k]:.2f}" if trl else "-" for k in ("wall", "cpu"))
+            mem_ours = f"{r[mem] / ours[mem]:.2f}" if ours else "-"
+            gc = f"{r['gc_seconds_per_update']:.3f}" if side == "trl" else ""
+            print(f"{model:<12} {side:<12} {r['wall']:>8.3f} {r['cpu']:>8.3f} {wall:>9} {cpu:>8} "
+                  f"{r[mem]:>8.0f} {mem_ours:>9} {gc:>7}")
+    print(f"CPU/TRL = side / TRL (goal <= 0.50). Medians over {args.updates} updates after a warm-up, best of "
           f"{args.repeats} alternating runs; CPU time is the worker's own, which other load on a shared machine "
-          f"leaves alone. Peak memory: the worker's {'CUDA allocation' if mem == 'peak_cuda_mb' else 'RSS'}. "
-          f"TRL gc: seconds TRL spends in its own gc.collect() calls per update. LoRA: rank 16 on every "
-          f"linear layer over one shared base; mem/full = its peak over full fine-tuning's (goal at 50M <= 0.50). "
-          f"Mean answer length (ours): "
-          + ", ".join(f"{r[1]['answer_tokens']:.1f}" for r in rows) + " tokens.")
+          f"leaves alone. Peak memory: the worker's {'CUDA allocation' if mem == 'peak_cuda_mb' else 'RSS'}; "
+          f"mem/ours = its peak over full fine-tuning's (LoRA's goal at 50M <= 0.50). TRL gc: seconds TRL spends "
+          f"in its own gc.collect() calls per update. ours: separate value model (InstructGPT, like TRL); "
+          f"ours-shared: value head on the policy's trunk (not like for like); ours-lora: rank 16 on every linear "
+          f"layer over one shared base. Mean answer length (ours): "
+          + ", ".join(f"{r['answer_tokens']:.1f}" for sides in rows.values() for k, r in sides.items() if k == "ours")
+          + " tokens.")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from lm.chat import as_messages, context_length, encode_prompt
 from lm.decoding import left_pad
 from lm.turns import check_pad, end_of_turn_ids
 from schemas.bundled import bundled_prompts
-from trainer.rollout import Samples, decode, join, response_logits, response_values, sample
+from trainer.lora import AdapterView, HeadView, new_head
+from trainer.rollout import (Samples, decode, join, response_logits, response_logits_and_values, response_values,
+                             sample)
 from trainer.common import disable_dropout, fp32_trainable, fused_activations, make_accelerator, on_terminal
 from trainer.optim import adamw, set_lr, warmup_linear
 from trainer.sft import answer_loss, collate, encode_demonstration
@@ -58,6 +60,9 @@ CURVE_KEYS = (
     "rollout/eos_rate",        # share of answers that ended with EOS
     "time/update_seconds",     # rollout + scoring + all epochs
 )
+
+
+VALUE_MODELS = ("separate", "shared")
 
 
 @dataclass
@@ -111,6 +116,11 @@ class PPOConfig:
     """value prediction clip around the rollout's values"""
     vf_coef: float = 0.1
     """weight of the value loss"""
+    value_model: str = "separate"
+    """separate: a value model of its own (InstructGPT: started from the reward model); shared: a
+    new scalar head on the policy's final hidden state, one forward giving logits and values and
+    one backward for both (CleanRL's and trlx's layout): a cheaper update, but the value loss also
+    moves the policy's trunk. The head is never published: the checkpoint is the policy alone"""
     kl_coef: float = 0.05
     """initial beta of the per-token KL penalty to the reference policy, and its floor"""
     initial_kl_coef: float | None = None
@@ -139,6 +149,8 @@ class PPOConfig:
     def __post_init__(self):
         if self.batch_size % self.num_minibatches:
             raise ValueError("batch_size must be a multiple of num_minibatches")
+        if self.value_model not in VALUE_MODELS:
+            raise ValueError(f"value_model is one of {', '.join(VALUE_MODELS)}, not {self.value_model!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError("kl_estimator is k1 or k3")
         if self.temperature <= 0:
@@ -399,17 +411,43 @@ def experience(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, promp
 
 # --- update epochs --------------------------------------------------------------------------------
 
+class TrunkValue(torch.nn.Module):
+    """value_model="shared" in full fine-tuning: a scalar head on the policy's own trunk, shaped
+    like a `*ForSequenceClassification` model for `response_values` (its trunk is `backbone`,
+    its head `score`). The trunk's weights are the policy's; only the head is its own."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, policy, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone, self.score = getattr(policy, policy.base_model_prefix), head
+
+
+def shared_value_model(policy, seed: int):
+    """A new value head on the policy's final hidden state: on its trunk, or with LoRA on the
+    shared base with the policy's adapter on (the "value" adapter then stays unused)."""
+    head = new_head(policy.config, seed)
+    if isinstance(policy, AdapterView):
+        return HeadView(policy._shared, policy.adapter, head)
+    return TrunkValue(policy, head)
+
+
 class PolicyAndValue(torch.nn.Module):
     """Policy and value model as one module, so `accelerator.prepare` wraps one forward (DDP
-    syncs gradients of what that forward used) — as TRL and MOSS-RLHF do."""
+    syncs gradients of what that forward used) — as TRL and MOSS-RLHF do. With `shared`, the
+    value model is a head on the policy's trunk, read from the policy's own forward."""
 
-    def __init__(self, policy, value_model):
+    def __init__(self, policy, value_model, shared: bool = False):
         super().__init__()
-        self.policy, self.value_model = policy, value_model
+        self.policy, self.value_model, self.shared = policy, value_model, shared
 
     def forward(self, ids, mask, pos, n_answer: int, temperature: float, sft_batch=None):
-        logits = response_logits(self.policy, ids, mask, pos, n_answer, temperature)  # (b, R, V)
-        values = response_values(self.value_model, ids, mask, pos, n_answer)  # (b, R)
+        if self.shared:  # one trunk forward: (b, R, V) logits and (b, R) values
+            logits, values = response_logits_and_values(self.policy, self.value_model.score, ids, mask, pos,
+                                                        n_answer, temperature)
+        else:
+            logits = response_logits(self.policy, ids, mask, pos, n_answer, temperature)  # (b, R, V)
+            values = response_values(self.value_model, ids, mask, pos, n_answer)  # (b, R)
         sft = answer_loss(self.policy, *sft_batch) if sft_batch is not None else None
         return logits, values, sft
 
@@ -483,15 +521,18 @@ def ppo_epochs(model, optimizer, accelerator, batch: Batch, cfg: PPOConfig, gene
 
 # --- train ---------------------------------------------------------------------------------------
 
-def check_inputs(cfg: PPOConfig, policy, tokenizer, prompts: list) -> None:
+def check_inputs(cfg: PPOConfig, policy, value_model, tokenizer, prompts: list) -> None:
     """Refuse what would train silently wrong, before any model work."""
+    cfg.__post_init__()  # fields may have been set after construction
+    if (value_model is None) != (cfg.value_model == "shared"):
+        raise ValueError('value_model="shared" puts a head on the policy: pass no value model; '
+                         '"separate" needs one')
     check_pad(tokenizer)  # answers are cut at the end of turn, then padded
     n_positions = context_length(policy.config)
     if n_positions and cfg.max_prompt_tokens + cfg.max_new_tokens > n_positions:
         raise ValueError(f"max_prompt_tokens + max_new_tokens exceeds the policy's {n_positions} positions")
     if not prompts:
         raise ValueError("no prompts to train on")
-    cfg.__post_init__()  # fields may have been set after construction
 
 
 def next_prompts(order: list[int], n: int, n_prompts: int, generator: torch.Generator
@@ -510,7 +551,7 @@ def prepare(cfg: PPOConfig, policy, ref_policy, value_model, accelerator) -> tup
         fused_activations(m)  # rollout, reference and update all run the same swapped function
     device = accelerator.device
     ref_policy.requires_grad_(False).eval().to(device)
-    model = PolicyAndValue(policy, value_model).to(device)
+    model = PolicyAndValue(policy, value_model, shared=cfg.value_model == "shared").to(device)
     fp32_trainable(model)  # never pure-bf16 Adam
     # Adam eps 1e-5 as OpenAI's lm-human-preferences and CleanRL (N-details on PyTorch's Adam).
     # The fused kernel (CPU and CUDA) makes a step ~5x cheaper than the per-tensor loop on small models.
@@ -543,11 +584,14 @@ def train(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, prompts: l
           reward_fn: RewardFn, demonstrations: list[dict] | None = None) -> dict:
     """Optimise `policy` (and `value_model`) in place with PPO against `reward_fn` on `prompts`,
     penalised by KL to the frozen `ref_policy`. `value_model` is a `*ForSequenceClassification`
-    with one label (InstructGPT: initialised from the reward model). With `cfg.ptx_coef > 0`,
-    `demonstrations` ([{"prompt", "completion"}]) are mixed in (PPO-ptx). Returns metrics: the
+    with one label (InstructGPT: initialised from the reward model), or None with
+    `cfg.value_model == "shared"` (a new head on the policy's trunk, not published). With
+    `cfg.ptx_coef > 0`, `demonstrations` ([{"prompt", "completion"}]) are mixed in (PPO-ptx). Returns metrics: the
     last value of every `CURVE_KEYS` entry, their per-step curves under "ppo/curves", and more."""
-    check_inputs(cfg, policy, tokenizer, prompts)
+    check_inputs(cfg, policy, value_model, tokenizer, prompts)
     torch.manual_seed(cfg.seed)
+    if value_model is None:
+        value_model = shared_value_model(policy, cfg.seed)
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     device = accelerator.device
     t_start = time.time()

@@ -72,13 +72,25 @@ def join(prompt_ids, prompt_mask, responses, response_mask):
 
 def response_logits(model, ids, mask, pos, R: int, temperature: float) -> torch.Tensor:
     """(B, R, V) logits / T predicting each answer token; the LM head runs only on those columns."""
+    return response_logits_and_values(model, None, ids, mask, pos, R, temperature)[0]
+
+
+def response_logits_and_values(model, value_head, ids, mask, pos, R: int, temperature: float
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`response_logits` and, with a `value_head` on the policy's own trunk (PPO's
+    value_model="shared"), the (B, R) values from the same forward's final hidden states."""
     # Column P - 1 + t predicts answer token t. The last column predicts nothing we need and, the
     # attention being causal, no other column sees it: it is left out of the forward altogether.
-    logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                   logits_to_keep=R, use_cache=False).logits  # no KV cache to build: nothing follows
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                logits_to_keep=R, use_cache=False,  # no KV cache to build: nothing follows
+                output_hidden_states=value_head is not None)
+    values = None
+    if value_head is not None:  # the last hidden state is the final-normed one the LM head reads
+        hidden = out.hidden_states[-1][:, -R:]
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
     # N-details "scale the logits by sampling temperature": log-probs of the distribution that
     # was sampled from, else the KL and ratios compare different distributions.
-    return logits.float() / max(temperature, 1e-7)
+    return out.logits.float() / max(temperature, 1e-7), values
 
 
 def response_values(value_model, ids, mask, pos, R: int) -> torch.Tensor:

@@ -139,7 +139,10 @@ def train_models(cfg: RoundConfig, inp: Inputs) -> Trained:
 
 def value_model(cfg: RoundConfig, reward_path, rm, shared: SharedBase | None):
     """PPO's value model, started from the reward model (InstructGPT): a copy of its checkpoint,
-    or with LoRA the "value" adapter set to the reward adapter's weights, with a copy of its head."""
+    or with LoRA the "value" adapter set to the reward adapter's weights, with a copy of its head.
+    None with `value_model="shared"`: PPO puts a new head on the policy's own trunk."""
+    if cfg.ppo.value_model == "shared":
+        return None
     if shared is None:
         return AutoModelForSequenceClassification.from_pretrained(reward_path).to(cfg.device)
     if rm is None:  # this run trained no reward model: the value adapter and head start fresh

@@ -3,10 +3,12 @@ estimators, the KL controller, per-token rewards), the sampler against Hugging F
 selection, minibatch trimming; then, end to end on the bootstrap policy, that PPO learns a
 property the policy rarely shows while the KL stays within budget, and that a large KL
 coefficient holds the policy where it is."""
+import dataclasses
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lm.chat import encode_prompt
@@ -14,7 +16,8 @@ from lm.decoding import left_pad
 from trainer import ppo
 from schemas.bundled import bundled_prompts
 from trainer.rollout import decode, join, response_logits, response_values, sample
-from trainer.config import RoundConfig
+from trainer.common import publish_policy
+from trainer.config import RoundConfig, with_overrides
 from trainer.gates import GateConfig
 
 
@@ -279,6 +282,62 @@ def test_prepare_runs_gpt2s_python_gelu_as_the_fused_kernel_of_the_same_function
     with torch.no_grad():
         assert torch.allclose(policy(input_ids=ids).logits, before.eval()(input_ids=ids).logits, atol=1e-5)
     assert policy.config.activation_function == "gelu_new"  # what a published checkpoint says
+
+
+# --- value_model="shared": a head on the policy's trunk ------------------------------------------
+
+def test_config_refuses_an_unknown_value_model_and_a_value_model_with_shared(tiny_policy_dir):
+    with pytest.raises(ValueError, match="value_model is one of separate, shared"):
+        ppo.PPOConfig(value_model="joint")
+    with pytest.raises(ValueError, match="value_model"):
+        with_overrides(RoundConfig(), {"ppo": {"value_model": "joint"}})  # a round's overrides too
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    value = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
+    for cfg, vm in ((ppo.PPOConfig(value_model="shared"), value), (ppo.PPOConfig(), None)):
+        with pytest.raises(ValueError, match="pass no value model"):
+            ppo.train(cfg, policy, policy, vm, tok, PROMPTS[:4], prefers_short)
+
+
+def test_shared_value_head_trains_with_the_policy_in_one_forward_and_is_not_published(tiny_policy_dir, tmp_path):
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    cfg = ppo.PPOConfig(value_model="shared", device="cpu", batch_size=8, num_minibatches=1, max_new_tokens=8,
+                        lr=3e-3, cliprange_value=100.0, vf_coef=1.0)
+    accelerator = ppo.make_accelerator("cpu")
+    value = ppo.shared_value_model(policy, seed=0)
+    model, optimizer = ppo.prepare(cfg, policy, reference, value, accelerator)
+    assert {p.data_ptr() for p in value.backbone.parameters()} <= {p.data_ptr() for p in policy.parameters()}
+    prompt_ids = [encode_prompt(tok, c) for c in PROMPTS[:8]]
+    batch, _ = ppo.experience(cfg, policy, reference, value, tok, prompt_ids, PROMPTS[:8], prefers_short, 0.05,
+                              torch.Generator().manual_seed(0))
+    mb = ppo._trim(batch, torch.arange(8))
+    with torch.no_grad():  # one forward: log-probs as sampled, values as the rollout's trunk pass gave them
+        logits, values, _ = model(mb.ids, mb.mask, mb.position_ids, mb.responses.shape[1], cfg.temperature)
+    logp = torch.log_softmax(logits, -1).gather(-1, mb.responses[..., None]).squeeze(-1)
+    assert torch.allclose(logp * mb.response_mask, mb.logprobs, atol=1e-4)
+    assert torch.allclose(values * mb.response_mask, mb.values, atol=1e-4)
+
+    policy_before = {k: v.clone() for k, v in policy.state_dict().items()}
+    head_before = value.score.weight.detach().clone()
+    vf_losses = [ppo.update(model, optimizer, accelerator, mb, cfg)["ppo/vf_loss"].item() for _ in range(6)]
+    assert vf_losses[-1] < 0.5 * vf_losses[0]  # the head (and trunk) fit the fixed batch's returns
+    assert not torch.equal(value.score.weight, head_before)
+    assert any(not torch.equal(v, policy.state_dict()[k]) for k, v in policy_before.items())
+
+    # End to end through `train`; the published directory is the policy alone.
+    metrics = ppo.train(dataclasses.replace(cfg, steps=2), policy, reference, None, tok, PROMPTS[:16], prefers_short)
+    assert metrics["ppo/steps"] == 2 and math.isfinite(metrics["ppo/vf_loss"])
+    publish_policy(policy, tok, tmp_path / "policy", configs={"ppo": cfg}, metrics=metrics)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert set(loaded.state_dict()) == set(policy.state_dict())
+    names = set().union(*(safe_open(f, "pt").keys() for f in (tmp_path / "policy").glob("*.safetensors")))
+    assert not [n for n in names if "score" in n or "value" in n]
+    ids = torch.tensor([prompt_ids[0]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, policy.eval()(input_ids=ids).logits, atol=1e-5)
 
 
 # --- end to end ------------------------------------------------------------------------------------

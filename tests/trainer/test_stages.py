@@ -106,6 +106,22 @@ def test_ppo_anchored_on_the_root_continues_the_parents_kl_coefficient(tiny_poli
     assert trained.metrics["gates/kl"] == pytest.approx(0.0, abs=1e-6)  # the same weights: no drift this round
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_shared_value_head_trains_on_the_policys_trunk_and_is_not_published(tiny_policy_dir, tmp_path, lora):
+    # With LoRA the head sits on the shared base with the policy's adapter on: the policy's hidden
+    # states, as in full fine-tuning; the "value" adapter is unused.
+    cfg = config(stages=["ppo"], ppo={"value_model": "shared", "steps": 2, "batch_size": 4},
+                 lora={"enabled": lora, "rank": 4, "alpha": 8})
+    assert stages.value_model(cfg, tiny_policy_dir, None, None) is None  # PPO builds the head itself
+    inp = inputs(tiny_policy_dir, tmp_path, prompts=[[{"role": "user", "content": "Hi"}]] * 4,
+                 previous_reward=version(2, tiny_policy_dir, kind="reward"))
+    trained = stages.train_models(cfg, inp)
+    assert trained.metrics["ppo/steps"] == 2
+    assert read_manifest(trained.policy)["config"]["ppo"]["value_model"] == "shared"
+    published = AutoModelForCausalLM.from_pretrained(trained.policy)
+    assert set(published.state_dict()) == set(AutoModelForCausalLM.from_pretrained(tiny_policy_dir).state_dict())
+
+
 def test_a_first_policy_starts_from_the_configured_kl_coefficient(tiny_policy_dir, tmp_path):
     assert stages.carried_kl_coef(version(1, tiny_policy_dir)) is None  # PPO then starts at kl_coef
     assert stages.carried_kl_coef(version(1, tiny_policy_dir, metrics={"ppo/final_kl_coef": 0.08})) == 0.08
