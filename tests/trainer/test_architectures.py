@@ -80,7 +80,7 @@ def test_the_engine_answers_greedily_as_model_generate_does(imported, monkeypatc
     engine = LocalEngine(version_at(path), max_batch_rows=4)
     picked = []  # the tokens the engine chose, step by step (its text is streamed in pieces)
     advance = engine._advance
-    monkeypatch.setattr(engine, "_advance", lambda rows, ids: (picked.append(ids[0]), advance(rows, ids))[1])
+    monkeypatch.setattr(engine, "_advance", lambda rows, ids, *rest: (picked.append(ids[0]), advance(rows, ids, *rest))[1])
     try:
         async def answer(conv):
             params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=12, stop=[], seed=None)
