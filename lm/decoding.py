@@ -42,8 +42,10 @@ class Batch:
     """Rows decoded together. `cache` holds per layer keys and values (B, H, T, D), `mask` is
     (B, T) with 1 on real tokens, `next_pos` (B, 1) the position of each row's next token."""
 
-    def __init__(self, cache, mask: torch.Tensor, next_pos: torch.Tensor):
+    def __init__(self, cache, mask: torch.Tensor, next_pos: torch.Tensor, hidden: torch.Tensor | None = None):
         self.cache, self.mask, self.next_pos = cache, mask, next_pos
+        self.hidden = hidden
+        """(B, H) final hidden state of the last column, kept only when asked (`keep_hidden`)"""
 
     @property
     def rows(self) -> int:
@@ -61,12 +63,14 @@ class Batch:
         return all(type(layer) is DynamicLayer and layer.is_initialized for layer in self.cache.layers)
 
     @torch.no_grad()
-    def step(self, model, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed each row's next token (B,); returns the logits (B, V) float for the token after."""
+    def step(self, model, tokens: torch.Tensor, keep_hidden: bool = False) -> torch.Tensor:
+        """Feed each row's next token (B,); returns the logits (B, V) float for the token after.
+        With `keep_hidden`, `hidden` is the final hidden state the LM head read."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos,
-                    cache=self.cache, use_cache=True)
+                    cache=self.cache, use_cache=True, output_hidden_states=keep_hidden)
         self.cache, self.next_pos = out.cache, self.next_pos + 1
+        self.hidden = _last_hidden(out, keep_hidden)
         return out.logits[:, -1].float()
 
     def take(self, index: list[int] | torch.Tensor) -> None:
@@ -105,22 +109,35 @@ class Batch:
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
 
 
+def _last_hidden(out, keep: bool) -> torch.Tensor | None:
+    # transformers puts the final-normed state, the one the LM head reads, last in hidden_states.
+    return out.hidden_states[-1][:, -1] if keep else None
+
+
 @torch.no_grad()
-def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, Batch]:
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, keep_hidden: bool = False
+            ) -> tuple[torch.Tensor, Batch]:
     """Run the left-padded prompts (B, P) once; returns the logits (B, V) float predicting each
     row's first answer token, and the batch ready to `step`."""
     pos = position_ids(prompt_mask)
     # The LM head only at the last column, where the first answer token is predicted.
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[:, -1].float(), Batch(out.cache, prompt_mask, pos[:, -1:] + 1)
+                logits_to_keep=1, output_hidden_states=keep_hidden)
+    return out.logits[:, -1].float(), Batch(out.cache, prompt_mask, pos[:, -1:] + 1, _last_hidden(out, keep_hidden))
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, step: Step) -> None:
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, step: Step,
+             on_hidden: Callable[[torch.Tensor], None] | None = None) -> None:
     """Run `model` on the left-padded prompts (B, P), then feed back what `step` picks from each
     new last-column logits until it returns None. Finished rows are the caller's to pad or ignore:
-    the batch runs until `step` stops it."""
-    logits, batch = prefill(model, prompt_ids, prompt_mask)
-    while (token := step(logits)) is not None:  # (B,)
-        logits = batch.step(model, token)
+    the batch runs until `step` stops it. `on_hidden`, when given, first sees the final hidden
+    state (B, H) the same logits came from (PPO's shared value head reads it)."""
+    keep = on_hidden is not None
+    logits, batch = prefill(model, prompt_ids, prompt_mask, keep)
+    while True:
+        if keep:
+            on_hidden(batch.hidden)
+        if (token := step(logits)) is None:  # (B,)
+            return
+        logits = batch.step(model, token, keep)

@@ -206,11 +206,13 @@ class Rollout:
 
 
 def rollout(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-            device, generator: torch.Generator | None = None) -> Rollout:
-    """Sample one answer per prompt from the current policy, cut at EOS."""
+            device, generator: torch.Generator | None = None, value_head=None) -> Rollout:
+    """Sample one answer per prompt from the current policy, cut at EOS (and, with a shared
+    `value_head`, read the values on the way)."""
     ids, mask = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     samples = sample(policy, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                     end_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator)
+                     end_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
+                     value_head=value_head)
     return Rollout(ids, mask, samples, decode(tokenizer, samples.responses, samples.response_mask))
 
 
@@ -388,13 +390,17 @@ def experience(cfg: PPOConfig, policy, ref_policy, value_model, tokenizer, promp
     """Sample one answer per prompt, score it, and compute what the update needs: (batch, the
     rollout's statistics)."""
     device = next(policy.parameters()).device
+    shared = cfg.value_model == "shared"
     ro = rollout(policy, tokenizer, prompt_ids, device=device, max_new_tokens=cfg.max_new_tokens,
-                 temperature=cfg.temperature, generator=generator)
+                 temperature=cfg.temperature, generator=generator, value_head=value_model.score if shared else None)
     s = ro.samples
     scores, penalised = score(reward_fn, conversations, ro.answers, s.has_eos, cfg.missing_eos_penalty)
     ids, mask, pos = join(ro.prompt_ids, ro.prompt_mask, s.responses, s.response_mask)
     ref_logprobs = reference_logprobs(ref_policy, ids, mask, pos, s, cfg.temperature)
-    values = response_values(value_model, ids, mask, pos, s.responses.shape[1]) * s.response_mask
+    if shared:  # read while sampling: the policy's trunk, as a full forward would give it
+        values = s.values
+    else:
+        values = response_values(value_model, ids, mask, pos, s.responses.shape[1]) * s.response_mask
     kl, advantages, returns = advantages_and_returns(cfg, penalised, s.logprobs, ref_logprobs, values,
                                                      s.response_mask, kl_coef)
     seq_kl = kl.sum(1)  # (B,) nats per answer

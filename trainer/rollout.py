@@ -26,17 +26,22 @@ class Samples:
     """(B, R) 1 on answer tokens up to and including EOS"""
     has_eos: torch.Tensor
     """(B,) whether the answer ended with EOS within the length limit"""
+    values: torch.Tensor | None = None
+    """(B, R) a value head's reading of the state before each answer token, when one was given;
+    0 on padding"""
 
 
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float, end_ids: list[int], pad_id: int,
-           generator: torch.Generator | None = None) -> Samples:
+           generator: torch.Generator | None = None, value_head: torch.nn.Module | None = None) -> Samples:
     """Sample answers token by token with a KV cache; temperature 0 is greedy. Stops when every
     row has emitted an end-of-turn id (`end_ids`, `lm.turns`: EOS below means any of them).
-    Log-probs are those of the distribution sampled from (logits / T)."""
+    Log-probs are those of the distribution sampled from (logits / T). A `value_head` on the
+    model's own final hidden state (PPO's value_model="shared") is read in the same forwards, so
+    the values need no forward of their own."""
     end_ids = torch.tensor(list(end_ids), device=prompt_ids.device)
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # (B,)
-    tokens, logprobs = [], []
+    tokens, logprobs, values = [], [], []
 
     def step(logits: torch.Tensor) -> torch.Tensor | None:  # (B, V) -> (B,)
         nonlocal done
@@ -49,11 +54,15 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
             return None
         return token
 
-    generate(model, prompt_ids, prompt_mask, step)
+    def read_value(hidden: torch.Tensor) -> None:  # (B, H), the column whose logits `step` gets next
+        values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float())
+
+    generate(model, prompt_ids, prompt_mask, step, read_value if value_head is not None else None)
     responses = torch.stack(tokens, 1)  # (B, R)
     is_end = torch.isin(responses, end_ids)  # (B, R)
     response_mask = _mask_through_eos(is_end)
-    return Samples(responses, torch.stack(logprobs, 1) * response_mask, response_mask, is_end.any(1))
+    return Samples(responses, torch.stack(logprobs, 1) * response_mask, response_mask, is_end.any(1),
+                   torch.stack(values, 1) * response_mask if values else None)
 
 
 def _mask_through_eos(is_end: torch.Tensor) -> torch.Tensor:

@@ -252,6 +252,21 @@ def test_sampled_logprobs_are_those_of_the_full_forward_at_the_temperature(polic
     assert s.response_mask.sum(1).min() >= 1
 
 
+def test_shared_values_read_while_sampling_equal_a_full_forwards(policy, tokenizer):
+    # value_model="shared" takes the rollout's values from the sampling forwards (KV cache, one
+    # column at a time); they must be what the update's full forward gives the same head.
+    prompts = bundled_prompts()[:6]
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    value = ppo.shared_value_model(policy, seed=0)
+    s = sample(policy, ids, mask, max_new_tokens=12, temperature=0.7, end_ids=[tokenizer.eos_token_id],
+               pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0), value_head=value.score)
+    full_ids, full_mask, pos = join(ids, mask, s.responses, s.response_mask)
+    with torch.no_grad():
+        full = response_values(value, full_ids, full_mask, pos, s.responses.shape[1]) * s.response_mask
+    assert s.values.shape == s.responses.shape and s.values.abs().sum() > 0
+    assert torch.allclose(s.values, full, atol=1e-5)
+
+
 def test_value_model_reads_every_answer_position(policy_path, tokenizer):
     vm = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1).eval()
     ids, mask = left_pad([encode_prompt(tokenizer, "Hi") + [10, 11, 12], encode_prompt(tokenizer, "Hello there")
