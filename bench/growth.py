@@ -1,6 +1,8 @@
 """Does the record's size show in the online paths or a round? One scratch database is seeded
 with SQL `generate_series` to each size in turn (exchanges of two choices, one feedback row
-each: thumbs or rating, several authors), then at each size the same work is measured:
+each: thumbs or rating, several authors; the history reaches back --days at the largest size,
+one exchange every days / size seconds, into the month partitions of migration 013), then at
+each size the same work is measured:
 
   chat      what a chat request writes (`store.exchanges.record_exchange`, two choices, one
             transaction), from --clients concurrent connections, --ops times
@@ -50,7 +52,7 @@ INSERT INTO chat_requests (id, response_id, api_key_id, messages, prompt_hash, p
 SELECT g + %(off)s, 'chatcmpl-seed-' || g, %(key0)s + g %% %(authors)s,
        jsonb_build_array(jsonb_build_object('role', 'user', 'content', 'Question ' || g / %(per_prompt)s || '?')),
        md5('q' || g / %(per_prompt)s), '{}', %(version)s, false, 1, 5, 6, 0, 1,
-       now() - make_interval(secs => (%(hi)s - g) / 100.0)
+       now() - make_interval(secs => (%(hi)s - g) * %(spacing)s)
 FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g;
 -- choices and feedback carry their exchange's time (the partition key, migration 013)
 INSERT INTO completions (id, request_id, request_created_at, choice_index, text, finish_reason, completion_tokens,
@@ -85,14 +87,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default="10000,1000000", help="exchanges recorded at each measurement")
     p.add_argument("--ops", type=int, default=400, help="chat and feedback operations measured at each size")
     p.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    p.add_argument("--days", type=float, default=180, help="how far back the largest size's history reaches")
     p.add_argument("--admin-url", default=ADMIN_URL, help="a server where the scratch database is created")
     return p.parse_args()
 
 
-def setup(url: str) -> tuple[int, int]:
-    """Author keys and one policy version; returns (first key id, version id)."""
+def setup(url: str, days: float) -> tuple[int, int]:
+    """Author keys, one policy version and the months the history falls in; returns (first key
+    id, version id)."""
     migrate(url)
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT ensure_exchange_partitions(since => now() - make_interval(days => %s))", (days,))
         ids = [conn.execute("INSERT INTO api_keys (key_hash, prefix, name, role) VALUES (%s, 'fl-', %s, 'user')"
                             " RETURNING id", (uuid.uuid4().hex, f"a{i}")).fetchone()[0] for i in range(AUTHORS)]
         version = conn.execute("INSERT INTO model_versions (kind, path, content_hash, status)"
@@ -100,12 +105,13 @@ def setup(url: str) -> tuple[int, int]:
     return ids[0], version
 
 
-def seed(url: str, lo: int, hi: int, key0: int, version: int) -> float:
+def seed(url: str, lo: int, hi: int, key0: int, version: int, spacing: float) -> float:
     t0 = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
         # ids continue after the requests the measurements recorded; response ids count exchanges
         off = conn.execute("SELECT coalesce(max(id), 0) FROM chat_requests").fetchone()[0] - (lo - 1)
-        params = dict(lo=lo, hi=hi, off=off, key0=key0, authors=AUTHORS, per_prompt=PER_PROMPT, version=version)
+        params = dict(lo=lo, hi=hi, off=off, key0=key0, authors=AUTHORS, per_prompt=PER_PROMPT, version=version,
+                      spacing=spacing)
         for statement in SEED.split(";\n"):  # one at a time: bound parameters take one statement
             if statement.strip():
                 conn.execute(statement, params)
@@ -211,10 +217,11 @@ def main() -> None:
     db = ScratchDatabase(args.admin_url, Path(tempfile.mkdtemp(prefix="feedloop-bench-growth-")))
     print(f"bench: scratch database {db.name} on {db.where}", flush=True)
     try:
-        key0, version = setup(db.url)
+        key0, version = setup(db.url, args.days)
+        spacing = args.days * 86400 / max(sizes)  # seconds between two exchanges' times
         rows, seeded, have = [], {}, 0
         for size in sizes:
-            seeded[size] = seed(db.url, have + 1, size, key0, version)
+            seeded[size] = seed(db.url, have + 1, size, key0, version, spacing)
             have = size
             print(f"  seeded {size} exchanges in {seeded[size]:.1f}s", flush=True)
             rows.append(asyncio.run(measure(db.url, size, key0, version, args)))

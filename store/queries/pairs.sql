@@ -89,7 +89,10 @@ FROM (SELECT 'thumbs' AS source, t.chosen_id, t.rejected_id, t.prompt_hash, 0::d
       UNION ALL
       SELECT 'rating', r.chosen_id, r.rejected_id, r.prompt_hash, r.margin, r.event_id, r.feedback_ids, r.judged_at
       FROM rating_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) r) j
-JOIN completions a ON a.id = j.chosen_id JOIN completions b ON b.id = j.rejected_id;
+-- each side looked up by its id, one index probe per month (LATERAL: the planner, which cannot
+-- count a function's rows, would otherwise pick a join that scans every month per pair)
+CROSS JOIN LATERAL (SELECT request_created_at, model_version_id FROM completions WHERE id = j.chosen_id) a
+CROSS JOIN LATERAL (SELECT request_created_at, model_version_id FROM completions WHERE id = j.rejected_id) b;
 
 -- name: stored_pairs
 -- Stored pairs newer than `after`, with their texts, in event order.
