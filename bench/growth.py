@@ -1,7 +1,7 @@
 """Does the record's size show in the online paths or a round? One scratch database is seeded
 with SQL `generate_series` to each size in turn (exchanges of two choices, one feedback row
 each: thumbs or rating, several authors; the history reaches back --days at the largest size,
-one exchange every days / size seconds, into the month partitions of migration 013), then at
+one exchange every days / largest size, into the month partitions of migration 013), then at
 each size the same work is measured:
 
   chat      what a chat request writes (`store.exchanges.record_exchange`, two choices, one

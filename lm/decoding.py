@@ -78,6 +78,8 @@ class Batch:
         holding padding only are dropped, so the batch is as wide as its longest row."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.mask.device)
         self.mask, self.next_pos = self.mask.index_select(0, index), self.next_pos.index_select(0, index)
+        if self.hidden is not None:  # it stays each kept row's own
+            self.hidden = self.hidden.index_select(0, index)
         if not self.repackable:
             self.cache.batch_select_indices(index)
             return
@@ -107,6 +109,7 @@ class Batch:
                 setattr(mine, name, joined)
         self.mask = mask
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.hidden = None  # the other rows' may not have been kept: none until the next step
 
 
 def _last_hidden(out, keep: bool) -> torch.Tensor | None:

@@ -55,7 +55,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         return token
 
     def read_value(hidden: torch.Tensor) -> None:  # (B, H), the column whose logits `step` gets next
-        values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float())
+        values.append(head_values(value_head, hidden))
 
     generate(model, prompt_ids, prompt_mask, step, read_value if value_head is not None else None)
     responses = torch.stack(tokens, 1)  # (B, R)
@@ -95,11 +95,15 @@ def response_logits_and_values(model, value_head, ids, mask, pos, R: int, temper
                 output_hidden_states=value_head is not None)
     values = None
     if value_head is not None:  # the last hidden state is the final-normed one the LM head reads
-        hidden = out.hidden_states[-1][:, -R:]
-        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+        values = head_values(value_head, out.hidden_states[-1][:, -R:])
     # N-details "scale the logits by sampling temperature": log-probs of the distribution that
     # was sampled from, else the KL and ratios compare different distributions.
     return out.logits.float() / max(temperature, 1e-7), values
+
+
+def head_values(value_head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """A scalar head on final hidden states (..., H) -> (...) float, in the head's own dtype."""
+    return value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
 
 
 def response_values(value_model, ids, mask, pos, R: int) -> torch.Tensor:
