@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     deploy_timeout_seconds: float = Field(600.0, description="a deploy command running longer is killed: refused")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, mps")
     torch_threads: int = Field(0, description="torch intra-op threads; 0 leaves torch's default")
+    engine_process: bool = Field(True, description="run the embedded engine in a process of its own, so "
+                                 "generation and the HTTP side never wait for one interpreter lock; "
+                                 "false: a thread of the API process")
     max_batch_rows: int = Field(32, description="most sequences (choices) one generation batch holds")
     max_queue: int = Field(256, ge=1, description="requests that may wait for a place in the batch; "
                                                   "one more is refused with 503 engine_overloaded")

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,8 +35,7 @@ from lm.tools import tool_format
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
 from service.engine import EngineOverloaded, Generation, Piece, wake_all
-from service.metrics import (BATCH_OCCUPANCY, BATCH_ROWS, GENERATED_TOKENS, QUEUE_DEPTH, REJECTED,
-                             TIME_TO_FIRST_TOKEN, TOKENS_PER_SECOND)
+from service.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ ADMIT_SHARE = 0.25
 """a busy batch admits once the waiting rows are this share of its own ..."""
 ADMIT_DEFER = 3
 """... or after this many decoding steps"""
+
+
+def queue_full(size: int) -> EngineOverloaded:
+    return EngineOverloaded(f"The engine is overloaded: its queue of {size} is full. Please retry shortly.")
 
 
 class Row:
@@ -66,7 +70,10 @@ class Row:
 
 class LocalEngine:
     def __init__(self, version: ModelVersion, *, device: str = "cpu", max_batch_rows: int = 32,
-                 max_queue: int = 256, queue_timeout: float = 30.0):
+                 max_queue: int = 256, queue_timeout: float = 30.0, metrics: EngineMetrics | None = None,
+                 after_step: Callable[[], None] | None = None):
+        """`after_step` runs on the worker after every iteration (an engine process sends what
+        the iteration pushed)."""
         self.version, self.device, self.max_batch_rows = version, device, max_batch_rows
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         path = Path(version.path)
@@ -87,8 +94,8 @@ class LocalEngine:
         self._deferred = 0  # decoding steps since requests waited and a prefill did not pay
         self._rng = torch.Generator(device=device).manual_seed(random.getrandbits(63))  # rows without a seed
         self._rate = (time.perf_counter(), 0)  # (since, tokens): generated tokens per second
-        self._occupancy = BATCH_OCCUPANCY.labels(version=version.name)
-        self._tokens_per_second = TOKENS_PER_SECOND.labels(version=version.name)
+        self.metrics = metrics or EngineMetrics(version.name)
+        self._after_step = after_step or (lambda: None)
         self._worker = threading.Thread(target=self._run, name=f"engine-{version.name}", daemon=True)
         self._worker.start()
 
@@ -98,15 +105,19 @@ class LocalEngine:
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         gen = Generation(prompt_ids, sampling)
+        self.enqueue(gen)
+        return gen
+
+    def enqueue(self, gen: Generation) -> None:
+        """Queue a request made elsewhere (anything with a Generation's engine side); raises
+        `EngineOverloaded` when the queue is full."""
         with self._queued_lock:
             if self._queued >= self.max_queue:
-                REJECTED.labels(reason="queue_full").inc()
-                raise EngineOverloaded(f"The engine is overloaded: its queue of {self.max_queue} is full. "
-                                       "Please retry shortly.")
+                self.metrics.rejected("queue_full")
+                raise queue_full(self.max_queue)
             self._queued += 1
-            QUEUE_DEPTH.labels(version=self.version.name).set(self._queued)
+            self.metrics.queued(self._queued)
         self._inbox.put(gen)
-        return gen
 
     def warm(self) -> None:
         """Two prompts of different lengths through prefill, merge, steps and a row leaving: the
@@ -126,11 +137,8 @@ class LocalEngine:
         self._inbox.put(None)
         self._worker.join()
         del self.model
-        for gauge in (QUEUE_DEPTH, BATCH_OCCUPANCY, TOKENS_PER_SECOND):
-            try:
-                gauge.remove(self.version.name)
-            except KeyError:
-                pass
+        self.metrics.remove()
+        self._after_step()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -155,6 +163,7 @@ class LocalEngine:
                     gen.push(e)
                 self._rows, self._batch = [], None
             self._report()
+            self._after_step()
 
     def _collect(self, block: bool) -> None:
         """Move what was submitted into the waiting line; wait for something when idle."""
@@ -180,7 +189,7 @@ class LocalEngine:
                 gen.admit()
                 gen.push([Piece(i, "", "cancelled", 0) for i in range(gen.sampling.n)])
             elif now - gen.submitted > self.queue_timeout:
-                REJECTED.labels(reason="deadline").inc()
+                self.metrics.rejected("deadline")
                 gen.reject(EngineOverloaded(f"The engine is overloaded: no place in the batch within "
                                             f"{self.queue_timeout:g}s. Please retry shortly."))
             else:
@@ -223,7 +232,7 @@ class LocalEngine:
         if count:
             with self._queued_lock:
                 self._queued -= count
-                QUEUE_DEPTH.labels(version=self.version.name).set(self._queued)
+                self.metrics.queued(self._queued)
 
     def _prefill(self, admitted: list[Generation]) -> None:
         """Each distinct prompt once; every choice samples its first token from its prompt's
@@ -241,7 +250,7 @@ class LocalEngine:
         self._sample(rows, logits[source], admitted)
         now = time.perf_counter()
         for gen in admitted:
-            TIME_TO_FIRST_TOKEN.observe(now - gen.submitted)
+            self.metrics.first_token(now - gen.submitted)
             gen.batch_rows = len(self._rows) + len(rows)
         open_ = [k for k, r in enumerate(rows) if not r.finish]
         if not open_:
@@ -258,7 +267,7 @@ class LocalEngine:
     def _decode(self) -> None:
         """One token for every row, then the finished rows leave."""
         rows = self._rows
-        BATCH_ROWS.observe(len(rows))
+        self.metrics.step(len(rows))
         for r in rows:
             r.gen.batch_rows = max(r.gen.batch_rows, len(rows))
         logits = self._batch.step(self.model, torch.tensor([r.last for r in rows], device=self.device))
@@ -322,7 +331,7 @@ class LocalEngine:
             if piece.text or piece.finish_reason:
                 piece.logprobs, r.logprobs = r.logprobs, []  # the tokens drawn since the last piece
                 pushed.setdefault(r.gen, []).append(piece)
-        GENERATED_TOKENS.inc(generated)
+        self.metrics.generated(generated)
         self._rate = (self._rate[0], self._rate[1] + generated)
         woken = [gen for gen, pieces in pushed.items() if gen.push(pieces, wake=False)]
         woken += [gen for gen in admitted if gen not in pushed and gen.push([], wake=False)]
@@ -351,9 +360,9 @@ class LocalEngine:
     def _report(self) -> None:
         """Occupancy after this iteration; generated tokens per second about once a second (and
         zero as the worker goes idle)."""
-        self._occupancy.set(len(self._rows) / self.max_batch_rows)
         since, tokens = self._rate
-        now = time.perf_counter()
+        now, rate = time.perf_counter(), None
         if now - since >= 1.0 or not (self._rows or self._waiting):
-            self._tokens_per_second.set(tokens / max(now - since, 1e-3) if self._rows else 0.0)
+            rate = tokens / max(now - since, 1e-3) if self._rows else 0.0
             self._rate = (now, 0)
+        self.metrics.batch(len(self._rows) / self.max_batch_rows, rate)

@@ -19,3 +19,39 @@ TIME_TO_FIRST_TOKEN = Histogram("feedloop_time_to_first_token_seconds",
                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 REJECTED = Counter("feedloop_engine_rejected_total", "requests turned away with 503 engine_overloaded",
                    ["reason"])
+
+
+class EngineMetrics:
+    """The engine series of one served version, as the scheduler reports them. An engine in a
+    process of its own (service/engine_process.py) makes these calls on a relay; the API process,
+    which serves /metrics, makes them again here."""
+
+    def __init__(self, version: str):
+        self.version = version
+
+    def queued(self, depth: int) -> None:
+        QUEUE_DEPTH.labels(version=self.version).set(depth)
+
+    def rejected(self, reason: str) -> None:
+        REJECTED.labels(reason=reason).inc()
+
+    def first_token(self, seconds: float) -> None:
+        TIME_TO_FIRST_TOKEN.observe(seconds)
+
+    def step(self, rows: int) -> None:
+        BATCH_ROWS.observe(rows)
+
+    def generated(self, tokens: int) -> None:
+        GENERATED_TOKENS.inc(tokens)
+
+    def batch(self, occupancy: float, tokens_per_second: float | None) -> None:
+        BATCH_OCCUPANCY.labels(version=self.version).set(occupancy)
+        if tokens_per_second is not None:
+            TOKENS_PER_SECOND.labels(version=self.version).set(tokens_per_second)
+
+    def remove(self) -> None:
+        for gauge in (QUEUE_DEPTH, BATCH_OCCUPANCY, TOKENS_PER_SECOND):
+            try:
+                gauge.remove(self.version)
+            except KeyError:
+                pass

@@ -39,13 +39,17 @@ def build_engine(version: ModelVersion, settings: Settings) -> Engine:
                               check_timeout=settings.target_timeout_seconds)
     else:
         from schemas.checkpoint import BadCheckpoint, read_manifest
-        from service.local_engine import LocalEngine
         # refuse files that no longer match what was registered (the manifest included)
         if read_manifest(version.path)["content_hash"] != version.content_hash:
             raise BadCheckpoint(f"{version.path}: the manifest's content hash is not the registered one")
-        engine = LocalEngine(version, device=resolve_device(settings.device),
-                             max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
-                             queue_timeout=settings.queue_timeout_seconds)
+        options = dict(device=resolve_device(settings.device), max_batch_rows=settings.max_batch_rows,
+                       max_queue=settings.max_queue, queue_timeout=settings.queue_timeout_seconds)
+        if settings.engine_process:
+            from service.engine_process import ProcessEngine
+            engine = ProcessEngine(version, torch_threads=settings.torch_threads, **options)
+        else:
+            from service.local_engine import LocalEngine
+            engine = LocalEngine(version, **options)
     engine.warm()
     return engine
 

@@ -120,8 +120,11 @@ def test_concurrent_requests_are_batched(server, user_key):
 
 
 def test_client_leaving_mid_stream_is_recorded_as_cancelled(server, user_key):
-    body = {"model": "feedloop", "stream": True, "temperature": 2.0, "max_tokens": 200,
-            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    # A schema the answer cannot complete within max_tokens: it cannot end before the client leaves.
+    long = {"type": "object", "properties": {"story": {"type": "string", "minLength": 3000}}, "required": ["story"]}
+    body = {"model": "feedloop", "stream": True, "temperature": 2.0, "max_tokens": 400,
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": long}}}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {user_key}"}) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -133,7 +136,7 @@ def test_client_leaving_mid_stream_is_recorded_as_cancelled(server, user_key):
             break
         import time; time.sleep(0.1)
     assert req and req["stream"]
-    assert rows[0]["finish_reason"] == "cancelled" and rows[0]["completion_tokens"] < 250
+    assert rows[0]["finish_reason"] == "cancelled" and rows[0]["completion_tokens"] < 400
 
 
 def test_prompt_longer_than_context_is_refused(server, openai_client):

@@ -1,0 +1,285 @@
+"""The embedded engine in a process of its own, so that generation and the HTTP side never wait
+for one interpreter lock.
+
+In one process the engine's forward passes and everything a request costs the event loop
+(parsing, keys, recording, server-sent events) take turns on the GIL: at 16 streaming clients
+the process sat at one core, the engine starved at ~10 rows of its 32. Here the API process keeps
+the tokenizer (prompts are encoded and grammars checked where the request is validated) and a
+`Generation` per request; the engine process runs `LocalEngine`'s scheduler unchanged, with a
+`Ticket` standing for each request.
+
+The wire is one duplex pipe of pickled tuples:
+  API -> engine   ("submit", id, prompt_ids, sampling, submitted), ("cancel", id), ("close",)
+  engine -> API   ("ready",) or ("failed", message) once, at start-up; then after every scheduler
+                  iteration one list of what it did: ("admit", id), ("pieces", id, batch_rows,
+                  [Piece]), ("reject", id, message, retry_after), ("error", id, message),
+                  ("metric", name, args)
+so a decoding step costs one write and one wake-up of the API's reader, whatever the batch.
+Engine processes fork from one server process that imported torch once (multiprocessing's
+forkserver), so a hot swap pays loading the model, not importing torch again.
+"""
+import itertools
+import logging
+import multiprocessing
+import threading
+import weakref
+from pathlib import Path
+
+from schemas.openai import SamplingParams
+from schemas.records import ModelVersion
+from service.engine import EngineError, EngineOverloaded, Generation, Piece, wake_all
+from service.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+
+# --- API side -------------------------------------------------------------------------------
+
+class RelayedGeneration(Generation):
+    """A request whose engine is in another process: a cancel is sent there."""
+
+    def __init__(self, prompt_ids: list[int], sampling: SamplingParams, engine: "ProcessEngine", rid: int):
+        super().__init__(prompt_ids, sampling)
+        self._engine, self.id = engine, rid
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            super().cancel()
+            self._engine._send(("cancel", self.id))
+
+
+class ProcessEngine:
+    """The Engine interface (service/engine.py) over an engine process."""
+
+    def __init__(self, version: ModelVersion, *, device: str = "cpu", max_batch_rows: int = 32,
+                 max_queue: int = 256, queue_timeout: float = 30.0, torch_threads: int = 0):
+        from transformers import AutoConfig
+
+        from lm.chat import context_length
+        from lm.checkpoint import load_tokenizer
+        from lm.grammar import Constraints
+        from lm.tools import tool_format
+
+        self.version, self.max_queue = version, max_queue
+        self.tokenizer = load_tokenizer(Path(version.path))
+        config = AutoConfig.from_pretrained(version.path)
+        self.context_length = context_length(config)
+        self.constraints = Constraints(self.tokenizer, config.vocab_size)  # grammars checked here
+        self.tool_format = tool_format(self.tokenizer)
+        self.metrics = EngineMetrics(version.name)
+        self._gens: dict[int, RelayedGeneration] = {}
+        self._open: dict[int, int] = {}  # choices not yet finished, per request
+        self._queued, self._lock = 0, threading.Lock()  # submitted, not yet admitted or refused
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._gone: str | None = None  # why the engine process is no longer there
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__, "service.local_engine"])
+        self._conn, theirs = ctx.Pipe()
+        options = dict(device=device, max_batch_rows=max_batch_rows, max_queue=max_queue,
+                       queue_timeout=queue_timeout, torch_threads=torch_threads)
+        self._process = ctx.Process(target=run_engine, args=(theirs, version, options),
+                                    name=f"engine-{version.name}", daemon=True)
+        self._process.start()
+        theirs.close()
+        try:
+            first = self._conn.recv()  # blocks while the model loads and warms
+        except EOFError:
+            first = ("failed", f"the engine process exited with code {self._process.exitcode} while loading")
+        if first[0] != "ready":
+            self._process.join(10)
+            raise EngineError(f"{version.name} failed to load in its engine process: {first[1]}")
+        self._reader = threading.Thread(target=self._read, name=f"engine-{version.name}-reader", daemon=True)
+        self._reader.start()
+
+    def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
+        from lm.chat import encode_prompt
+        return encode_prompt(self.tokenizer, conversation, tools)
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
+        from service.local_engine import queue_full
+        if self._gone is not None:
+            raise EngineError(self._gone)
+        with self._lock:
+            if self._queued >= self.max_queue:
+                self.metrics.rejected("queue_full")
+                raise queue_full(self.max_queue)
+            self._queued += 1
+        gen = RelayedGeneration(prompt_ids, sampling, self, next(self._ids))
+        self._gens[gen.id], self._open[gen.id] = gen, sampling.n
+        self._send(("submit", gen.id, prompt_ids, sampling, gen.submitted))
+        return gen
+
+    def warm(self) -> None:
+        """Nothing left to do: the engine process warmed its model before it said it was ready."""
+
+    def close(self) -> None:
+        """Finish everything submitted, then stop the engine process."""
+        self._send(("close",))
+        self._reader.join()
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+        self.metrics.remove()
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the process is gone: the reader fails what was in flight
+                pass
+
+    # the reader thread -----------------------------------------------------------------------
+    def _read(self) -> None:
+        try:
+            while True:
+                events = self._conn.recv()
+                if events == ("closed",):
+                    break
+                self._dispatch(events)
+        except (EOFError, OSError):
+            code = self._process.exitcode
+            self._gone = f"the engine process of {self.version.name} exited (code {code})"
+            log.error("%s; %d requests in flight fail", self._gone, len(self._gens))
+        for rid in list(self._gens):  # none after a clean close
+            self._end(rid).push(EngineError(self._gone or "the engine stopped"))
+
+    def _dispatch(self, events: list[tuple]) -> None:
+        woken = []
+        for event in events:
+            kind = event[0]
+            if kind == "metric":
+                getattr(self.metrics, event[1])(*event[2])
+                continue
+            rid = event[1]
+            gen = self._gens.get(rid)
+            if gen is None:
+                continue
+            if kind == "admit":
+                self._dequeued()
+                gen.admit(wake=False)
+                pieces = []
+            elif kind == "pieces":
+                gen.batch_rows, pieces = event[2], event[3]
+                self._open[rid] -= sum(p.finish_reason is not None for p in pieces)
+                if not self._open[rid]:
+                    self._end(rid)
+            elif kind == "reject":
+                self._dequeued()
+                self._end(rid).reject(EngineOverloaded(event[2], retry_after=event[3]))
+                continue
+            else:  # "error"
+                self._end(rid).push(EngineError(event[2]))
+                continue
+            if gen.push(pieces, wake=False):
+                woken.append(gen)
+        wake_all(woken)
+
+    def _end(self, rid: int) -> RelayedGeneration:
+        self._open.pop(rid, None)
+        return self._gens.pop(rid)
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+
+# --- engine side ----------------------------------------------------------------------------
+
+class Outbox:
+    """What one scheduler iteration did, sent to the API process as one message."""
+
+    def __init__(self, conn):
+        self.conn, self.events, self.lock = conn, [], threading.Lock()
+
+    def put(self, event: tuple) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def flush(self) -> None:
+        with self.lock:
+            events, self.events = self.events, []
+        if events:
+            try:
+                self.conn.send(events)
+            except OSError:  # the API process is gone; the main loop sees it and stops
+                pass
+
+
+class RelayedMetrics:
+    """`EngineMetrics`' calls, sent on for the API process to make on its own series."""
+
+    def __init__(self, outbox: Outbox):
+        self._outbox = outbox
+
+    def __getattr__(self, name: str):
+        if not callable(getattr(EngineMetrics, name, None)):
+            raise AttributeError(name)
+        return lambda *args: self._outbox.put(("metric", name, args))
+
+
+class Ticket:
+    """A request as the engine process sees it: what `LocalEngine` reads of a `Generation`,
+    and what it tells one, put in the outbox."""
+
+    def __init__(self, rid: int, prompt_ids: list[int], sampling: SamplingParams, submitted: float, outbox: Outbox):
+        self.id, self.prompt_ids, self.sampling, self.submitted = rid, prompt_ids, sampling, submitted
+        self.outbox, self.batch_rows, self.cancelled = outbox, 0, False
+
+    def admit(self, *, wake: bool = True) -> None:
+        self.outbox.put(("admit", self.id))
+
+    def reject(self, error: EngineOverloaded) -> None:
+        self.outbox.put(("reject", self.id, str(error), error.retry_after))
+
+    def push(self, pieces: list[Piece] | Exception, *, wake: bool = True) -> bool:
+        if isinstance(pieces, Exception):
+            self.outbox.put(("error", self.id, f"{type(pieces).__name__}: {pieces}"))
+        elif pieces:
+            self.outbox.put(("pieces", self.id, self.batch_rows, pieces))
+        return False  # the outbox is flushed once per iteration: nobody to wake one by one
+
+
+def run_engine(conn, version: ModelVersion, options: dict) -> None:
+    """The engine process: load and warm, say so, then take submissions until told to close
+    (or until the API process is gone: then what runs is cancelled)."""
+    import torch
+
+    from service.local_engine import LocalEngine
+
+    if threads := options.pop("torch_threads"):
+        torch.set_num_threads(threads)
+    outbox = Outbox(conn)
+    try:
+        engine = LocalEngine(version, metrics=RelayedMetrics(outbox), after_step=outbox.flush, **options)
+        engine.warm()
+    except Exception as e:  # noqa: BLE001 - the API process reports it
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready",))
+    tickets: weakref.WeakValueDictionary[int, Ticket] = weakref.WeakValueDictionary()  # those in the engine
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            for ticket in list(tickets.values()):
+                ticket.cancelled = True
+            message = ("close",)
+        if message[0] == "submit":
+            ticket = tickets[message[1]] = Ticket(*message[1:], outbox)
+            try:
+                engine.enqueue(ticket)
+            except EngineOverloaded as e:  # the API bounds the queue first; this is a backstop
+                ticket.reject(e)
+                outbox.flush()
+        elif message[0] == "cancel":
+            if (ticket := tickets.get(message[1])) is not None:
+                ticket.cancelled = True
+        elif message[0] == "close":
+            engine.close()  # finishes what was submitted; its last events are flushed
+            try:
+                conn.send(("closed",))
+            except OSError:
+                pass
+            return
