@@ -5,7 +5,13 @@ An answer that is generated is never thrown away for want of a database: when th
 take the exchange, it goes to a small durable spool (one file per exchange under
 `$FEEDLOOP_HOME/spool`, fsynced and renamed into place before the answer is sent) and is
 recorded from there as soon as the database is back, also after a restart or a crash. Recording
-is idempotent by response id, so a spooled exchange two replicas drain is written once."""
+is idempotent by response id, so a spooled exchange two replicas drain is written once.
+
+Exchanges that finish together are written together (service/coalesce.py), as feedback is: one
+transaction, each exchange one statement, all pipelined, so a group costs one round trip and one
+commit. Each request still answers only once its group committed. A group the database refuses
+(an exchange recorded already, a value it will not take) rolled back whole, and each of its
+exchanges is then written on its own."""
 import asyncio
 import logging
 import os
@@ -14,7 +20,9 @@ from pathlib import Path
 from schemas.errors import Conflict, DomainError, Unavailable
 from schemas.openai import ChatCompletionRequest, Usage
 from schemas.records import ApiKeyPublic, ClientRef, CompletionRecord, ExchangeCreate
+from service.coalesce import Coalescer
 from service.engine import Engine, Generation, Piece
+from service.feedback_writer import rolled_back
 from service.metrics import EXCHANGES, SPOOLED
 from store import exchanges
 from store.db import Database
@@ -108,6 +116,8 @@ class Recorder:
 
     def __init__(self, db: Database, spool: Spool):
         self.db, self.spool, self.pending = db, spool, set()
+        # Two groups in flight, one filling while the other commits (as FeedbackWriter's lanes).
+        self.groups = Coalescer(self._write_group, lanes=2, max_batch=64)
         self._wake = asyncio.Event()
         self._drainer: asyncio.Task | None = None
         db.on_recovered.append(self._wake.set)
@@ -119,7 +129,7 @@ class Recorder:
         """Committed, or kept in the spool; Unavailable only when neither could take it."""
         record = exchange.to_record()
         try:
-            await self.db.retrying(lambda conn: _insert(conn, record))
+            await self.groups(record)
         except Unavailable:
             if not await asyncio.to_thread(self.spool.put, record):
                 raise
@@ -128,6 +138,24 @@ class Recorder:
             self._wake.set()
         for f in exchange.finish:
             EXCHANGES.labels(version=exchange.engine.version.name, finish=f).inc()
+
+    async def _write_group(self, records: list[ExchangeCreate]) -> list[None | Exception]:
+        if len(records) > 1:
+            try:
+                await self.db.retrying(lambda conn: _insert(conn, records))
+                return [None] * len(records)
+            except Exception as e:
+                if not rolled_back(e):
+                    raise
+                log.warning("a group of %d exchanges failed (%s); writing each on its own", len(records), e)
+        return [await self._write_one(record) for record in records]
+
+    async def _write_one(self, record: ExchangeCreate) -> None | Exception:
+        try:
+            await self.db.retrying(lambda conn: _insert(conn, [record]))
+        except Exception as e:  # this exchange's own outcome (Unavailable: the caller spools it)
+            return e
+        return None
 
     def is_spooled(self, response_id: str) -> bool:
         return response_id in self.spool.ids
@@ -156,7 +184,7 @@ class Recorder:
                 self.spool.ids.discard(path.stem)
                 continue
             try:
-                await self.db.retrying(lambda conn: _insert(conn, record))
+                await self.db.retrying(lambda conn: _insert(conn, [record]))
             except Unavailable:
                 break
             except DomainError as e:  # the database refuses it for good: keep it for a person
@@ -180,6 +208,7 @@ class Recorder:
             await self._drain_if_due("draining the spool failed; trying again later")
 
     async def wait(self) -> None:
+        await self.groups.wait()
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
         if self._drainer is not None:
@@ -196,11 +225,12 @@ class Recorder:
                 log.exception(failure)
 
 
-async def _insert(conn, record: ExchangeCreate) -> None:
+async def _insert(conn, records: list[ExchangeCreate]) -> None:
+    """Write `records` in one transaction; a single one recorded already is no error."""
     try:
-        async with conn.transaction():
-            await exchanges.record_exchange(conn, **record.model_dump(exclude={"choices"}), choices=record.choices)
+        async with conn.pipeline(), conn.transaction():  # BEGIN travels with the first statement
+            await exchanges.record_exchanges(conn, records)
     except Conflict as e:
-        if e.code != "already_exists":
+        if e.code != "already_exists" or len(records) > 1:
             raise
         # recorded already: a retry after a commit whose answer was lost, or another drainer

@@ -7,8 +7,8 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from schemas.errors import NotFound
-from schemas.records import (CompletionRecord, ExchangeRecord, ExchangeSummary, FeedbackPublic,
-                             PreferencePublic, RankingPublic)
+from schemas.records import (CompletionRecord, ExchangeCreate, ExchangeRecord, ExchangeSummary,
+                             FeedbackPublic, PreferencePublic, RankingPublic)
 from store.sql import execute_many, fetch_all, fetch_one
 
 
@@ -19,25 +19,30 @@ def prompt_hash(messages: list[dict[str, Any]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-async def record_exchange(conn, *, response_id: str, api_key_id: int, user: str | None,
-                          messages: list[dict], params: dict, model_version_id: int, stream: bool,
-                          batch_rows: int, prompt_tokens: int, queue_ms: float,
-                          first_token_ms: float | None, total_ms: float,
-                          choices: list[CompletionRecord], client_ref: str | None = None,
-                          client_chat_id: str | None = None, client_task: str | None = None) -> None:
-    """Write a request and all its choices in the caller's transaction; `client_*` are what the
-    client said of it (schemas.records.ClientRef)."""
-    row = await fetch_one(conn, "insert_chat_request", response_id=response_id, api_key_id=api_key_id,
-                          user_field=user, messages=Jsonb(messages), prompt_hash=prompt_hash(messages),
-                          params=Jsonb(params), model_version_id=model_version_id, stream=stream,
-                          batch_rows=batch_rows, prompt_tokens=prompt_tokens,
-                          completion_tokens=sum(c.completion_tokens for c in choices),
-                          queue_ms=queue_ms, first_token_ms=first_token_ms, total_ms=total_ms,
-                          client_ref=client_ref, client_chat_id=client_chat_id, client_task=client_task)
-    await execute_many(conn, "insert_completion", [
-        dict(c.model_dump(), request_id=row["id"], request_created_at=row["created_at"],
-             tool_calls=_jsonb(c.tool_calls), logprobs=_jsonb(c.logprobs))
-        for c in choices])
+async def record_exchange(conn, **fields) -> None:
+    """Write a request and all its choices (`ExchangeCreate`'s fields) in the caller's transaction;
+    `client_*` are what the client said of it (schemas.records.ClientRef)."""
+    await record_exchanges(conn, [ExchangeCreate(**fields)])
+
+
+async def record_exchanges(conn, records: list[ExchangeCreate]) -> None:
+    """Write these exchanges in the caller's transaction, one statement each, all sent before the
+    first answer is read."""
+    await execute_many(conn, "insert_exchange", [_exchange_row(r) for r in records])
+
+
+def _exchange_row(r: ExchangeCreate) -> dict:
+    c = r.choices
+    return dict(response_id=r.response_id, api_key_id=r.api_key_id, user_field=r.user,
+                messages=Jsonb(r.messages), prompt_hash=prompt_hash(r.messages), params=Jsonb(r.params),
+                model_version_id=r.model_version_id, stream=r.stream, batch_rows=r.batch_rows,
+                prompt_tokens=r.prompt_tokens, completion_tokens=sum(x.completion_tokens for x in c),
+                queue_ms=r.queue_ms, first_token_ms=r.first_token_ms, total_ms=r.total_ms,
+                client_ref=r.client_ref, client_chat_id=r.client_chat_id, client_task=r.client_task,
+                choice_index=[x.choice_index for x in c], text=[x.text for x in c],
+                finish_reason=[x.finish_reason for x in c], choice_tokens=[x.completion_tokens for x in c],
+                choice_version_id=[x.model_version_id for x in c], tool_calls=[_jsonb(x.tool_calls) for x in c],
+                logprobs=[_jsonb(x.logprobs) for x in c])
 
 
 def _jsonb(value):

@@ -92,17 +92,15 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
                        param="model", code="model_not_found")
     conversation = body.conversation()
     loop = asyncio.get_running_loop()
-    plan = await loop.run_in_executor(TOKENIZER, structured.plan, body, engine)  # compiles a grammar
-    prompt_ids = await loop.run_in_executor(TOKENIZER, engine.encode, conversation, plan.tools)
+    plan, prompt_ids = await loop.run_in_executor(TOKENIZER, planned, body, engine, conversation)
     asked = body.max_tokens_asked
     headers = {}
     if plan.tools and body.tool_mode == "auto" and len(prompt_ids) + (asked[1] if asked else 1) > engine.context_length:
         # The tool definitions leave no room in this model's context (chat UIs such as Open WebUI
         # attach dozens to every turn). On auto the model answers in text, as a model that cannot
         # call tools does; the header (and the recorded params, tools null) say so.
-        plan = await loop.run_in_executor(TOKENIZER, structured.plan,
-                                          body.model_copy(update={"tool_choice": "none"}), engine)
-        prompt_ids = await loop.run_in_executor(TOKENIZER, engine.encode, conversation, None)
+        plan, prompt_ids = await loop.run_in_executor(
+            TOKENIZER, planned, body.model_copy(update={"tool_choice": "none"}), engine, conversation)
         headers[TOOLS_OMITTED] = "the tool definitions do not fit in the model's context"
     room = engine.context_length - len(prompt_ids)
     if room < 1:
@@ -146,6 +144,13 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
         choices=[Choice(index=i, message=m, finish_reason=f, logprobs=wire_logprobs(lp))
                  for i, (m, f, lp) in enumerate(zip(messages, exchange.finish, exchange.logprobs))],
         usage=exchange.usage())
+
+
+def planned(body: ChatCompletionRequest, engine, conversation: list[dict]) -> tuple[structured.Plan, list[int]]:
+    """The request's plan (its grammar compiled) and its prompt's tokens: one trip to the
+    tokenizer's thread, since every hop between threads waits for the interpreter lock."""
+    plan = structured.plan(body, engine)
+    return plan, engine.encode(conversation, plan.tools)
 
 
 def wire_logprobs(entries: list[dict] | None) -> ChoiceLogprobs | None:

@@ -1,21 +1,26 @@
 -- Chat requests and their completions. Loaded once by store.sql; called through store/exchanges.py.
 
--- name: insert_chat_request
--- Record one chat request with what was used to answer it.
-INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt_hash, params,
-                           model_version_id, stream, batch_rows, prompt_tokens, completion_tokens,
-                           queue_ms, first_token_ms, total_ms, client_ref, client_chat_id, client_task)
-VALUES (%(response_id)s, %(api_key_id)s, %(user_field)s, %(messages)s, %(prompt_hash)s, %(params)s,
-        %(model_version_id)s, %(stream)s, %(batch_rows)s, %(prompt_tokens)s, %(completion_tokens)s,
-        %(queue_ms)s, %(first_token_ms)s, %(total_ms)s, %(client_ref)s, %(client_chat_id)s, %(client_task)s)
-RETURNING id, created_at;
-
--- name: insert_completion
--- Record one choice of a chat request (in its request's month: `request_created_at` is the request's time).
+-- name: insert_exchange
+-- Record one chat request and all its choices in one statement: one round trip, and many of them
+-- pipelined in one transaction when exchanges are written in groups. The choices come as parallel
+-- arrays; each is written in its request's month (`request_created_at` is the request's time).
+WITH request AS (
+    INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt_hash, params,
+                               model_version_id, stream, batch_rows, prompt_tokens, completion_tokens,
+                               queue_ms, first_token_ms, total_ms, client_ref, client_chat_id, client_task)
+    VALUES (%(response_id)s, %(api_key_id)s, %(user_field)s, %(messages)s, %(prompt_hash)s, %(params)s,
+            %(model_version_id)s, %(stream)s, %(batch_rows)s, %(prompt_tokens)s, %(completion_tokens)s,
+            %(queue_ms)s, %(first_token_ms)s, %(total_ms)s, %(client_ref)s, %(client_chat_id)s, %(client_task)s)
+    RETURNING id, created_at
+)
 INSERT INTO completions (request_id, request_created_at, choice_index, text, finish_reason, completion_tokens,
                          model_version_id, tool_calls, logprobs)
-VALUES (%(request_id)s, %(request_created_at)s, %(choice_index)s, %(text)s, %(finish_reason)s, %(completion_tokens)s,
-        %(model_version_id)s, %(tool_calls)s, %(logprobs)s);
+SELECT request.id, request.created_at, c.choice_index, c.text, c.finish_reason, c.completion_tokens,
+       c.model_version_id, c.tool_calls, c.logprobs
+FROM request, unnest(%(choice_index)s::int[], %(text)s::text[], %(finish_reason)s::text[],
+                     %(choice_tokens)s::int[], %(choice_version_id)s::bigint[], %(tool_calls)s::jsonb[],
+                     %(logprobs)s::jsonb[])
+    AS c(choice_index, text, finish_reason, completion_tokens, model_version_id, tool_calls, logprobs);
 
 -- name: get_chat_request
 -- One recorded request by its response id.

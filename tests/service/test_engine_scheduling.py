@@ -210,8 +210,8 @@ def test_a_request_whose_client_left_while_it_waited_never_runs(engine, forwards
 
 @pytest.fixture
 def app_client(db_url, policy_path, tmp_path, monkeypatch):
-    """The real app in this process (so the test can hold its engine), on its own database, with
-    one batch row and one place in the queue."""
+    """The real app in this process, its engine a thread of it (so the test can hold the model),
+    on its own database, with one batch row and one place in the queue."""
     from fastapi.testclient import TestClient
 
     from schemas.settings import get_settings
@@ -220,7 +220,8 @@ def app_client(db_url, policy_path, tmp_path, monkeypatch):
 
     for name, value in dict(DATABASE_URL=db_url, FEEDLOOP_POLICY_PATH=str(policy_path),
                             FEEDLOOP_HOME=str(tmp_path), FEEDLOOP_INIT_API_KEY=OPERATOR_KEY,
-                            FEEDLOOP_MAX_BATCH_ROWS="1", FEEDLOOP_MAX_QUEUE="1").items():
+                            FEEDLOOP_MAX_BATCH_ROWS="1", FEEDLOOP_MAX_QUEUE="1",
+                            FEEDLOOP_ENGINE_PROCESS="false").items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:

@@ -48,12 +48,12 @@ SET session_replication_role = origin;
 AT77 = "at77"  # request 77's time (completions 153 and 154), set once seeded
 # name -> parameters: what serving a chat, taking feedback, showing stats and a round run
 ONLINE = {
-    "insert_chat_request": dict(response_id="chatcmpl-new", api_key_id=1, user_field=None, messages="[]",
-                                prompt_hash="h", params="{}", model_version_id=1, stream=False, batch_rows=1,
-                                prompt_tokens=1, completion_tokens=1, queue_ms=0, first_token_ms=None,
-                                total_ms=0, client_ref=None, client_chat_id=None, client_task=None),
-    "insert_completion": dict(request_id=77, request_created_at=AT77, choice_index=0, text="t", finish_reason="stop",
-                              tool_calls=None, logprobs=None, completion_tokens=1, model_version_id=1),
+    "insert_exchange": dict(response_id="chatcmpl-new", api_key_id=1, user_field=None, messages="[]",
+                            prompt_hash="h", params="{}", model_version_id=1, stream=False, batch_rows=1,
+                            prompt_tokens=1, completion_tokens=1, queue_ms=0, first_token_ms=None,
+                            total_ms=0, client_ref=None, client_chat_id=None, client_task=None,
+                            choice_index=[0], text=["t"], finish_reason=["stop"], choice_tokens=[1],
+                            choice_version_id=[1], tool_calls=[None], logprobs=[None]),
     "get_chat_request": dict(response_id="chatcmpl-77"),
     "list_completions": dict(request_id=77, exchange_at=AT77),
     "find_completion": dict(response_id="chatcmpl-77", choice_index=0, owner=1, lock=1),
