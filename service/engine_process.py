@@ -14,10 +14,13 @@ The wire is one duplex pipe of pickled tuples:
                   iteration one list of what it did: ("admit", id), ("pieces", id, batch_rows,
                   [Piece]), ("reject", id, message, retry_after), ("error", id, message),
                   ("metric", name, args)
-so a decoding step costs one write and one wake-up of the API's reader, whatever the batch.
+so a decoding step costs one write, whatever the batch. Each side reads the pipe on the thread
+that does its work (the API on its event loop, the engine between decoding steps), so neither
+process has a second thread contending for its interpreter lock.
 Engine processes fork from one server process that imported torch once (multiprocessing's
 forkserver), so a hot swap pays loading the model, not importing torch again.
 """
+import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -89,8 +92,8 @@ class ProcessEngine:
         if first[0] != "ready":
             self._process.join(10)
             raise EngineError(f"{version.name} failed to load in its engine process: {first[1]}")
-        self._reader = threading.Thread(target=self._read, name=f"engine-{version.name}-reader", daemon=True)
-        self._reader.start()
+        self._loop = None  # the event loop that reads the pipe (the first to submit)
+        self._closed = threading.Event()  # the engine process said it closed, or is gone
 
     def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         from lm.chat import encode_prompt
@@ -98,8 +101,13 @@ class ProcessEngine:
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         from service.local_engine import queue_full
+        if self._gone is None and not self._process.is_alive():
+            self._lost()
         if self._gone is not None:
             raise EngineError(self._gone)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._listen(loop)
         with self._lock:
             if self._queued >= self.max_queue:
                 self.metrics.rejected("queue_full")
@@ -114,9 +122,12 @@ class ProcessEngine:
         """Nothing left to do: the engine process warmed its model before it said it was ready."""
 
     def close(self) -> None:
-        """Finish everything submitted, then stop the engine process."""
+        """Finish everything submitted, then stop the engine process (blocking: call it from a
+        thread while the event loop reading the pipe runs, or once no loop does)."""
         self._send(("close",))
-        self._reader.join()
+        if self._loop is None or not self._loop.is_running():
+            self._read_until_closed()
+        self._closed.wait()
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
@@ -127,23 +138,46 @@ class ProcessEngine:
         with self._send_lock:
             try:
                 self._conn.send(message)
-            except (OSError, ValueError):  # the process is gone: the reader fails what was in flight
+            except (OSError, ValueError):  # the process is gone: reading the pipe says so
                 pass
 
-    # the reader thread -----------------------------------------------------------------------
-    def _read(self) -> None:
+    # reading the pipe: on the event loop, so no second thread takes the interpreter lock -------
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the pipe on `loop` from now on. (A server has one loop; tests run one per test,
+        and a loop that has ended is let go.)"""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._conn.fileno())
+        loop.add_reader(self._conn.fileno(), self._readable)
+        self._loop = loop
+
+    def _readable(self) -> None:
         try:
-            while True:
+            while self._conn.poll():
                 events = self._conn.recv()
                 if events == ("closed",):
-                    break
+                    self._loop.remove_reader(self._conn.fileno())
+                    self._closed.set()
+                    return
                 self._dispatch(events)
         except (EOFError, OSError):
-            code = self._process.exitcode
-            self._gone = f"the engine process of {self.version.name} exited (code {code})"
-            log.error("%s; %d requests in flight fail", self._gone, len(self._gens))
-        for rid in list(self._gens):  # none after a clean close
-            self._end(rid).push(EngineError(self._gone or "the engine stopped"))
+            self._loop.remove_reader(self._conn.fileno())
+            self._lost()
+
+    def _read_until_closed(self) -> None:
+        try:
+            while (events := self._conn.recv()) != ("closed",):
+                self._dispatch(events)
+            self._closed.set()
+        except (EOFError, OSError):
+            self._lost()
+
+    def _lost(self) -> None:
+        """The engine process is gone: what was in flight fails, and so does every later request."""
+        self._gone = f"the engine process of {self.version.name} exited (code {self._process.exitcode})"
+        log.error("%s; %d requests in flight fail", self._gone, len(self._gens))
+        for rid in list(self._gens):
+            self._end(rid).push(EngineError(self._gone))
+        self._closed.set()
 
     def _dispatch(self, events: list[tuple]) -> None:
         woken = []
@@ -242,44 +276,66 @@ class Ticket:
 
 
 def run_engine(conn, version: ModelVersion, options: dict) -> None:
-    """The engine process: load and warm, say so, then take submissions until told to close
-    (or until the API process is gone: then what runs is cancelled)."""
+    """The engine process: load and warm, say so, then serve until told to close (or until the
+    API process is gone: then what runs is cancelled)."""
     import torch
-
-    from service.local_engine import LocalEngine
 
     if threads := options.pop("torch_threads"):
         torch.set_num_threads(threads)
-    outbox = Outbox(conn)
     try:
-        engine = LocalEngine(version, metrics=RelayedMetrics(outbox), after_step=outbox.flush, **options)
+        engine = piped_engine(conn, version, options)
         engine.warm()
     except Exception as e:  # noqa: BLE001 - the API process reports it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready",))
-    tickets: weakref.WeakValueDictionary[int, Ticket] = weakref.WeakValueDictionary()  # those in the engine
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            for ticket in list(tickets.values()):
-                ticket.cancelled = True
-            message = ("close",)
-        if message[0] == "submit":
-            ticket = tickets[message[1]] = Ticket(*message[1:], outbox)
-            try:
-                engine.enqueue(ticket)
-            except EngineOverloaded as e:  # the API bounds the queue first; this is a backstop
-                ticket.reject(e)
-                outbox.flush()
-        elif message[0] == "cancel":
-            if (ticket := tickets.get(message[1])) is not None:
-                ticket.cancelled = True
-        elif message[0] == "close":
-            engine.close()  # finishes what was submitted; its last events are flushed
+    engine.serve()
+
+
+def piped_engine(conn, version: ModelVersion, options: dict):
+    """`LocalEngine` whose worker reads its submissions from the pipe itself, between decoding
+    steps: the only thread of the process that runs Python, so it never waits for the
+    interpreter lock (a second thread reading the pipe would take it at every message)."""
+    from service.local_engine import LocalEngine
+
+    class PipedEngine(LocalEngine):
+        def __init__(self):
+            self.outbox = Outbox(conn)
+            self.tickets: weakref.WeakValueDictionary[int, Ticket] = weakref.WeakValueDictionary()
+            super().__init__(version, metrics=RelayedMetrics(self.outbox), after_step=self.outbox.flush, **options)
+
+        def serve(self) -> None:
+            self._worker.join()  # it ends once told to close, with everything submitted done
+            self.close()
             try:
                 conn.send(("closed",))
             except OSError:
                 pass
-            return
+
+        def _collect(self, block: bool) -> None:
+            """What the pipe holds now (waiting for something when idle), then the usual inbox."""
+            try:
+                if block:
+                    conn.poll(None)
+                while conn.poll():
+                    self._take(conn.recv())
+            except (EOFError, OSError):  # the API process is gone: stop what runs, then stop
+                for ticket in list(self.tickets.values()):
+                    ticket.cancelled = True
+                self._inbox.put(None)
+            super()._collect(block=False)
+
+        def _take(self, message: tuple) -> None:
+            if message[0] == "submit":
+                ticket = self.tickets[message[1]] = Ticket(*message[1:], self.outbox)
+                try:
+                    self.enqueue(ticket)
+                except EngineOverloaded as e:  # the API bounds the queue first; this is a backstop
+                    ticket.reject(e)
+            elif message[0] == "cancel":
+                if (ticket := self.tickets.get(message[1])) is not None:
+                    ticket.cancelled = True
+            elif message[0] == "close":
+                self._inbox.put(None)  # finish what is waiting and running, then stop
+
+    return PipedEngine()
