@@ -36,6 +36,11 @@ class EngineError(RuntimeError):
     """Generation failed inside the engine; the request gets a 5xx."""
 
 
+class EngineClosed(EngineError):
+    """The engine is closing (a swap replaced it after the request chose it): nothing was
+    submitted; the request goes to the engine that serves now."""
+
+
 class EngineOverloaded(EngineError):
     """The engine cannot take the request now: its queue is full, or the request waited past its
     deadline without a place in the batch. Nothing was generated; the client may retry."""
@@ -217,7 +222,7 @@ class Engine(Protocol):
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         """Queue a request (the prompt both tokenized and as messages); call from the event loop.
-        Raises `EngineOverloaded` when the queue is full."""
+        Raises `EngineOverloaded` when the queue is full, `EngineClosed` once `close` began."""
 
     def warm(self) -> None:
         """Run one tiny generation so the first real request pays no start-up cost (blocking)."""

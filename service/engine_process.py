@@ -30,7 +30,7 @@ from pathlib import Path
 
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import EngineError, EngineOverloaded, Generation, Piece, wake_all
+from service.engine import EngineClosed, EngineError, EngineOverloaded, Generation, Piece, wake_all
 from service.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ProcessEngine:
         self._gens: dict[int, RelayedGeneration] = {}
         self._open: dict[int, int] = {}  # choices not yet finished, per request
         self._queued, self._lock = 0, threading.Lock()  # submitted, not yet admitted or refused
+        self._closed_to_new = False  # close() began
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._gone: str | None = None  # why the engine process is no longer there
@@ -101,21 +102,23 @@ class ProcessEngine:
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
         from service.local_engine import queue_full
-        if self._gone is None and not self._process.is_alive():
-            self._lost()
-        if self._gone is not None:
-            raise EngineError(self._gone)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._listen(loop)
-        with self._lock:
+        with self._lock:  # held while sending: nothing is sent behind close()'s message
+            if self._closed_to_new:
+                raise EngineClosed(f"{self.version.name} is closing")
+            if self._gone is None and not self._process.is_alive():
+                self._lost()
+            if self._gone is not None:
+                raise EngineError(self._gone)
             if self._queued >= self.max_queue:
                 self.metrics.rejected("queue_full")
                 raise queue_full(self.max_queue)
             self._queued += 1
-        gen = RelayedGeneration(prompt_ids, sampling, self, next(self._ids))
-        self._gens[gen.id], self._open[gen.id] = gen, sampling.n
-        self._send(("submit", gen.id, prompt_ids, sampling, gen.submitted))
+            gen = RelayedGeneration(prompt_ids, sampling, self, next(self._ids))
+            self._gens[gen.id], self._open[gen.id] = gen, sampling.n
+            self._send(("submit", gen.id, prompt_ids, sampling, gen.submitted))
         return gen
 
     def warm(self) -> None:
@@ -124,7 +127,9 @@ class ProcessEngine:
     def close(self) -> None:
         """Finish everything submitted, then stop the engine process (blocking: call it from a
         thread while the event loop reading the pipe runs, or once no loop does)."""
-        self._send(("close",))
+        with self._lock:
+            self._closed_to_new = True
+            self._send(("close",))
         if self._loop is None or not self._loop.is_running():
             self._read_until_closed()
         self._closed.wait()
@@ -135,7 +140,7 @@ class ProcessEngine:
         self.metrics.remove()
 
     def _send(self, message: tuple) -> None:
-        with self._send_lock:
+        with self._send_lock:  # a cancel may come from another thread than a submit
             try:
                 self._conn.send(message)
             except (OSError, ValueError):  # the process is gone: reading the pipe says so

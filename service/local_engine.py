@@ -34,7 +34,7 @@ from lm.sampling import sample_rows
 from lm.tools import tool_format
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import EngineOverloaded, Generation, Piece, wake_all
+from service.engine import EngineClosed, EngineOverloaded, Generation, Piece, wake_all
 from service.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class LocalEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self._queued, self._queued_lock = 0, threading.Lock()  # submitted, not yet admitted
+        self._closed = False  # close() began: nothing more is taken
         # The worker's own state: what waits, and the running batch (one Row per batch row).
         self._waiting: deque[Generation] = deque()
         self._rows: list[Row] = []
@@ -111,13 +112,15 @@ class LocalEngine:
     def enqueue(self, gen: Generation) -> None:
         """Queue a request made elsewhere (anything with a Generation's engine side); raises
         `EngineOverloaded` when the queue is full."""
-        with self._queued_lock:
+        with self._queued_lock:  # held while queuing: nothing is queued behind close()'s marker
+            if self._closed:
+                raise EngineClosed(f"{self.version.name} is closing")
             if self._queued >= self.max_queue:
                 self.metrics.rejected("queue_full")
                 raise queue_full(self.max_queue)
             self._queued += 1
             self.metrics.queued(self._queued)
-        self._inbox.put(gen)
+            self._inbox.put(gen)
 
     def warm(self) -> None:
         """Two prompts of different lengths through prefill, merge, steps and a row leaving: the
@@ -134,7 +137,9 @@ class LocalEngine:
 
     def close(self) -> None:
         """Finish everything submitted (queued requests too), then free the model."""
-        self._inbox.put(None)
+        with self._queued_lock:
+            self._closed = True
+            self._inbox.put(None)
         self._worker.join()
         del self.model
         self.metrics.remove()

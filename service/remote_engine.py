@@ -21,7 +21,7 @@ from lm.chat import context_length, encode_prompt
 from lm.checkpoint import load_tokenizer
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import EngineError, Generation, Piece
+from service.engine import EngineClosed, EngineError, Generation, Piece
 from service.targets import Target, check_target
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,14 @@ class RemoteEngine:
         self._client = AsyncInferenceClient(base_url=target.endpoint, api_key=api_key, timeout=timeout)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # where the streams run; close() comes from a thread
+        self._closing = False
 
     def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         return encode_prompt(self.tokenizer, conversation, tools)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, conversation: list[dict]) -> Generation:
+        if self._closing:
+            raise EngineClosed(f"{self.version.name} is closing")
         self._loop = asyncio.get_running_loop()
         gen = Generation(prompt_ids, sampling)
         gen.batch_rows = sampling.n
@@ -115,6 +118,7 @@ class RemoteEngine:
         """Blocking; call from a worker thread, not the event loop. Requests in flight finish
         (with `grace`, for at most that many seconds; what is left is cancelled and ends with an
         error), then the HTTP client is closed."""
+        self._closing = True  # from now on a submission goes to the engine that replaced this one
         if self._loop is None or self._loop.is_closed():
             return  # never served a request: nothing is open
         asyncio.run_coroutine_threadsafe(self.aclose(grace), self._loop).result()

@@ -16,7 +16,7 @@ from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChun
                             completion_id)
 from schemas.records import ClientRef
 from service.deps import CurrentKey, ServingDep
-from service.engine import EngineError
+from service.engine import EngineClosed, EngineError
 from service.errors import ERROR_RESPONSES, ApiError, domain_error, engine_error, server_error
 from service import structured
 from service.recording import Exchange
@@ -83,38 +83,11 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
     engine that cannot take the request (its queue full, or no place in the batch before the
     deadline) answers 503 engine_overloaded with Retry-After, and nothing is recorded; a stream's
     headers wait for that decision."""
-    engine = serving.pick(body.model)
-    if engine is None and not serving.ready and body.model == serving.settings.model_name:
-        raise ApiError(503, "No model is loaded yet; retry shortly.", code="model_not_ready",
-                       headers={"Retry-After": "5"})
-    if engine is None:
-        raise ApiError(404, f"The model '{body.model}' does not exist or is not served.",
-                       param="model", code="model_not_found")
     conversation = body.conversation()
-    loop = asyncio.get_running_loop()
-    plan, prompt_ids = await loop.run_in_executor(TOKENIZER, planned, body, engine, conversation)
-    asked = body.max_tokens_asked
-    headers = {}
-    if plan.tools and body.tool_mode == "auto" and len(prompt_ids) + (asked[1] if asked else 1) > engine.context_length:
-        # The tool definitions leave no room in this model's context (chat UIs such as Open WebUI
-        # attach dozens to every turn). On auto the model answers in text, as a model that cannot
-        # call tools does; the header (and the recorded params, tools null) say so.
-        plan, prompt_ids = await loop.run_in_executor(
-            TOKENIZER, planned, body.model_copy(update={"tool_choice": "none"}), engine, conversation)
-        headers[TOOLS_OMITTED] = "the tool definitions do not fit in the model's context"
-    room = engine.context_length - len(prompt_ids)
-    if room < 1:
-        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; "
-                            f"your messages take {len(prompt_ids)}.", param="messages",
-                       code="context_length_exceeded")
-    if asked and asked[1] > room:
-        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; your "
-                            f"messages take {len(prompt_ids)}, which leaves {room} for the answer, but "
-                            f"{asked[0]} asks for {asked[1]}.", param=asked[0], code="context_length_exceeded")
-    sampling = body.to_sampling(serving.settings.default_max_tokens)
-    sampling.max_tokens = min(sampling.max_tokens, room)  # the default answer length ends at the context's edge
-    sampling.grammar, sampling.tools = plan.grammar, plan.tools
-    gen = engine.submit(prompt_ids, sampling, conversation)  # EngineOverloaded: 503 (service/errors.py)
+    try:
+        engine, plan, gen, headers = await submit_to_engine(body, serving, conversation)
+    except EngineClosed:  # a swap retired the engine it chose meanwhile: the one serving now takes it
+        engine, plan, gen, headers = await submit_to_engine(body, serving, conversation)
     try:
         await gen.admitted()
     except BaseException:
@@ -144,6 +117,43 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
         choices=[Choice(index=i, message=m, finish_reason=f, logprobs=wire_logprobs(lp))
                  for i, (m, f, lp) in enumerate(zip(messages, exchange.finish, exchange.logprobs))],
         usage=exchange.usage())
+
+
+async def submit_to_engine(body: ChatCompletionRequest, serving, conversation: list[dict]):
+    """Choose the engine, plan and encode for it, check the room in its context, and submit:
+    (engine, plan, generation, response headers)."""
+    engine = serving.pick(body.model)
+    if engine is None and not serving.ready and body.model == serving.settings.model_name:
+        raise ApiError(503, "No model is loaded yet; retry shortly.", code="model_not_ready",
+                       headers={"Retry-After": "5"})
+    if engine is None:
+        raise ApiError(404, f"The model '{body.model}' does not exist or is not served.",
+                       param="model", code="model_not_found")
+    loop = asyncio.get_running_loop()
+    plan, prompt_ids = await loop.run_in_executor(TOKENIZER, planned, body, engine, conversation)
+    asked = body.max_tokens_asked
+    headers = {}
+    if plan.tools and body.tool_mode == "auto" and len(prompt_ids) + (asked[1] if asked else 1) > engine.context_length:
+        # The tool definitions leave no room in this model's context (chat UIs such as Open WebUI
+        # attach dozens to every turn). On auto the model answers in text, as a model that cannot
+        # call tools does; the header (and the recorded params, tools null) say so.
+        plan, prompt_ids = await loop.run_in_executor(
+            TOKENIZER, planned, body.model_copy(update={"tool_choice": "none"}), engine, conversation)
+        headers[TOOLS_OMITTED] = "the tool definitions do not fit in the model's context"
+    room = engine.context_length - len(prompt_ids)
+    if room < 1:
+        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; "
+                            f"your messages take {len(prompt_ids)}.", param="messages",
+                       code="context_length_exceeded")
+    if asked and asked[1] > room:
+        raise ApiError(400, f"This model's maximum context length is {engine.context_length} tokens; your "
+                            f"messages take {len(prompt_ids)}, which leaves {room} for the answer, but "
+                            f"{asked[0]} asks for {asked[1]}.", param=asked[0], code="context_length_exceeded")
+    sampling = body.to_sampling(serving.settings.default_max_tokens)
+    sampling.max_tokens = min(sampling.max_tokens, room)  # the default answer length ends at the context's edge
+    sampling.grammar, sampling.tools = plan.grammar, plan.tools
+    gen = engine.submit(prompt_ids, sampling, conversation)  # EngineOverloaded: 503 (service/errors.py)
+    return engine, plan, gen, headers
 
 
 def planned(body: ChatCompletionRequest, engine, conversation: list[dict]) -> tuple[structured.Plan, list[int]]:

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from schemas.openai import SamplingParams
 from schemas.records import ModelVersion
-from service.engine import EngineError, EngineOverloaded
+from service.engine import EngineClosed, EngineError, EngineOverloaded
 from service.engine_process import ProcessEngine
 from service.local_engine import LocalEngine
 
@@ -145,3 +145,28 @@ def test_a_dead_engine_process_fails_what_it_had_and_what_comes_after(policy_pat
         asyncio.run(main())
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("kind", [ProcessEngine, LocalEngine])
+def test_a_closing_engine_takes_nothing_more(policy_path, kind):
+    """What a route submits once close() began is refused with EngineClosed (the route submits it
+    to the engine serving now), never queued behind the close where nobody would answer it."""
+    engine = kind(version_at(policy_path, 905), max_batch_rows=2)
+
+    async def main():
+        taken = [submit(engine, max_tokens=4)]
+        closing = asyncio.create_task(asyncio.to_thread(engine.close))
+        for _ in range(100_000):  # submitting until close() has begun
+            try:
+                taken.append(submit(engine, max_tokens=4))
+            except EngineClosed:
+                break
+            await asyncio.sleep(0)
+        await closing
+        with pytest.raises(EngineClosed):
+            submit(engine, max_tokens=4)
+        return await asyncio.gather(*(answer(gen) for gen in taken))
+
+    answers = asyncio.run(main())
+    # everything taken before close() began was answered
+    assert all(finish[0] in ("stop", "length") for _, finish in answers)
