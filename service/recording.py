@@ -228,6 +228,9 @@ class Recorder:
 async def _insert(conn, records: list[ExchangeCreate]) -> None:
     """Write `records` in one transaction; a single one recorded already is no error."""
     try:
+        if len(records) == 1:  # one statement is its own transaction (the pool's connections autocommit)
+            await exchanges.record_exchanges(conn, records)
+            return
         async with conn.pipeline(), conn.transaction():  # BEGIN travels with the first statement
             await exchanges.record_exchanges(conn, records)
     except Conflict as e:

@@ -9,7 +9,7 @@ from psycopg.types.json import Jsonb
 from schemas.errors import NotFound
 from schemas.records import (CompletionRecord, ExchangeCreate, ExchangeRecord, ExchangeSummary,
                              FeedbackPublic, PreferencePublic, RankingPublic)
-from store.sql import execute_many, fetch_all, fetch_one
+from store.sql import execute, execute_many, fetch_all, fetch_one
 
 
 def prompt_hash(messages: list[dict[str, Any]]) -> str:
@@ -28,7 +28,10 @@ async def record_exchange(conn, **fields) -> None:
 async def record_exchanges(conn, records: list[ExchangeCreate]) -> None:
     """Write these exchanges in the caller's transaction, one statement each, all sent before the
     first answer is read."""
-    await execute_many(conn, "insert_exchange", [_exchange_row(r) for r in records])
+    if len(records) == 1:
+        await execute(conn, "insert_exchange", **_exchange_row(records[0]))
+    else:
+        await execute_many(conn, "insert_exchange", [_exchange_row(r) for r in records])
 
 
 def _exchange_row(r: ExchangeCreate) -> dict:
