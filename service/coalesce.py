@@ -10,6 +10,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+import psycopg
+
+from schemas.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -73,3 +77,26 @@ class Coalescer(Generic[T, R]):
         """Until every batch under way, and every item waiting, is handled (at shutdown)."""
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+
+
+def rolled_back(error: Exception) -> bool:
+    """The server reported the error (it has a SQLSTATE, or aborted the pipeline after one), so it
+    ended the transaction without committing it: safe to write the group's items again. A lost
+    connection reports nothing."""
+    cause = error if isinstance(error, psycopg.Error) else error.__cause__
+    return (not isinstance(error, Unavailable) or isinstance(cause, psycopg.errors.PipelineAborted)
+            or getattr(cause, "sqlstate", None) is not None)
+
+
+async def each_alone_if_refused(items: list[T], together: Handler, alone: Callable[[T], Awaitable[R | BaseException]],
+                                what: str) -> list[R | BaseException]:
+    """`together(items)`, one transaction; when the database refused it (it rolled back whole: a
+    value it will not take, a deadlock), `alone(item)` for each, so only the item at fault fails.
+    Anything else (a lost connection: the outcome unknown) is every item's error."""
+    try:
+        return await together(items)
+    except Exception as e:
+        if not rolled_back(e):
+            raise
+        log.warning("a group of %d %s failed (%s); writing each on its own", len(items), what, e)
+    return [await alone(item) for item in items]

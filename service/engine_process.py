@@ -227,22 +227,21 @@ class ProcessEngine:
 # --- engine side ----------------------------------------------------------------------------
 
 class Outbox:
-    """What one scheduler iteration did, sent to the API process as one message."""
+    """What one scheduler iteration did, sent to the API process as one message. Only the
+    engine's worker uses it (and, once that has ended, `close`)."""
 
     def __init__(self, conn):
-        self.conn, self.events, self.lock = conn, [], threading.Lock()
+        self.conn, self.events = conn, []
 
     def put(self, event: tuple) -> None:
-        with self.lock:
-            self.events.append(event)
+        self.events.append(event)
 
     def flush(self) -> None:
-        with self.lock:
-            events, self.events = self.events, []
+        events, self.events = self.events, []
         if events:
             try:
                 self.conn.send(events)
-            except OSError:  # the API process is gone; the main loop sees it and stops
+            except OSError:  # the API process is gone; the worker's next read of the pipe says so
                 pass
 
 

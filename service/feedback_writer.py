@@ -19,25 +19,14 @@ Events with an Idempotency-Key take the one-transaction path of `routes/feedback
 which stores the answer with the write."""
 import logging
 
-import psycopg
-
-from schemas.errors import DomainError, Unavailable
+from schemas.errors import DomainError
 from schemas.records import FeedbackPublic
-from service.coalesce import Coalescer
+from service.coalesce import Coalescer, each_alone_if_refused
 from store import feedback
 from store.db import Database
 from store.feedback import FeedbackEvent
 
 log = logging.getLogger(__name__)
-
-
-def rolled_back(error: Exception) -> bool:
-    """The server reported the error (it has a SQLSTATE, or aborted the pipeline after one), so it
-    ended the transaction without committing it: safe to write the group's events again. A lost
-    connection reports nothing."""
-    cause = error if isinstance(error, psycopg.Error) else error.__cause__
-    return (not isinstance(error, Unavailable) or isinstance(cause, psycopg.errors.PipelineAborted)
-            or getattr(cause, "sqlstate", None) is not None)
 
 
 class FeedbackWriter:
@@ -62,15 +51,12 @@ class FeedbackWriter:
         return [results[i] for i in range(len(events))]
 
     async def _group(self, events: list[FeedbackEvent]) -> list[FeedbackPublic | DomainError]:
-        try:
-            async with self.db.connection() as conn:
-                async with conn.pipeline(), conn.transaction():  # BEGIN travels with the first statements
-                    return await feedback.record_feedback_group(conn, events)
-        except Exception as e:
-            if not rolled_back(e):
-                raise
-            log.warning("a group of %d feedback events failed (%s); writing each on its own", len(events), e)
-        return [await self._alone(event) for event in events]
+        return await each_alone_if_refused(events, self._together, self._alone, "feedback events")
+
+    async def _together(self, events: list[FeedbackEvent]) -> list[FeedbackPublic | DomainError]:
+        async with self.db.connection() as conn:
+            async with conn.pipeline(), conn.transaction():  # BEGIN travels with the first statements
+                return await feedback.record_feedback_group(conn, events)
 
     async def _alone(self, event: FeedbackEvent) -> FeedbackPublic | DomainError:
         try:

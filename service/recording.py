@@ -20,9 +20,8 @@ from pathlib import Path
 from schemas.errors import Conflict, DomainError, Unavailable
 from schemas.openai import ChatCompletionRequest, Usage
 from schemas.records import ApiKeyPublic, ClientRef, CompletionRecord, ExchangeCreate
-from service.coalesce import Coalescer
+from service.coalesce import Coalescer, each_alone_if_refused
 from service.engine import Engine, Generation, Piece
-from service.feedback_writer import rolled_back
 from service.metrics import EXCHANGES, SPOOLED
 from store import exchanges
 from store.db import Database
@@ -140,15 +139,13 @@ class Recorder:
             EXCHANGES.labels(version=exchange.engine.version.name, finish=f).inc()
 
     async def _write_group(self, records: list[ExchangeCreate]) -> list[None | Exception]:
-        if len(records) > 1:
-            try:
-                await self.db.retrying(lambda conn: _insert(conn, records))
-                return [None] * len(records)
-            except Exception as e:
-                if not rolled_back(e):
-                    raise
-                log.warning("a group of %d exchanges failed (%s); writing each on its own", len(records), e)
-        return [await self._write_one(record) for record in records]
+        if len(records) == 1:
+            return [await self._write_one(records[0])]
+        return await each_alone_if_refused(records, self._write_together, self._write_one, "exchanges")
+
+    async def _write_together(self, records: list[ExchangeCreate]) -> list[None]:
+        await self.db.retrying(lambda conn: _insert(conn, records))
+        return [None] * len(records)
 
     async def _write_one(self, record: ExchangeCreate) -> None | Exception:
         try:
