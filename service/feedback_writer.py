@@ -17,7 +17,6 @@ where one transaction per event costs each of them per event. What a group guara
 
 Events with an Idempotency-Key take the one-transaction path of `routes/feedback.write_once`,
 which stores the answer with the write."""
-import logging
 
 from schemas.errors import DomainError
 from schemas.records import FeedbackPublic
@@ -26,7 +25,6 @@ from store import feedback
 from store.db import Database
 from store.feedback import FeedbackEvent
 
-log = logging.getLogger(__name__)
 
 
 class FeedbackWriter:
