@@ -26,7 +26,6 @@ from store.db import Database
 from store.feedback import FeedbackEvent
 
 
-
 class FeedbackWriter:
     # Two groups in flight: one fills while the other commits. More lanes make smaller groups (more
     # CPU per event, measured) without more throughput on two cores.
