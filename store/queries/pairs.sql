@@ -101,10 +101,13 @@ SELECT * FROM training_pair_rows WHERE event_id > %(after)s ORDER BY event_id, p
 -- name: pair_window
 -- The newest `limit` stored pairs (all when null) up to `upto`, judged since `since` (any time when
 -- null), newest first; whole groups: a ranking's pairs share their event, and ties on it are kept.
-SELECT * FROM training_pair_rows
-WHERE event_id <= %(upto)s AND (%(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz)
-ORDER BY event_id DESC
-FETCH FIRST coalesce(%(limit)s::bigint, 9223372036854775807) ROWS WITH TIES;
+-- Pairs of one event come in key order, so a round trains on them in the same order every time.
+SELECT * FROM (
+    SELECT * FROM training_pair_rows
+    WHERE event_id <= %(upto)s AND (%(since)s::timestamptz IS NULL OR judged_at >= %(since)s::timestamptz)
+    ORDER BY event_id DESC
+    FETCH FIRST coalesce(%(limit)s::bigint, 9223372036854775807) ROWS WITH TIES
+) window_ ORDER BY event_id DESC, pair_key;
 
 -- name: count_stored_pairs
 -- How many stored pairs are newer than `after`.
