@@ -237,9 +237,10 @@ def scripts(work: Path, prefix: str, exchange_at: str) -> dict[str, list[Path]]:
         tx.write_text(PICK + "\\set rid :cid - 1\n\\set ki (:cid - 1) % :clients\n"
                       + as_pgbench(Q["get_api_key_by_hash"], key_hash=key_hash)
                       + "BEGIN;\n"
-                      + as_pgbench(Q["find_completion"], response_id="'chatcmpl-bench-' || :rid",
-                                   choice_index="0", owner=":author_key_id", lock=literals["lock"])
-                      + as_pgbench(Q["upsert_feedback"], **literals)
+                      + as_pgbench(Q["find_completions"], response_ids="ARRAY['chatcmpl-bench-' || :rid]",
+                                   choice_indexes="ARRAY[0]", owners="ARRAY[:author_key_id]", lock=literals["lock"])
+                      + as_pgbench(Q["upsert_feedback"], author_key_ids="ARRAY[:author_key_id]",
+                                   **{k + "s": f"ARRAY[{v}]" for k, v in literals.items()})
                       + "COMMIT;\n")
         out["pgbench"].append(single)
         out["pgbench-tx"].append(tx)

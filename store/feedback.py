@@ -56,16 +56,24 @@ async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
     """The completion `ref` names when key `owned_by` produced it (any key's when None), to judge
     in the caller's transaction (which this joins to the event writers); NotFound otherwise,
     with one message for unknown and someone else's."""
+    [found] = await find_completions(conn, [(ref, owned_by)])
+    return _target(found, ref, param)
+
+
+async def find_completions(conn, refs: list[tuple[CompletionRef, int | None]]) -> list[dict | None]:
+    """`find_completion`'s rows for many (ref, owner) pairs in one statement, None where not found."""
     _in_transaction(conn)
-    return _target(await fetch_one(conn, "find_completion", **_find_params(ref, owned_by)), ref, param)
-
-
-def _find_params(ref: CompletionRef, owned_by: int | None) -> dict:
-    return dict(response_id=ref.response_id, choice_index=ref.choice_index, owner=owned_by, lock=locks.EVENTS)
+    rows = await fetch_all(conn, "find_completions", response_ids=[r.response_id for r, _ in refs],
+                           choice_indexes=[r.choice_index for r, _ in refs], owners=[o for _, o in refs],
+                           lock=locks.EVENTS)
+    found: list[dict | None] = [None] * len(refs)
+    for row in rows:
+        found[row.pop("i") - 1] = row
+    return found
 
 
 def _target(row: dict | None, ref: CompletionRef, param: str | None) -> CompletionTarget:
-    """What `find_completion` found, or why it may not be judged."""
+    """What `find_completions` found, or why it may not be judged."""
     if row is None:
         raise NotFound(f"No completion with response_id '{ref.response_id}' and choice_index "
                        f"{ref.choice_index}.", param=param)
@@ -97,32 +105,37 @@ class FeedbackEvent(NamedTuple):
 
 
 async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[FeedbackPublic | DomainError]:
-    """`record_feedback` for every event in the caller's transaction, each step one round trip for
-    all of them (pipeline mode) instead of one per event: an event's answer, or the error that
-    event alone gets (an unknown or someone else's completion, a client's housekeeping call),
-    writing nothing for it. No two events may write the same row (`FeedbackEvent.same_row`):
-    each answer is its own write's. A database error fails the transaction, for every event."""
-    _in_transaction(conn)
-    found = await fetch_each(conn, "find_completion", [_find_params(e.feedback, e.owned_by) for e in events])
+    """`record_feedback` for every event in the caller's transaction, each step one statement for
+    all of them: an event's answer, or the error that event alone gets (an unknown or someone
+    else's completion, a client's housekeeping call), writing nothing for it. No two events may
+    write the same row (`FeedbackEvent.same_row`): each answer is its own write's. A database
+    error fails the transaction, for every event."""
+    found = await find_completions(conn, [(e.feedback, e.owned_by) for e in events])
     results: list[FeedbackPublic | DomainError | None] = [None] * len(events)
-    writes = []  # (event index, row key)
+    writes: dict[tuple, tuple[int, CompletionTarget]] = {}  # (completion, author, kind) -> (event, target)
     for i, (event, row) in enumerate(zip(events, found)):
         try:
             target = _target(row, event.feedback, None)
         except DomainError as e:
             results[i] = e
             continue
-        writes.append((i, dict(completion_id=target.id, exchange_at=target.exchange_at,
-                                author_key_id=event.author_key_id, kind=event.feedback.kind)))
-    # rows locked in one order by every group: two groups never wait on each other in a cycle
-    writes.sort(key=lambda w: (w[1]["completion_id"], w[1]["author_key_id"], w[1]["kind"]))
-    saved = await fetch_each(conn, "upsert_feedback", [dict(k, value=events[i].feedback.value,
-                                                            text=events[i].feedback.text) for i, k in writes])
-    unchanged = [(i, k) for (i, k), row in zip(writes, saved) if row is None]  # the same value again
-    again = await fetch_each(conn, "get_feedback", [k for _, k in unchanged])
-    for (i, _), row in [*zip(writes, saved), *zip(unchanged, again)]:
-        if row is not None:
+        writes[target.id, event.author_key_id, event.feedback.kind] = (i, target)
+    rows = sorted(writes)  # locked in one order by every group: two never wait on each other in a cycle
+    if rows:
+        saved = await fetch_all(conn, "upsert_feedback", completion_ids=[c for c, _, _ in rows],
+                                exchange_ats=[writes[r][1].exchange_at for r in rows],
+                                author_key_ids=[a for _, a, _ in rows], kinds=[k for _, _, k in rows],
+                                values=[events[writes[r][0]].feedback.value for r in rows],
+                                texts=[events[writes[r][0]].feedback.text for r in rows])
+        for row in saved:
+            i, _ = writes.pop((row.pop("completion_id"), row["author_key_id"], row["kind"]))
             results[i] = FeedbackPublic(**row)
+    # what is left was the same value again: its row as it stands
+    again = await fetch_each(conn, "get_feedback", [
+        dict(completion_id=c, exchange_at=target.exchange_at, author_key_id=a, kind=k)
+        for (c, a, k), (_, target) in writes.items()])
+    for (i, _), row in zip(writes.values(), again):
+        results[i] = FeedbackPublic(**row)
     return results
 
 

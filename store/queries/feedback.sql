@@ -5,14 +5,19 @@
 -- The highest event id drawn so far (0 before the first); sequences are read outside MVCC.
 SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_events;
 
--- name: find_completion
--- A completion to judge by response id and choice index, when `owner` produced it (anyone's when owner
--- is null); finding one joins the event writers for the rest of the transaction, saving a round trip.
-SELECT c.id, c.request_id, c.request_created_at AS exchange_at, c.choice_index, rq.response_id, rq.prompt_hash,
-       rq.client_task, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
-FROM completions c JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
-WHERE rq.response_id = %(response_id)s AND c.choice_index = %(choice_index)s
-  AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
+-- name: find_completions
+-- The completions to judge, named by parallel arrays of response ids, choice indexes and owners (an owner
+-- null: anyone's), each found one with `i`, its place in the arrays (from 1); a completion is found only
+-- when its owner produced it. One statement for a whole group; finding joins the event writers for the
+-- rest of the transaction (the lock taken once, whatever is found).
+WITH joined AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%(lock)s))
+SELECT e.i, c.id, c.request_id, c.request_created_at AS exchange_at, c.choice_index, rq.response_id, rq.prompt_hash,
+       rq.client_task
+FROM joined, unnest(%(response_ids)s::text[], %(choice_indexes)s::int[], %(owners)s::bigint[])
+         WITH ORDINALITY AS e(response_id, choice_index, owner, i)
+JOIN chat_requests rq ON rq.response_id = e.response_id AND (e.owner IS NULL OR rq.api_key_id = e.owner)
+JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
+                  AND c.choice_index = e.choice_index;
 
 -- name: find_request
 -- A recorded request to rank and how many choices it has, when `owner` produced it (anyone's when null);
@@ -46,17 +51,19 @@ UPDATE idempotency_keys SET response = %(response)s
 WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
 
 -- name: upsert_feedback
--- One current value per (completion, author, kind); a changed value draws a new event id, an unchanged one returns nothing.
+-- One current value per (completion, author, kind), for a group of rows as parallel arrays (in the order
+-- their rows are locked); a changed value draws a new event id, an unchanged one returns nothing.
 WITH saved AS (
     INSERT INTO feedback (completion_id, exchange_at, author_key_id, kind, value, text)
-    VALUES (%(completion_id)s, %(exchange_at)s, %(author_key_id)s, %(kind)s, %(value)s, %(text)s)
+    SELECT * FROM unnest(%(completion_ids)s::bigint[], %(exchange_ats)s::timestamptz[], %(author_key_ids)s::bigint[],
+                         %(kinds)s::text[], %(values)s::smallint[], %(texts)s::text[])
     ON CONFLICT (completion_id, author_key_id, kind, exchange_at) DO UPDATE
     SET value = EXCLUDED.value, text = EXCLUDED.text, event_id = EXCLUDED.event_id, updated_at = now()
     WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text)
     RETURNING *
 )
-SELECT 'fb_' || s.id AS id, rq.response_id, c.choice_index, s.kind, s.value, s.text, s.author_key_id,
-       s.created_at, s.updated_at
+SELECT 'fb_' || s.id AS id, s.completion_id, rq.response_id, c.choice_index, s.kind, s.value, s.text,
+       s.author_key_id, s.created_at, s.updated_at
 FROM saved s JOIN completions c ON c.id = s.completion_id AND c.request_created_at = s.exchange_at
      JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at;
 

@@ -56,9 +56,11 @@ ONLINE = {
                             choice_version_id=[1], tool_calls=[None], logprobs=[None]),
     "get_chat_request": dict(response_id="chatcmpl-77"),
     "list_completions": dict(request_id=77, exchange_at=AT77),
-    "find_completion": dict(response_id="chatcmpl-77", choice_index=0, owner=1, lock=1),
+    "find_completions": dict(response_ids=["chatcmpl-77", "chatcmpl-78"], choice_indexes=[0, 1], owners=[1, None],
+                             lock=1),
     "find_request": dict(response_id="chatcmpl-77", owner=1, lock=1),
-    "upsert_feedback": dict(completion_id=153, exchange_at=AT77, author_key_id=1, kind="thumbs", value=1, text=None),
+    "upsert_feedback": dict(completion_ids=[153], exchange_ats=[AT77], author_key_ids=[1], kinds=["thumbs"],
+                            values=[1], texts=[None]),
     "get_feedback": dict(completion_id=153, exchange_at=AT77, author_key_id=1, kind="thumbs"),
     "upsert_ranking": dict(request_id=77, exchange_at=AT77, author_key_id=1, ordering="[0, 1]"),
     "get_ranking": dict(request_id=77, exchange_at=AT77, author_key_id=1),
@@ -148,7 +150,9 @@ def test_the_seeded_exchanges_span_months(seeded):
 
 def explain(seeded, name: str) -> dict:
     url, values = seeded
-    params = {k: values.get(v, v) if isinstance(v, str) else v for k, v in ONLINE.get(name, ROUND.get(name)).items()}
+    def value(v):  # a placeholder's value once seeded, in a list too
+        return [value(x) for x in v] if isinstance(v, list) else values.get(v, v) if isinstance(v, str) else v
+    params = {k: value(v) for k, v in ONLINE.get(name, ROUND.get(name)).items()}
     with psycopg.connect(url) as conn:
         plan = conn.execute("EXPLAIN (FORMAT JSON) " + Q[name], params).fetchone()[0]
         conn.rollback()
