@@ -7,10 +7,14 @@ each size the same work is measured:
   chat      what a chat request writes (`store.exchanges.record_exchange`, two choices, one
             transaction), from --clients concurrent connections, --ops times
   feedback  what POST /v1/feedback runs (`store.feedback.record_feedback`: ownership lookup,
-            the watermark lock, the upsert, commit) on random recorded answers
+            the watermark lock, the upsert, commit) on answers drawn from the newest --recent
+            exchanges: the same work at every size, as a deployment's feedback mostly comes
+            soon after the answer (the UI's thumbs)
+  fb old    the same on answers drawn uniformly from the whole history: at 10M most of them are
+            on pages outside Postgres's buffers, so this shows the cache, not the queries
   stats     GET /v1/admin/stats' work (`store.derive.feedback_stats`), median of 21
   round     a round's derivation: the stored pairs rolled forward over the feedback events the
-            feedback phase just wrote (the same number at every size), counted, and the new
+            two feedback phases just wrote (the same number at every size), counted, and the new
             pairs read (a round before the phases read the seeded history)
 
 The store functions the API and trainer call are timed directly: HTTP and generation cost the
@@ -36,7 +40,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from common import ADMIN_URL, ScratchDatabase
-from schemas.records import CompletionRecord, FeedbackCreate  # common put the repository on sys.path
+from schemas.openai import completion_id  # common put the repository on sys.path
+from schemas.records import CompletionRecord, FeedbackCreate
 from store import derive, exchanges, feedback, runs
 from store.db import migrate
 
@@ -49,11 +54,14 @@ SET synchronous_commit = off;
 SET session_replication_role = replica;
 INSERT INTO chat_requests (id, response_id, api_key_id, messages, prompt_hash, params, model_version_id,
                            stream, batch_rows, prompt_tokens, completion_tokens, queue_ms, total_ms, created_at)
-SELECT g + %(off)s, 'chatcmpl-seed-' || g, %(key0)s + g %% %(authors)s,
+SELECT g + %(off)s,  -- response ids as the API makes them: a UUIDv7 of the exchange's time (schemas.openai)
+       'chatcmpl-' || lpad(to_hex((extract(epoch FROM t.at) * 1000)::bigint), 12, '0') || '70008'
+                   || lpad(to_hex(g), 15, '0'),
+       %(key0)s + g %% %(authors)s,
        jsonb_build_array(jsonb_build_object('role', 'user', 'content', 'Question ' || g / %(per_prompt)s || '?')),
-       md5('q' || g / %(per_prompt)s), '{}', %(version)s, false, 1, 5, 6, 0, 1,
-       now() - make_interval(secs => (%(hi)s - g) * %(spacing)s)
-FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g;
+       md5('q' || g / %(per_prompt)s), '{}', %(version)s, false, 1, 5, 6, 0, 1, t.at
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g
+CROSS JOIN LATERAL (SELECT date_trunc('milliseconds', now() - make_interval(secs => (%(hi)s - g) * %(spacing)s)) AS at) t;
 -- choices and feedback carry their exchange's time (the partition key, migration 013)
 INSERT INTO completions (id, request_id, request_created_at, choice_index, text, finish_reason, completion_tokens,
                          model_version_id)
@@ -87,6 +95,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default="10000,1000000", help="exchanges recorded at each measurement")
     p.add_argument("--ops", type=int, default=400, help="chat and feedback operations measured at each size")
     p.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    p.add_argument("--recent", type=int, default=10_000, help="the feedback phase judges the newest this many")
     p.add_argument("--days", type=float, default=180, help="how far back the largest size's history reaches")
     p.add_argument("--admin-url", default=ADMIN_URL, help="a server where the scratch database is created")
     return p.parse_args()
@@ -105,10 +114,11 @@ def setup(url: str, days: float) -> tuple[int, int]:
     return ids[0], version
 
 
-def seed(url: str, lo: int, hi: int, key0: int, version: int, spacing: float) -> float:
+def seed(url: str, lo: int, hi: int, key0: int, version: int, spacing: float) -> tuple[float, int]:
+    """Seeds exchanges lo..hi; returns (seconds, what to add to an exchange's number for its id)."""
     t0 = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
-        # ids continue after the requests the measurements recorded; response ids count exchanges
+        # ids continue after the requests the measurements recorded
         off = conn.execute("SELECT coalesce(max(id), 0) FROM chat_requests").fetchone()[0] - (lo - 1)
         params = dict(lo=lo, hi=hi, off=off, key0=key0, authors=AUTHORS, per_prompt=PER_PROMPT, version=version,
                       spacing=spacing)
@@ -116,7 +126,7 @@ def seed(url: str, lo: int, hi: int, key0: int, version: int, spacing: float) ->
             if statement.strip():
                 conn.execute(statement, params)
         conn.execute("VACUUM ANALYZE")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, off
 
 
 async def timed_ops(pool, clients: int, ops: int, op) -> list[float]:
@@ -135,7 +145,19 @@ async def timed_ops(pool, clients: int, ops: int, op) -> list[float]:
     return latencies
 
 
-async def measure(url: str, size: int, key0: int, version: int, args) -> dict:
+def judged(url: str, size: int, offsets: list[tuple[int, int]], ops: int, newest: int) -> list[tuple[str, int]]:
+    """`ops` seeded exchanges drawn uniformly from the `newest` (response id, exchange number), read
+    before timing: a feedback phase judges them."""
+    rng = random.Random(size + newest)
+    numbers = [rng.randrange(max(1, size - newest + 1), size + 1) for _ in range(ops)]
+    ids = [g + next(off for lo, off in reversed(offsets) if g >= lo) for g in numbers]
+    with psycopg.connect(url) as conn:
+        found = dict(conn.execute("SELECT id, response_id FROM chat_requests WHERE id = ANY(%s)", (ids,)).fetchall())
+    return [(found[i], g) for i, g in zip(ids, numbers)]
+
+
+async def measure(url: str, size: int, key0: int, version: int, targets: dict[str, list[tuple[str, int]]],
+                  args) -> dict:
     async with AsyncConnectionPool(url, min_size=args.clients, max_size=args.clients, open=False,
                                    kwargs=dict(autocommit=True)) as pool:
         await pool.wait()
@@ -145,15 +167,15 @@ async def measure(url: str, size: int, key0: int, version: int, args) -> dict:
                                         completion_tokens=3, model_version_id=version) for i in range(2)]
             async with conn.transaction():
                 await exchanges.record_exchange(
-                    conn, response_id=f"chatcmpl-{uuid.uuid4().hex}", api_key_id=key0, user=None,
+                    conn, response_id=completion_id(), api_key_id=key0, user=None,
                     messages=[{"role": "user", "content": f"Question {rng.randrange(size // PER_PROMPT)}?"}],
                     params={}, model_version_id=version, stream=False, batch_rows=1, prompt_tokens=5,
                     queue_ms=0, first_token_ms=None, total_ms=1, choices=choices)
 
-        async def judge(conn, rng):
-            g = rng.randrange(1, size + 1)  # a seeded exchange, judged by the key that asked it
+        async def judge(conn, rng, left):
+            response_id, g = next(left)  # a seeded exchange, judged by the key that asked it
             kind = rng.choice(("thumbs", "rating"))
-            body = FeedbackCreate(response_id=f"chatcmpl-seed-{g}", choice_index=rng.randrange(2), kind=kind,
+            body = FeedbackCreate(response_id=response_id, choice_index=rng.randrange(2), kind=kind,
                                   value=rng.choice((1, -1)) if kind == "thumbs" else rng.randint(1, 7))
             async with conn.transaction():
                 await feedback.record_feedback(conn, feedback=body, author_key_id=key0 + g % AUTHORS,
@@ -169,7 +191,9 @@ async def measure(url: str, size: int, key0: int, version: int, args) -> dict:
                 conn, id=(await runs.start_training_run(conn, kind="round", config={}, trigger="bench")).id,
                 status="skipped", watermark=last, metrics={})
         chat_ms = await timed_ops(pool, args.clients, args.ops, chat)
-        feedback_ms = await timed_ops(pool, args.clients, args.ops, judge)
+        judging = {name: iter(drawn) for name, drawn in targets.items()}
+        feedback_ms = await timed_ops(pool, args.clients, args.ops, lambda c, r: judge(c, r, judging["recent"]))
+        old_ms = await timed_ops(pool, args.clients, args.ops, lambda c, r: judge(c, r, judging["old"]))
         async with pool.connection() as conn:
             stats_ms = []
             for _ in range(21):
@@ -183,7 +207,7 @@ async def measure(url: str, size: int, key0: int, version: int, args) -> dict:
             assert len(await derive.derive_pairs(conn, after=last, upto=upto)) == new_pairs
             round_ms = (time.perf_counter() - t0) * 1000
             pairs = (await (await conn.execute("SELECT count(*) FROM training_pairs")).fetchone())[0]
-    return dict(size=size, first_s=first, chat=chat_ms, feedback=feedback_ms, stats=statistics.median(stats_ms),
+    return dict(size=size, first_s=first, chat=chat_ms, feedback=feedback_ms, old=old_ms, stats=statistics.median(stats_ms),
                 round=round_ms, new_events=upto - last, new_pairs=new_pairs, pairs=pairs)
 
 
@@ -194,18 +218,21 @@ def pct(xs: list[float], q: int) -> float:
 def report(rows: list[dict], seeded: dict[int, float], args) -> None:
     print(f"\ngrowth — {args.ops} chat and feedback operations from {args.clients} connections at each size\n")
     header = (f"{'exchanges':>10} {'seed s':>7} {'chat p50':>8} {'chat p99':>8} {'fb p50':>7} {'fb p99':>7} "
-              f"{'stats ms':>8} {'round ms':>8} {'new ev':>6} {'new pairs':>9} {'pairs':>9} {'1st derive s':>12}")
+              f"{'old p50':>7} {'old p99':>7} {'stats ms':>8} {'round ms':>8} {'new ev':>6} {'new pairs':>9} {'pairs':>9} {'1st derive s':>12}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['size']:>10} {seeded[r['size']]:>7.1f} {pct(r['chat'], 50):>8.2f} {pct(r['chat'], 99):>8.2f} "
-              f"{pct(r['feedback'], 50):>7.2f} {pct(r['feedback'], 99):>7.2f} {r['stats']:>8.2f} {r['round']:>8.1f} "
+              f"{pct(r['feedback'], 50):>7.2f} {pct(r['feedback'], 99):>7.2f} {pct(r['old'], 50):>7.2f} "
+              f"{pct(r['old'], 99):>7.2f} {r['stats']:>8.2f} {r['round']:>8.1f} "
               f"{r['new_events']:>6} {r['new_pairs']:>9} {r['pairs']:>9} {r['first_s']:>12.1f}")
     small, big = rows[0], rows[-1]
     print(f"\nratios {big['size']} / {small['size']} exchanges:")
     for name, f in (("chat p50", lambda r: pct(r["chat"], 50)), ("chat p99", lambda r: pct(r["chat"], 99)),
                     ("feedback p50", lambda r: pct(r["feedback"], 50)),
                     ("feedback p99", lambda r: pct(r["feedback"], 99)),
+                    ("feedback on old answers p50", lambda r: pct(r["old"], 50)),
+                    ("feedback on old answers p99", lambda r: pct(r["old"], 99)),
                     ("stats", lambda r: r["stats"]), ("round derivation", lambda r: r["round"]),
                     ("first derivation of the history", lambda r: r["first_s"])):
         print(f"  {name:<32} {f(big) / f(small):.3f}")
@@ -219,12 +246,15 @@ def main() -> None:
     try:
         key0, version = setup(db.url, args.days)
         spacing = args.days * 86400 / max(sizes)  # seconds between two exchanges' times
-        rows, seeded, have = [], {}, 0
+        rows, seeded, have, offsets = [], {}, 0, []
         for size in sizes:
-            seeded[size] = seed(db.url, have + 1, size, key0, version, spacing)
+            seeded[size], off = seed(db.url, have + 1, size, key0, version, spacing)
+            offsets.append((have + 1, off))
             have = size
             print(f"  seeded {size} exchanges in {seeded[size]:.1f}s", flush=True)
-            rows.append(asyncio.run(measure(db.url, size, key0, version, args)))
+            targets = dict(recent=judged(db.url, size, offsets, args.ops, args.recent),
+                           old=judged(db.url, size, offsets, args.ops, size))
+            rows.append(asyncio.run(measure(db.url, size, key0, version, targets, args)))
         report(rows, seeded, args)
     finally:
         db.close()

@@ -7,6 +7,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from schemas.errors import NotFound
+from schemas.openai import completion_time
 from schemas.records import (CompletionRecord, ExchangeCreate, ExchangeRecord, ExchangeSummary,
                              FeedbackPublic, PreferencePublic, RankingPublic)
 from store.sql import execute, execute_many, fetch_all, fetch_one
@@ -45,7 +46,7 @@ def _exchange_row(r: ExchangeCreate) -> dict:
                 choice_index=[x.choice_index for x in c], text=[x.text for x in c],
                 finish_reason=[x.finish_reason for x in c], choice_tokens=[x.completion_tokens for x in c],
                 choice_version_id=[x.model_version_id for x in c], tool_calls=[_jsonb(x.tool_calls) for x in c],
-                logprobs=[_jsonb(x.logprobs) for x in c])
+                logprobs=[_jsonb(x.logprobs) for x in c], created_at=completion_time(r.response_id))
 
 
 def _jsonb(value):
@@ -53,7 +54,8 @@ def _jsonb(value):
 
 
 async def get_exchange(conn, *, response_id: str) -> ExchangeRecord:
-    req = await fetch_one(conn, "get_chat_request", response_id=response_id)
+    req = await fetch_one(conn, "get_chat_request", response_id=response_id,
+                          at=completion_time(response_id))
     if req is None:
         raise NotFound(f"no exchange {response_id}")
     on = dict(request_id=req["id"], exchange_at=req["created_at"])  # its rows are all in its month
@@ -71,7 +73,7 @@ async def list_exchanges(conn, *, limit: int = 50, before: str | None = None,
     `before` names (a cursor: the last response id of the previous page), of one version when given."""
     before_id = None
     if before is not None:
-        cursor = await fetch_one(conn, "get_chat_request", response_id=before)
+        cursor = await fetch_one(conn, "get_chat_request", response_id=before, at=completion_time(before))
         if cursor is None:
             raise NotFound(f"no exchange {before} to page from", param="before")
         before_id = cursor["id"]

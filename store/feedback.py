@@ -21,6 +21,7 @@ from schemas.errors import Conflict, DomainError, Invalid, NotFound
 from schemas.records import (CompletionRef, CompletionTarget, DemonstrationImport, FeedbackCreate,
                              FeedbackPublic, PreferenceCreate, PreferenceImport, PreferencePublic,
                              RankingCreate, RankingPublic)
+from schemas.openai import completion_time
 from store import locks
 from store.exchanges import prompt_hash
 from store.sql import execute, fetch_all, fetch_each, fetch_one
@@ -65,6 +66,7 @@ async def find_completions(conn, refs: list[tuple[CompletionRef, int | None]]) -
     _in_transaction(conn)
     rows = await fetch_all(conn, "find_completions", response_ids=[r.response_id for r, _ in refs],
                            choice_indexes=[r.choice_index for r, _ in refs], owners=[o for _, o in refs],
+                           ats=[completion_time(r.response_id) for r, _ in refs],
                            lock=locks.EVENTS)
     found: list[dict | None] = [None] * len(refs)
     for row in rows:
@@ -144,7 +146,7 @@ async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
     """The choices of one response best first (ties allowed): every choice exactly once."""
     _in_transaction(conn)
     request = await fetch_one(conn, "find_request", response_id=ranking.response_id, owner=owned_by,
-                              lock=locks.EVENTS)
+                              at=completion_time(ranking.response_id), lock=locks.EVENTS)
     if request is None:
         raise NotFound(f"No response with id '{ranking.response_id}'.", param="response_id")
     _not_housekeeping(request, "response_id")

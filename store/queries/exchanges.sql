@@ -3,14 +3,17 @@
 -- name: insert_exchange
 -- Record one chat request and all its choices in one statement: one round trip, and many of them
 -- pipelined in one transaction when exchanges are written in groups. The choices come as parallel
--- arrays; each is written in its request's month (`request_created_at` is the request's time).
+-- arrays; each is written in its request's month (`request_created_at` is the request's time). The
+-- request's time is the one its response id carries (schemas.openai.completion_id), now for an id without.
 WITH request AS (
     INSERT INTO chat_requests (response_id, api_key_id, user_field, messages, prompt_hash, params,
                                model_version_id, stream, batch_rows, prompt_tokens, completion_tokens,
-                               queue_ms, first_token_ms, total_ms, client_ref, client_chat_id, client_task)
+                               queue_ms, first_token_ms, total_ms, client_ref, client_chat_id, client_task,
+                               created_at)
     VALUES (%(response_id)s, %(api_key_id)s, %(user_field)s, %(messages)s, %(prompt_hash)s, %(params)s,
             %(model_version_id)s, %(stream)s, %(batch_rows)s, %(prompt_tokens)s, %(completion_tokens)s,
-            %(queue_ms)s, %(first_token_ms)s, %(total_ms)s, %(client_ref)s, %(client_chat_id)s, %(client_task)s)
+            %(queue_ms)s, %(first_token_ms)s, %(total_ms)s, %(client_ref)s, %(client_chat_id)s, %(client_task)s,
+            coalesce(%(created_at)s::timestamptz, now()))
     RETURNING id, created_at
 )
 INSERT INTO completions (request_id, request_created_at, choice_index, text, finish_reason, completion_tokens,
@@ -23,8 +26,9 @@ FROM request, unnest(%(choice_index)s::int[], %(text)s::text[], %(finish_reason)
     AS c(choice_index, text, finish_reason, completion_tokens, model_version_id, tool_calls, logprobs);
 
 -- name: get_chat_request
--- One recorded request by its response id.
-SELECT * FROM chat_requests WHERE response_id = %(response_id)s;
+-- One recorded request by its response id (and the time the id carries, when it carries one: one month read).
+SELECT * FROM chat_requests WHERE response_id = %(response_id)s
+  AND created_at BETWEEN coalesce(%(at)s::timestamptz, '-infinity') AND coalesce(%(at)s::timestamptz, 'infinity');
 
 -- name: list_completions
 -- The choices of one recorded request (of its month), in index order.

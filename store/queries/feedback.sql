@@ -13,9 +13,11 @@ SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_
 WITH joined AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%(lock)s))
 SELECT e.i, c.id, c.request_id, c.request_created_at AS exchange_at, c.choice_index, rq.response_id, rq.prompt_hash,
        rq.client_task
-FROM joined, unnest(%(response_ids)s::text[], %(choice_indexes)s::int[], %(owners)s::bigint[])
-         WITH ORDINALITY AS e(response_id, choice_index, owner, i)
+FROM joined, unnest(%(response_ids)s::text[], %(choice_indexes)s::int[], %(owners)s::bigint[], %(ats)s::timestamptz[])
+         WITH ORDINALITY AS e(response_id, choice_index, owner, at, i)
 JOIN chat_requests rq ON rq.response_id = e.response_id AND (e.owner IS NULL OR rq.api_key_id = e.owner)
+     -- the time an id carries names its month, the one read (any month for an id that carries none)
+     AND rq.created_at BETWEEN coalesce(e.at, '-infinity') AND coalesce(e.at, 'infinity')
 JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
                   AND c.choice_index = e.choice_index;
 
@@ -26,7 +28,8 @@ SELECT rq.id, rq.created_at AS exchange_at, rq.response_id,
        (SELECT count(*) FROM completions c WHERE c.request_id = rq.id AND c.request_created_at = rq.created_at) AS choices,
        rq.client_task, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
 FROM chat_requests rq
-WHERE rq.response_id = %(response_id)s AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint);
+WHERE rq.response_id = %(response_id)s AND (%(owner)s::bigint IS NULL OR rq.api_key_id = %(owner)s::bigint)
+  AND rq.created_at BETWEEN coalesce(%(at)s::timestamptz, '-infinity') AND coalesce(%(at)s::timestamptz, 'infinity');
 
 -- name: claim_idempotency_key
 -- Claim a key for this request; returns nothing when it was claimed before (waits for a claimer in flight).

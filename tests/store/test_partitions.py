@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from schemas.errors import Conflict
+from schemas.openai import completion_id
 from schemas.records import CompletionRecord, FeedbackCreate, PreferenceCreate, RankingCreate
 from store import derive, exchanges, feedback, keys, partitions, registry
 from store.db import migrate, migrations
@@ -25,7 +26,7 @@ class Store:
     """One connection and an event loop, for the store's async functions."""
 
     def __init__(self, url: str):
-        self.url, self.loop = url, asyncio.new_event_loop()
+        self.url, self.loop, self.ids = url, asyncio.new_event_loop(), {}
         self.conn = self.run(psycopg.AsyncConnection.connect(url, autocommit=True))
         self.key = self.run(keys.create_api_key(self.conn, name="a", role="user")).id
         self.version = self.run(registry.insert_model_version(self.conn, kind="policy", path="/nowhere",
@@ -40,45 +41,47 @@ class Store:
             return await cur.fetchall() if cur.description else []
         return self.run(go())
 
+    def id(self, rid: str) -> str:
+        """The response id a test's name for an exchange stands for."""
+        return self.ids.get(rid, rid)
+
     def exchange(self, rid: str, prompt: str, texts: list[str], at: datetime | None = None) -> None:
-        """Record an exchange through the store; `at` moves it to another time, as if recorded then
-        (the time is the partition key, so the rows are written with it, never moved)."""
+        """Record an exchange through the store; `at`: as if made then (its response id carries
+        that time, which is the partition key, so the rows are written with it, never moved)."""
+        if at is not None:
+            self.ids[rid] = completion_id(at_ms=int(at.timestamp() * 1000))
+
         async def go():
             async with self.conn.transaction():
-                if at is not None:  # the transaction's now() is the exchange's time
-                    await self.conn.execute("SELECT set_config('feedloop.test_at', %s, true)", (at.isoformat(),))
-                    await self.conn.execute("ALTER TABLE chat_requests ALTER COLUMN created_at"
-                                            " SET DEFAULT current_setting('feedloop.test_at')::timestamptz")
                 await exchanges.record_exchange(
-                    self.conn, response_id=rid, api_key_id=self.key, user=None,
+                    self.conn, response_id=self.id(rid), api_key_id=self.key, user=None,
                     messages=[{"role": "user", "content": prompt}], params={}, model_version_id=self.version,
                     stream=False, batch_rows=1, prompt_tokens=1, queue_ms=0, first_token_ms=None, total_ms=0,
                     choices=[CompletionRecord(choice_index=i, text=t, finish_reason="stop", completion_tokens=1,
                                               model_version_id=self.version) for i, t in enumerate(texts)])
-                if at is not None:
-                    await self.conn.execute("ALTER TABLE chat_requests ALTER COLUMN created_at SET DEFAULT now()")
         self.run(go())
 
     def thumbs(self, rid: str, i: int, value: int) -> None:
         async def go():
             async with self.conn.transaction():
                 await feedback.record_feedback(self.conn, feedback=FeedbackCreate(
-                    response_id=rid, choice_index=i, kind="thumbs", value=value), author_key_id=self.key, owned_by=None)
+                    response_id=self.id(rid), choice_index=i, kind="thumbs", value=value), author_key_id=self.key,
+                    owned_by=None)
         self.run(go())
 
     def prefer(self, chosen: tuple[str, int], rejected: tuple[str, int]) -> None:
         async def go():
             async with self.conn.transaction():
                 await feedback.record_preference(self.conn, preference=PreferenceCreate(
-                    chosen={"response_id": chosen[0], "choice_index": chosen[1]},
-                    rejected={"response_id": rejected[0], "choice_index": rejected[1]}, strength=1.0),
+                    chosen={"response_id": self.id(chosen[0]), "choice_index": chosen[1]},
+                    rejected={"response_id": self.id(rejected[0]), "choice_index": rejected[1]}, strength=1.0),
                     author_key_id=self.key, owned_by=None)
         self.run(go())
 
     def rank(self, rid: str, order: list) -> None:
         async def go():
             async with self.conn.transaction():
-                await feedback.record_ranking(self.conn, ranking=RankingCreate(response_id=rid, order=order),
+                await feedback.record_ranking(self.conn, ranking=RankingCreate(response_id=self.id(rid), order=order),
                                               author_key_id=self.key, owned_by=None)
         self.run(go())
 
@@ -133,12 +136,22 @@ def test_a_time_no_month_was_made_for_is_written_to_the_default(store):
 
 def test_a_response_id_is_recorded_once_across_months(store):
     """Uniqueness within a partition is all Postgres gives; the spool relies on a second recording
-    of an exchange being refused (service/recording.py), whatever month the first went to."""
+    of an exchange being refused (service/recording.py), whatever month the first went to. An id
+    that carries its time (schemas.openai.completion_id) always goes to that time's month; one
+    that does not (recorded before ids did, or a client's) goes to the month it is recorded in."""
     store.exchange("chatcmpl-once", "Hi", ["a"], at=OLD)
     with pytest.raises(Conflict) as e:
         store.exchange("chatcmpl-once", "Hi", ["a"])
     assert e.value.code == "already_exists"
-    assert store.sql("SELECT count(*) FROM chat_requests") == [(1,)]
+    store.exchange("chatcmpl-untimed", "Hi", ["a"])
+    with pytest.raises(psycopg.errors.UniqueViolation):  # the same id in another month: refused too
+        store.sql("INSERT INTO chat_requests (response_id, api_key_id, messages, prompt_hash, params, model_version_id,"
+                  " stream, batch_rows, prompt_tokens, completion_tokens, queue_ms, total_ms, created_at)"
+                  " VALUES ('chatcmpl-untimed', %s, '[]', 'h', '{}', %s, false, 1, 1, 1, 0, 0, %s)",
+                  store.key, store.version, OLD)
+    assert store.sql("SELECT count(*) FROM chat_requests") == [(2,)]
+    # the timed one in its old month (no partition was made for it here: the default), the other now
+    assert store.where("chat_requests") == {"chat_requests_default": 1, f"chat_requests_p{month(NOW)}": 1}
 
 
 def stats(store) -> dict:

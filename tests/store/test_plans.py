@@ -53,12 +53,12 @@ ONLINE = {
                             prompt_tokens=1, completion_tokens=1, queue_ms=0, first_token_ms=None,
                             total_ms=0, client_ref=None, client_chat_id=None, client_task=None,
                             choice_index=[0], text=["t"], finish_reason=["stop"], choice_tokens=[1],
-                            choice_version_id=[1], tool_calls=[None], logprobs=[None]),
-    "get_chat_request": dict(response_id="chatcmpl-77"),
+                            choice_version_id=[1], tool_calls=[None], logprobs=[None], created_at=None),
+    "get_chat_request": dict(response_id="chatcmpl-77", at=None),
     "list_completions": dict(request_id=77, exchange_at=AT77),
     "find_completions": dict(response_ids=["chatcmpl-77", "chatcmpl-78"], choice_indexes=[0, 1], owners=[1, None],
-                             lock=1),
-    "find_request": dict(response_id="chatcmpl-77", owner=1, lock=1),
+                             ats=[None, None], lock=1),
+    "find_request": dict(response_id="chatcmpl-77", owner=1, lock=1, at=None),
     "upsert_feedback": dict(completion_ids=[153], exchange_ats=[AT77], author_key_ids=[1], kinds=["thumbs"],
                             values=[1], texts=[None]),
     "get_feedback": dict(completion_id=153, exchange_at=AT77, author_key_id=1, kind="thumbs"),
@@ -76,6 +76,10 @@ ONLINE = {
 }
 # given their exchange's time, these read one month's partition of each table (pruned when planned)
 PRUNED = ["list_completions", "get_feedback", "get_ranking", "list_feedback_on_request", "list_rankings_on_request"]
+# given the time a response id carries (schemas.openai.completion_id), these read one month too: when
+# planned, or (a group's ids, joined) when run
+TIMED = {"get_chat_request": dict(at=AT77), "find_request": dict(at=AT77),
+         "find_completions": dict(response_ids=["chatcmpl-77", "chatcmpl-78"], ats=[AT77, AT77])}
 RECENT = dict(after="recent")  # a watermark near the end (set once seeded): a round's new rows
 ROUND = {
     "count_stored_pairs": RECENT,
@@ -141,6 +145,14 @@ def test_a_query_given_its_exchanges_time_reads_one_month(seeded, name):
     assert len(read) == len({parent(t) for t in read}), json.dumps(plan, indent=1)[:4000]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TIMED))
+def test_a_lookup_by_a_timed_response_id_reads_one_month(seeded, name):
+    plan = explain(seeded, name, TIMED[name], analyze=True)
+    read = [t for t in relations(plan, ran=True) if parent(t) != t]
+    assert read and len(read) == len({parent(t) for t in read}), json.dumps(plan, indent=1)[:4000]
+
+
 def test_the_seeded_exchanges_span_months(seeded):
     url, _ = seeded
     with psycopg.connect(url) as conn:
@@ -148,13 +160,15 @@ def test_the_seeded_exchanges_span_months(seeded):
     assert months >= 6
 
 
-def explain(seeded, name: str) -> dict:
+def explain(seeded, name: str, given: dict | None = None, *, analyze: bool = False) -> dict:
+    """The plan of a named query, with its parameters in ONLINE or ROUND (`given` replacing some);
+    `analyze`: run (and rolled back), with what each node did."""
     url, values = seeded
     def value(v):  # a placeholder's value once seeded, in a list too
         return [value(x) for x in v] if isinstance(v, list) else values.get(v, v) if isinstance(v, str) else v
-    params = {k: value(v) for k, v in ONLINE.get(name, ROUND.get(name)).items()}
+    params = {k: value(v) for k, v in {**ONLINE.get(name, ROUND.get(name)), **(given or {})}.items()}
     with psycopg.connect(url) as conn:
-        plan = conn.execute("EXPLAIN (FORMAT JSON) " + Q[name], params).fetchone()[0]
+        plan = conn.execute(f"EXPLAIN (FORMAT JSON, ANALYZE {analyze}) " + Q[name], params).fetchone()[0]
         conn.rollback()
     plan = plan if isinstance(plan, list) else json.loads(plan)
     return plan[0]["Plan"]
@@ -165,9 +179,9 @@ def parent(table: str) -> str:
     return re.sub(r"_(p\d{4}_\d{2}|default)$", "", table)
 
 
-def relations(plan: dict) -> list[str]:
-    """Every table read anywhere in a plan, once per read."""
-    found = [plan["Relation Name"]] if "Relation Name" in plan else []
+def relations(plan: dict, *, ran: bool = False) -> list[str]:
+    """Every table read anywhere in a plan, once per read (`ran`: that a run of it read)."""
+    found = [plan["Relation Name"]] if "Relation Name" in plan and (not ran or plan["Actual Loops"]) else []
     for child in plan.get("Plans", []):
-        found += relations(child)
+        found += relations(child, ran=ran)
     return found
