@@ -10,7 +10,8 @@ rate for a single-row insert of the same shape, measured in the same run on the 
   pgbench     pgbench -M prepared -c 64 for --seconds: the same upsert into `feedback` (same
               table, indexes, conflict rule and event sequence), one statement per transaction
   pgbench-tx  pgbench running every statement the API runs for one event: the key lookup, then
-              a transaction with the completion lookup (which takes the watermark lock) and the upsert
+              the event's one statement (its completion found with the watermark lock taken, the
+              upsert; autocommit, so one transaction)
 
 The API server is stopped before pgbench runs, so each has the machine to itself.
 
@@ -231,17 +232,17 @@ def scripts(work: Path, prefix: str, exchange_at: str) -> dict[str, list[Path]]:
                   " WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text);\n")
         single = work / f"upsert-{kind}.sql"
         single.write_text(PICK + upsert)
-        # what the API runs per event: the key lookup (its own pool borrow), then one transaction
+        # what the API runs per event: the key lookup (its own pool borrow), then the event's statement
+        # (autocommit: one transaction)
         tx = work / f"api-tx-{kind}.sql"
         key_hash = f"encode(sha256(convert_to('{prefix}' || :ki, 'UTF8')), 'hex')"
         tx.write_text(PICK + "\\set rid :cid - 1\n\\set ki (:cid - 1) % :clients\n"
                       + as_pgbench(Q["get_api_key_by_hash"], key_hash=key_hash)
-                      + "BEGIN;\n"
-                      + as_pgbench(Q["find_completions"], response_ids="ARRAY['chatcmpl-bench-' || :rid]",
-                                   choice_indexes="ARRAY[0]", owners="ARRAY[:author_key_id]", lock=literals["lock"])
-                      + as_pgbench(Q["upsert_feedback"], author_key_ids="ARRAY[:author_key_id]",
-                                   **{k + "s": f"ARRAY[{v}]" for k, v in literals.items()})
-                      + "COMMIT;\n")
+                      + as_pgbench(Q["record_feedback"], response_ids="ARRAY['chatcmpl-bench-' || :rid]",
+                                   choice_indexes="ARRAY[0]", owners="ARRAY[:author_key_id]",
+                                   ats="ARRAY[NULL::timestamptz]", author_key_ids="ARRAY[:author_key_id]",
+                                   kinds=f"ARRAY[{literals['kind']}]", values=f"ARRAY[{value}]",
+                                   texts="ARRAY[NULL::text]", lock=literals["lock"]))
         out["pgbench"].append(single)
         out["pgbench-tx"].append(tx)
     return out
@@ -275,7 +276,7 @@ def bench_pgbench(system: str, files: list[Path], url: str, key0: int, args, wor
     result.seconds = result.events / float(tps.group(1)) if tps else args.seconds
     result.errors = int(failed.group(1)) if failed else 0
     result.note = ("one upsert statement per transaction" if system == "pgbench"
-                   else "key lookup + BEGIN, completion lookup + lock, upsert, COMMIT")
+                   else "key lookup, then lookup + lock + upsert in one statement")
     print(f"  {system:<8} {fmt(result.rate)} events/s", flush=True)
     return result
 

@@ -1,8 +1,9 @@
 """POST /v1/feedback in groups: the events that arrive together are written in one transaction.
 
 Each caller is answered only after its group commits, so a 200 still means committed; a group
-costs Postgres one BEGIN and COMMIT (and one WAL flush) and this process a few round trips in all,
-where one transaction per event costs each of them per event. What a group guarantees each event:
+is one statement (`store.feedback.record_feedback_group`), so it costs Postgres one commit (one
+WAL flush) and this process one round trip, where one transaction per event costs each of them
+per event. What a group guarantees each event:
 
 - its own answer: an unknown or someone else's completion, or a client's housekeeping call, is
   that event's 404 or 400 and writes nothing; the others are written;
@@ -51,9 +52,8 @@ class FeedbackWriter:
         return await each_alone_if_refused(events, self._together, self._alone, "feedback events")
 
     async def _together(self, events: list[FeedbackEvent]) -> list[FeedbackPublic | DomainError]:
-        async with self.db.connection() as conn:
-            async with conn.pipeline(), conn.transaction():  # BEGIN travels with the first statements
-                return await feedback.record_feedback_group(conn, events)
+        async with self.db.connection() as conn:  # autocommit: the group's one statement is its transaction
+            return await feedback.record_feedback_group(conn, events)
 
     async def _alone(self, event: FeedbackEvent) -> FeedbackPublic | DomainError:
         try:

@@ -57,30 +57,19 @@ async def find_completion(conn, *, ref: CompletionRef, owned_by: int | None,
     """The completion `ref` names when key `owned_by` produced it (any key's when None), to judge
     in the caller's transaction (which this joins to the event writers); NotFound otherwise,
     with one message for unknown and someone else's."""
-    [found] = await find_completions(conn, [(ref, owned_by)])
-    return _target(found, ref, param)
-
-
-async def find_completions(conn, refs: list[tuple[CompletionRef, int | None]]) -> list[dict | None]:
-    """`find_completion`'s rows for many (ref, owner) pairs in one statement, None where not found."""
     _in_transaction(conn)
-    rows = await fetch_all(conn, "find_completions", response_ids=[r.response_id for r, _ in refs],
-                           choice_indexes=[r.choice_index for r, _ in refs], owners=[o for _, o in refs],
-                           ats=[completion_time(r.response_id) for r, _ in refs],
-                           lock=locks.EVENTS)
-    found: list[dict | None] = [None] * len(refs)
-    for row in rows:
-        found[row.pop("i") - 1] = row
-    return found
+    row = await fetch_one(conn, "find_completion", response_id=ref.response_id, choice_index=ref.choice_index,
+                          owner=owned_by, at=completion_time(ref.response_id), lock=locks.EVENTS)
+    _judgeable(row, ref, param)
+    return CompletionTarget(**row)
 
 
-def _target(row: dict | None, ref: CompletionRef, param: str | None) -> CompletionTarget:
-    """What `find_completions` found, or why it may not be judged."""
+def _judgeable(row: dict | None, ref: CompletionRef, param: str | None) -> None:
+    """NotFound when nothing was found for `ref`; Invalid for a client's housekeeping call."""
     if row is None:
         raise NotFound(f"No completion with response_id '{ref.response_id}' and choice_index "
                        f"{ref.choice_index}.", param=param)
     _not_housekeeping(row, param)
-    return CompletionTarget(**row)
 
 
 # --- writes: one current value per (completion or response, author, kind) --------------------
@@ -107,37 +96,29 @@ class FeedbackEvent(NamedTuple):
 
 
 async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[FeedbackPublic | DomainError]:
-    """`record_feedback` for every event in the caller's transaction, each step one statement for
-    all of them: an event's answer, or the error that event alone gets (an unknown or someone
-    else's completion, a client's housekeeping call), writing nothing for it. No two events may
-    write the same row (`FeedbackEvent.same_row`): each answer is its own write's. A database
-    error fails the transaction, for every event."""
-    found = await find_completions(conn, [(e.feedback, e.owned_by) for e in events])
-    results: list[FeedbackPublic | DomainError | None] = [None] * len(events)
-    writes: dict[tuple, tuple[int, CompletionTarget]] = {}  # (completion, author, kind) -> (event, target)
-    for i, (event, row) in enumerate(zip(events, found)):
+    """`record_feedback` for every event in one statement: in the caller's transaction, or on an
+    autocommit connection on its own (the statement is then the transaction, committed when this
+    returns). An event's answer, or the error that event alone gets (an unknown or someone else's
+    completion, a client's housekeeping call), writing nothing for it. No two events may write the
+    same row (`FeedbackEvent.same_row`): each answer is its own write's. A database error fails the
+    statement, for every event."""
+    f = [e.feedback for e in events]
+    rows = await fetch_all(conn, "record_feedback", response_ids=[x.response_id for x in f],
+                           choice_indexes=[x.choice_index for x in f], owners=[e.owned_by for e in events],
+                           ats=[completion_time(x.response_id) for x in f],
+                           author_key_ids=[e.author_key_id for e in events], kinds=[x.kind for x in f],
+                           values=[x.value for x in f], texts=[x.text for x in f], lock=locks.EVENTS)
+    results: list[FeedbackPublic | DomainError] = []
+    for x, row in zip(f, rows):
         try:
-            target = _target(row, event.feedback, None)
+            _judgeable(None if row["completion_id"] is None else dict(row, response_id=x.response_id), x, None)
         except DomainError as e:
-            results[i] = e
+            results.append(e)
             continue
-        writes[target.id, event.author_key_id, event.feedback.kind] = (i, target)
-    rows = sorted(writes)  # locked in one order by every group: two never wait on each other in a cycle
-    if rows:
-        saved = await fetch_all(conn, "upsert_feedback", completion_ids=[c for c, _, _ in rows],
-                                exchange_ats=[writes[r][1].exchange_at for r in rows],
-                                author_key_ids=[a for _, a, _ in rows], kinds=[k for _, _, k in rows],
-                                values=[events[writes[r][0]].feedback.value for r in rows],
-                                texts=[events[writes[r][0]].feedback.text for r in rows])
-        for row in saved:
-            i, _ = writes.pop((row.pop("completion_id"), row["author_key_id"], row["kind"]))
-            results[i] = FeedbackPublic(**row)
-    # what is left was the same value again: its row as it stands
-    again = await fetch_each(conn, "get_feedback", [
-        dict(completion_id=c, exchange_at=target.exchange_at, author_key_id=a, kind=k)
-        for (c, a, k), (_, target) in writes.items()])
-    for (i, _), row in zip(writes.values(), again):
-        results[i] = FeedbackPublic(**row)
+        if row["id"] is None:  # the same value again, written by a transaction it could not see
+            row = await fetch_one(conn, "get_feedback", completion_id=row["completion_id"],
+                                  exchange_at=row["exchange_at"], author_key_id=row["author_key_id"], kind=x.kind)
+        results.append(FeedbackPublic(**{**row, "response_id": x.response_id, "choice_index": x.choice_index}))
     return results
 
 

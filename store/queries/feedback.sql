@@ -5,21 +5,12 @@
 -- The highest event id drawn so far (0 before the first); sequences are read outside MVCC.
 SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_events;
 
--- name: find_completions
--- The completions to judge, named by parallel arrays of response ids, choice indexes and owners (an owner
--- null: anyone's), each found one with `i`, its place in the arrays (from 1); a completion is found only
--- when its owner produced it. One statement for a whole group; finding joins the event writers for the
--- rest of the transaction (the lock taken once, whatever is found).
-WITH joined AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%(lock)s))
-SELECT e.i, c.id, c.request_id, c.request_created_at AS exchange_at, c.choice_index, rq.response_id, rq.prompt_hash,
-       rq.client_task
-FROM joined, unnest(%(response_ids)s::text[], %(choice_indexes)s::int[], %(owners)s::bigint[], %(ats)s::timestamptz[])
-         WITH ORDINALITY AS e(response_id, choice_index, owner, at, i)
-JOIN chat_requests rq ON rq.response_id = e.response_id AND (e.owner IS NULL OR rq.api_key_id = e.owner)
-     -- the time an id carries names its month, the one read (any month for an id that carries none)
-     AND rq.created_at BETWEEN coalesce(e.at, '-infinity') AND coalesce(e.at, 'infinity')
-JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
-                  AND c.choice_index = e.choice_index;
+-- name: find_completion
+-- A completion to judge (named_completions(), migration 016); finding it joins the event writers for the
+-- rest of the transaction, saving a round trip.
+SELECT n.*, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
+FROM named_completions(ARRAY[%(response_id)s::text], ARRAY[%(choice_index)s::int], ARRAY[%(owner)s::bigint],
+                       ARRAY[%(at)s::timestamptz]) n;
 
 -- name: find_request
 -- A recorded request to rank and how many choices it has, when `owner` produced it (anyone's when null);
@@ -53,22 +44,49 @@ WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
 UPDATE idempotency_keys SET response = %(response)s
 WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
 
--- name: upsert_feedback
--- One current value per (completion, author, kind), for a group of rows as parallel arrays (in the order
--- their rows are locked); a changed value draws a new event id, an unchanged one returns nothing.
-WITH saved AS (
+-- name: record_feedback
+-- A group of feedback events, as parallel arrays, in one statement (so on its own, one transaction and
+-- one round trip): each event's completion found (named_completions(), migration 016) having joined the
+-- event writers, and its value written unless it is a client's housekeeping call, one current value
+-- per (completion, author, kind), rows locked in one order by every group. A changed value draws a new
+-- event id; the same value again writes nothing. One row per event: no `completion_id` when there is no
+-- such completion, `client_task` for a housekeeping call; else the row written or, unchanged, as it
+-- stood (no `id` when a transaction this statement cannot see wrote it: read it again).
+WITH joined AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%(lock)s)),
+event AS (
+    SELECT * FROM unnest(%(author_key_ids)s::bigint[], %(kinds)s::text[], %(values)s::smallint[], %(texts)s::text[])
+        WITH ORDINALITY AS e(author_key_id, kind, value, text, i)
+),
+target AS (
+    SELECT n.id AS completion_id, n.exchange_at, n.client_task, e.*
+    FROM joined, named_completions(%(response_ids)s::text[], %(choice_indexes)s::int[], %(owners)s::bigint[],
+                                   %(ats)s::timestamptz[]) n
+    JOIN event e ON e.i = n.i
+),
+saved AS (
     INSERT INTO feedback (completion_id, exchange_at, author_key_id, kind, value, text)
-    SELECT * FROM unnest(%(completion_ids)s::bigint[], %(exchange_ats)s::timestamptz[], %(author_key_ids)s::bigint[],
-                         %(kinds)s::text[], %(values)s::smallint[], %(texts)s::text[])
+    SELECT completion_id, exchange_at, author_key_id, kind, value, text FROM target
+    WHERE client_task IS NULL
+    ORDER BY completion_id, author_key_id, kind
     ON CONFLICT (completion_id, author_key_id, kind, exchange_at) DO UPDATE
     SET value = EXCLUDED.value, text = EXCLUDED.text, event_id = EXCLUDED.event_id, updated_at = now()
     WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text)
     RETURNING *
 )
-SELECT 'fb_' || s.id AS id, s.completion_id, rq.response_id, c.choice_index, s.kind, s.value, s.text,
-       s.author_key_id, s.created_at, s.updated_at
-FROM saved s JOIN completions c ON c.id = s.completion_id AND c.request_created_at = s.exchange_at
-     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at;
+SELECT e.i, t.completion_id, t.exchange_at, t.client_task, 'fb_' || r.id AS id, r.kind, r.value, r.text,
+       r.author_key_id, r.created_at, r.updated_at
+FROM event e LEFT JOIN target t ON t.i = e.i
+LEFT JOIN LATERAL (
+    SELECT * FROM (
+        SELECT 0 AS o, s.id, s.kind, s.value, s.text, s.author_key_id, s.created_at, s.updated_at FROM saved s
+        WHERE s.completion_id = t.completion_id AND s.author_key_id = t.author_key_id AND s.kind = t.kind
+        UNION ALL
+        SELECT 1, f.id, f.kind, f.value, f.text, f.author_key_id, f.created_at, f.updated_at FROM feedback f
+        WHERE f.completion_id = t.completion_id AND f.exchange_at = t.exchange_at
+          AND f.author_key_id = t.author_key_id AND f.kind = t.kind
+    ) current ORDER BY o LIMIT 1
+) r ON t.client_task IS NULL
+ORDER BY e.i;
 
 -- name: get_feedback
 -- The current feedback of one kind by one author on one completion.

@@ -56,11 +56,11 @@ ONLINE = {
                             choice_version_id=[1], tool_calls=[None], logprobs=[None], created_at=None),
     "get_chat_request": dict(response_id="chatcmpl-77", at=None),
     "list_completions": dict(request_id=77, exchange_at=AT77),
-    "find_completions": dict(response_ids=["chatcmpl-77", "chatcmpl-78"], choice_indexes=[0, 1], owners=[1, None],
-                             ats=[None, None], lock=1),
+    "find_completion": dict(response_id="chatcmpl-77", choice_index=0, owner=1, at=None, lock=1),
     "find_request": dict(response_id="chatcmpl-77", owner=1, lock=1, at=None),
-    "upsert_feedback": dict(completion_ids=[153], exchange_ats=[AT77], author_key_ids=[1], kinds=["thumbs"],
-                            values=[1], texts=[None]),
+    "record_feedback": dict(response_ids=["chatcmpl-77", "chatcmpl-78"], choice_indexes=[0, 1], owners=[1, None],
+                            ats=[None, None], author_key_ids=[1, 1], kinds=["thumbs", "rating"], values=[1, 5],
+                            texts=[None, None], lock=1),
     "get_feedback": dict(completion_id=153, exchange_at=AT77, author_key_id=1, kind="thumbs"),
     "upsert_ranking": dict(request_id=77, exchange_at=AT77, author_key_id=1, ordering="[0, 1]"),
     "get_ranking": dict(request_id=77, exchange_at=AT77, author_key_id=1),
@@ -78,8 +78,8 @@ ONLINE = {
 PRUNED = ["list_completions", "get_feedback", "get_ranking", "list_feedback_on_request", "list_rankings_on_request"]
 # given the time a response id carries (schemas.openai.completion_id), these read one month too: when
 # planned, or (a group's ids, joined) when run
-TIMED = {"get_chat_request": dict(at=AT77), "find_request": dict(at=AT77),
-         "find_completions": dict(response_ids=["chatcmpl-77", "chatcmpl-78"], ats=[AT77, AT77])}
+TIMED = {"get_chat_request": dict(at=AT77), "find_request": dict(at=AT77), "find_completion": dict(at=AT77),
+         "record_feedback": dict(ats=[AT77, AT77])}
 RECENT = dict(after="recent")  # a watermark near the end (set once seeded): a round's new rows
 ROUND = {
     "count_stored_pairs": RECENT,
