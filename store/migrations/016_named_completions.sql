@@ -2,8 +2,9 @@
 -- anyone's) and the times the ids carry (null: any month), each found one with `i`, its place in the
 -- arrays (from 1): what feedback and preferences judge, found in one place. A completion is found only
 -- when its owner produced it; an id's time names the month read. SQL, so it is inlined into the query
--- that calls it and planned with it.
-CREATE FUNCTION named_completions(response_ids text[], choice_indexes int[], owners bigint[], ats timestamptz[])
+-- that calls it and planned with it. Choice indexes come as numeric: an index past what an integer
+-- holds names no completion (a 404), not a value the database cannot store.
+CREATE FUNCTION named_completions(response_ids text[], choice_indexes numeric[], owners bigint[], ats timestamptz[])
 RETURNS TABLE (i bigint, id bigint, request_id bigint, exchange_at timestamptz, choice_index int, response_id text,
                prompt_hash text, client_task text)
 LANGUAGE sql STABLE AS $$

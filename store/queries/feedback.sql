@@ -9,7 +9,7 @@ SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS event_id FROM feedback_
 -- A completion to judge (named_completions(), migration 016); finding it joins the event writers for the
 -- rest of the transaction, saving a round trip.
 SELECT n.*, pg_advisory_xact_lock_shared(%(lock)s) IS NULL AS joined
-FROM named_completions(ARRAY[%(response_id)s::text], ARRAY[%(choice_index)s::int], ARRAY[%(owner)s::bigint],
+FROM named_completions(ARRAY[%(response_id)s::text], ARRAY[%(choice_index)s::numeric], ARRAY[%(owner)s::bigint],
                        ARRAY[%(at)s::timestamptz]) n;
 
 -- name: find_request
@@ -59,7 +59,7 @@ event AS (
 ),
 target AS (
     SELECT n.id AS completion_id, n.exchange_at, n.client_task, e.*
-    FROM joined, named_completions(%(response_ids)s::text[], %(choice_indexes)s::int[], %(owners)s::bigint[],
+    FROM joined, named_completions(%(response_ids)s::text[], %(choice_indexes)s::numeric[], %(owners)s::bigint[],
                                    %(ats)s::timestamptz[]) n
     JOIN event e ON e.i = n.i
 ),
