@@ -2,7 +2,6 @@
 import asyncio
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from schemas.errors import DomainError
 from schemas.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
                             ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice, Delta,
                             DeltaToolCall, ErrorResponse, ModelCard, ModelList, TokenLogprob,
-                            completion_id)
+                            completion_id, completion_time)
 from schemas.records import ClientRef
 from service.deps import CurrentKey, ServingDep
 from service.engine import EngineClosed, EngineError
@@ -113,7 +112,8 @@ async def create_chat_completion(body: ChatCompletionRequest, key: CurrentKey, s
     await request.app.state.recorder.record(exchange)
     response.headers.update(headers)
     return ChatCompletion(
-        id=exchange.response_id, model=body.model, system_fingerprint=engine.version.name,
+        id=exchange.response_id, created=created(exchange), model=body.model,
+        system_fingerprint=engine.version.name,
         choices=[Choice(index=i, message=m, finish_reason=f, logprobs=wire_logprobs(lp))
                  for i, (m, f, lp) in enumerate(zip(messages, exchange.finish, exchange.logprobs))],
         usage=exchange.usage())
@@ -167,13 +167,17 @@ def wire_logprobs(entries: list[dict] | None) -> ChoiceLogprobs | None:
     return None if entries is None else ChoiceLogprobs(content=[TokenLogprob(**e) for e in entries])
 
 
+def created(exchange: Exchange) -> int:
+    """OpenAI's `created`: the second the request came, which its response id carries (and the
+    exchange is recorded at)."""
+    return int(completion_time(exchange.response_id).timestamp())
+
+
 async def stream(exchange: Exchange, plan: structured.Plan, request: Request):
     """SSE: a role delta per choice, content deltas (with their tokens' logprobs when asked), a
     choice's tool calls once it is whole, a finish per choice, optional usage, [DONE]."""
-    created = int(time.time())
-
     def chunk(choices: list[ChunkChoice], usage=None) -> str:
-        c = ChatCompletionChunk(id=exchange.response_id, created=created, model=exchange.body.model,
+        c = ChatCompletionChunk(id=exchange.response_id, created=created(exchange), model=exchange.body.model,
                                 system_fingerprint=exchange.engine.version.name, choices=choices,
                                 usage=usage)
         return f"data: {json.dumps(c.model_dump(mode='json'))}\n\n"
