@@ -24,7 +24,7 @@ from schemas.records import (CompletionRef, CompletionTarget, DemonstrationImpor
 from schemas.openai import completion_time
 from store import locks
 from store.exchanges import prompt_hash
-from store.sql import execute, fetch_all, fetch_each, fetch_one
+from store.sql import execute, fetch_all, fetch_one
 
 
 def _in_transaction(conn: AsyncConnection) -> None:
@@ -109,7 +109,7 @@ async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[Feedb
                            author_key_ids=[e.author_key_id for e in events], kinds=[x.kind for x in f],
                            values=[x.value for x in f], texts=[x.text for x in f], lock=locks.EVENTS)
     results: list[FeedbackPublic | DomainError] = []
-    for x, row in zip(f, rows):
+    for event, x, row in zip(events, f, rows):
         try:
             _judgeable(None if row["completion_id"] is None else dict(row, response_id=x.response_id), x, None)
         except DomainError as e:
@@ -117,7 +117,7 @@ async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[Feedb
             continue
         if row["id"] is None:  # the same value again, written by a transaction it could not see
             row = await fetch_one(conn, "get_feedback", completion_id=row["completion_id"],
-                                  exchange_at=row["exchange_at"], author_key_id=row["author_key_id"], kind=x.kind)
+                                  exchange_at=row["exchange_at"], author_key_id=event.author_key_id, kind=x.kind)
         results.append(FeedbackPublic(**{**row, "response_id": x.response_id, "choice_index": x.choice_index}))
     return results
 
