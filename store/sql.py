@@ -83,20 +83,6 @@ async def fetch_all(conn: AsyncConnection, query: str, /, **params) -> list[dict
             return await cur.fetchall()
 
 
-async def fetch_each(conn: AsyncConnection, query: str, /, params: list[dict]) -> list[dict | None]:
-    """`fetch_one` for each parameter set, all sent before the first answer is read (pipeline
-    mode): one round trip for all of them. An error in any fails the caller's transaction."""
-    if not params:
-        return []
-    with translated():
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.executemany(Q[query], params, returning=True)
-            rows = [await cur.fetchone()]
-            while cur.nextset():
-                rows.append(await cur.fetchone())
-            return rows
-
-
 async def stream_all(conn: AsyncConnection, query: str, /, *, batch: int = 1000, **params) -> AsyncIterator[dict]:
     """The rows as they come, `batch` at a time through a server-side cursor (in a transaction of
     its own, or a savepoint of the caller's): for answers too big to hold at once."""
