@@ -51,42 +51,11 @@ WHERE author_key_id = %(author_key_id)s AND key = %(key)s;
 -- per (completion, author, kind), rows locked in one order by every group. A changed value draws a new
 -- event id; the same value again writes nothing. One row per event: no `completion_id` when there is no
 -- such completion, `client_task` for a housekeeping call; else the row written or, unchanged, as it
--- stood (no `id` when a transaction this statement cannot see wrote it: read it again).
-WITH joined AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%(lock)s)),
-event AS (
-    SELECT * FROM unnest(%(author_key_ids)s::bigint[], %(kinds)s::text[], %(values)s::smallint[], %(texts)s::text[])
-        WITH ORDINALITY AS e(author_key_id, kind, value, text, i)
-),
-target AS (
-    SELECT n.id AS completion_id, n.exchange_at, n.client_task, e.*
-    FROM joined, named_completions(%(response_ids)s::text[], %(choice_indexes)s::numeric[], %(owners)s::bigint[],
-                                   %(ats)s::timestamptz[]) n
-    JOIN event e ON e.i = n.i
-),
-saved AS (
-    INSERT INTO feedback (completion_id, exchange_at, author_key_id, kind, value, text)
-    SELECT completion_id, exchange_at, author_key_id, kind, value, text FROM target
-    WHERE client_task IS NULL
-    ORDER BY completion_id, author_key_id, kind
-    ON CONFLICT (completion_id, author_key_id, kind, exchange_at) DO UPDATE
-    SET value = EXCLUDED.value, text = EXCLUDED.text, event_id = EXCLUDED.event_id, updated_at = now()
-    WHERE (feedback.value, feedback.text) IS DISTINCT FROM (EXCLUDED.value, EXCLUDED.text)
-    RETURNING *
-)
-SELECT e.i, t.completion_id, t.exchange_at, t.client_task, 'fb_' || r.id AS id, r.kind, r.value, r.text,
-       r.author_key_id, r.created_at, r.updated_at
-FROM event e LEFT JOIN target t ON t.i = e.i
-LEFT JOIN LATERAL (
-    SELECT * FROM (
-        SELECT 0 AS o, s.id, s.kind, s.value, s.text, s.author_key_id, s.created_at, s.updated_at FROM saved s
-        WHERE s.completion_id = t.completion_id AND s.author_key_id = t.author_key_id AND s.kind = t.kind
-        UNION ALL
-        SELECT 1, f.id, f.kind, f.value, f.text, f.author_key_id, f.created_at, f.updated_at FROM feedback f
-        WHERE f.completion_id = t.completion_id AND f.exchange_at = t.exchange_at
-          AND f.author_key_id = t.author_key_id AND f.kind = t.kind
-    ) current ORDER BY o LIMIT 1
-) r ON t.client_task IS NULL
-ORDER BY e.i;
+-- stood (no `id` when a transaction this statement cannot see wrote it: read it again). The statement
+-- is record_feedback_events() of migration 017, a function so that it keeps one generic plan.
+SELECT * FROM record_feedback_events(%(lock)s, %(response_ids)s::text[], %(choice_indexes)s::numeric[],
+                                     %(owners)s::bigint[], %(ats)s::timestamptz[], %(author_key_ids)s::bigint[],
+                                     %(kinds)s::text[], %(values)s::smallint[], %(texts)s::text[]);
 
 -- name: get_feedback
 -- The current feedback of one kind by one author on one completion.

@@ -80,6 +80,8 @@ PRUNED = ["list_completions", "get_feedback", "get_ranking", "list_feedback_on_r
 # planned, or (a group's ids, joined) when run
 TIMED = {"get_chat_request": dict(at=AT77), "find_request": dict(at=AT77), "find_completion": dict(at=AT77),
          "record_feedback": dict(ats=[AT77, AT77])}
+# queries that call a PL/pgSQL function holding their statement (whose plan is the one checked)
+IN_FUNCTION = {"record_feedback": "record_feedback_events"}
 RECENT = dict(after="recent")  # a watermark near the end (set once seeded): a round's new rows
 ROUND = {
     "count_stored_pairs": RECENT,
@@ -168,10 +170,33 @@ def explain(seeded, name: str, given: dict | None = None, *, analyze: bool = Fal
         return [value(x) for x in v] if isinstance(v, list) else values.get(v, v) if isinstance(v, str) else v
     params = {k: value(v) for k, v in {**ONLINE.get(name, ROUND.get(name)), **(given or {})}.items()}
     with psycopg.connect(url) as conn:
-        plan = conn.execute(f"EXPLAIN (FORMAT JSON, ANALYZE {analyze}) " + Q[name], params).fetchone()[0]
+        if name in IN_FUNCTION:
+            plan = explain_inside(conn, name, params, analyze)
+        else:
+            plan = conn.execute(f"EXPLAIN (FORMAT JSON, ANALYZE {analyze}) " + Q[name], params).fetchone()[0]
         conn.rollback()
     plan = plan if isinstance(plan, list) else json.loads(plan)
     return plan[0]["Plan"]
+
+
+def explain_inside(conn, name: str, params: dict, analyze: bool) -> list:
+    """The plan of the statement a PL/pgSQL function holds, as the function plans it: its text
+    (the function's own source) prepared with the function's arguments as parameters, planned
+    generic (the function's plan_cache_mode), and run with the values the named query passes."""
+    function = IN_FUNCTION[name]
+    source, arg_names, arg_types, config = conn.execute(
+        "SELECT prosrc, proargnames[:pronargs], (SELECT array_agg(format_type(t, NULL) ORDER BY n)"
+        " FROM unnest(proargtypes) WITH ORDINALITY a(t, n)), proconfig FROM pg_proc WHERE proname = %s",
+        (function,)).fetchone()
+    assert "plan_cache_mode=force_generic_plan" in config
+    statement = re.search(r"RETURN QUERY(.*?);\s*END", source, re.S).group(1)
+    for n, arg in enumerate(arg_names, 1):
+        statement = re.sub(rf"\b{arg}\b", f"${n}", statement)
+    conn.execute(f"PREPARE inside ({', '.join(arg_types)}) AS {statement}")
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    call = re.search(rf"{function}\((.*)\)", Q[name], re.S).group(1)  # the query's arguments, in order
+    explained = psycopg.ClientCursor(conn)  # the values written into EXECUTE's arguments
+    return explained.execute(f"EXPLAIN (FORMAT JSON, ANALYZE {analyze}) EXECUTE inside ({call})", params).fetchone()[0]
 
 
 def parent(table: str) -> str:
