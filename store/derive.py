@@ -132,6 +132,7 @@ async def refresh_pairs(conn, *, upto: int) -> int:
         await execute(conn, "forget_ranking_pairs", after=stored)
         await execute(conn, "store_ranking_pairs", **window)
         if stored == 0:  # the first roll-forward touches every prompt: all of them read in one pass
+            await execute(conn, "forget_all_judged_pairs")
             await execute(conn, "store_judged_pairs", prompts=None, upto=upto, rating_scale=RATING_SCALE)
         elif prompts := (await fetch_one(conn, "touched_prompts", after=stored))["prompts"]:
             await execute(conn, "forget_judged_pairs", prompts=prompts)

@@ -74,25 +74,19 @@ WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating');
 -- Stored thumbs and rating pairs of these prompts (re-derived next).
 DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating') AND prompt_hash = ANY (%(prompts)s);
 
+-- name: forget_all_judged_pairs
+-- Every stored thumbs and rating pair (the first roll-forward re-derives them all).
+DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating');
+
 -- name: store_judged_pairs
--- Thumbs and rating pairs of these prompts judged at `upto` (the rules are migration 012's functions).
+-- Thumbs and rating pairs of these prompts judged at `upto` (the rules: judged_pairs_of, migration 019).
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
                             rejected_completion_id, chosen_at, rejected_at, versions, margin, origin)
 SELECT j.source || ':' || j.chosen_id || '>' || j.rejected_id, j.source, j.source || ':' || j.chosen_id || '>' || j.rejected_id,
-       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id, a.request_created_at, b.request_created_at,
-       sides(a.model_version_id, b.model_version_id), j.margin,
-       jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
-                          'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
-FROM (SELECT 'thumbs' AS source, t.chosen_id, t.rejected_id, t.prompt_hash, 0::double precision AS margin,
-             t.event_id, t.feedback_ids, t.judged_at
-      FROM thumbs_pairs_of(%(prompts)s, %(upto)s) t
-      UNION ALL
-      SELECT 'rating', r.chosen_id, r.rejected_id, r.prompt_hash, r.margin, r.event_id, r.feedback_ids, r.judged_at
-      FROM rating_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) r) j
--- each side looked up by its id, one index probe per month (LATERAL: the planner, which cannot
--- count a function's rows, would otherwise pick a join that scans every month per pair)
-CROSS JOIN LATERAL (SELECT request_created_at, model_version_id FROM completions WHERE id = j.chosen_id) a
-CROSS JOIN LATERAL (SELECT request_created_at, model_version_id FROM completions WHERE id = j.rejected_id) b;
+       j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id, j.chosen_at, j.rejected_at, j.versions,
+       j.margin, jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
+                                    'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
+FROM judged_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) j;
 
 -- name: stored_pairs
 -- Stored pairs newer than `after`, with their texts, in event order.
