@@ -40,15 +40,15 @@ async def _join_event_writers(conn: AsyncConnection) -> None:
 
 # --- the things feedback is about -----------------------------------------------------------
 
-def _not_housekeeping(row: dict, param: str | None) -> None:
+def _not_housekeeping(response_id: str, client_task: str | None, param: str | None) -> None:
     """A client's housekeeping call (a title, tags, follow-ups: a client task, see
     `schemas.records.ClientRef`) is not a user's conversation and is never trained on, so feedback
     on it is refused rather than kept and left out of training unseen. This check is what keeps such
     exchanges out of every training pair and demonstration; PPO's prompts leave them out in
     `recent_conversations`."""
-    if row["client_task"] is not None:
-        raise Invalid(f"Response '{row['response_id']}' is a client's housekeeping call (task "
-                      f"'{row['client_task']}'), not a user's conversation; it is not trained on, so "
+    if client_task is not None:
+        raise Invalid(f"Response '{response_id}' is a client's housekeeping call (task "
+                      f"'{client_task}'), not a user's conversation; it is not trained on, so "
                       "it takes no feedback.", param=param or "response_id", code="client_task_exchange")
 
 
@@ -69,7 +69,7 @@ def _judgeable(row: dict | None, ref: CompletionRef, param: str | None) -> None:
     if row is None:
         raise NotFound(f"No completion with response_id '{ref.response_id}' and choice_index "
                        f"{ref.choice_index}.", param=param)
-    _not_housekeeping(row, param)
+    _not_housekeeping(ref.response_id, row["client_task"], param)
 
 
 # --- writes: one current value per (completion or response, author, kind) --------------------
@@ -111,7 +111,7 @@ async def record_feedback_group(conn, events: list[FeedbackEvent]) -> list[Feedb
     results: list[FeedbackPublic | DomainError] = []
     for event, x, row in zip(events, f, rows):
         try:
-            _judgeable(None if row["completion_id"] is None else dict(row, response_id=x.response_id), x, None)
+            _judgeable(None if row["completion_id"] is None else row, x, None)
         except DomainError as e:
             results.append(e)
             continue
@@ -130,7 +130,7 @@ async def record_ranking(conn, *, ranking: RankingCreate, author_key_id: int,
                               at=completion_time(ranking.response_id), lock=locks.EVENTS)
     if request is None:
         raise NotFound(f"No response with id '{ranking.response_id}'.", param="response_id")
-    _not_housekeeping(request, "response_id")
+    _not_housekeeping(ranking.response_id, request["client_task"], "response_id")
     n = request["choices"]
     if n < 2:
         raise Invalid(f"Response '{ranking.response_id}' has {n} choice; a ranking orders "
