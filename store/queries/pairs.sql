@@ -79,14 +79,14 @@ DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating') AND prompt_hash 
 DELETE FROM training_pairs WHERE source IN ('thumbs', 'rating');
 
 -- name: store_judged_pairs
--- Thumbs and rating pairs of these prompts judged at `upto` (the rules: judged_pairs_of, migration 019).
+-- Thumbs and rating pairs of these prompts judged at `upto` (the rules: judged_pairs_of, migration 018).
 INSERT INTO training_pairs (pair_key, source, grp, event_id, judged_at, prompt_hash, chosen_completion_id,
                             rejected_completion_id, chosen_at, rejected_at, versions, margin, origin)
 SELECT j.source || ':' || j.chosen_id || '>' || j.rejected_id, j.source, j.source || ':' || j.chosen_id || '>' || j.rejected_id,
        j.event_id, j.judged_at, j.prompt_hash, j.chosen_id, j.rejected_id, j.chosen_at, j.rejected_at, j.versions,
        j.margin, jsonb_build_object('event_id', j.event_id, 'feedback', to_jsonb(j.feedback_ids),
                                     'completions', jsonb_build_array(j.chosen_id, j.rejected_id))
-FROM judged_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s) j;
+FROM judged_pairs_of(%(prompts)s, %(upto)s, %(rating_scale)s, '{thumbs,rating}') j;
 
 -- name: stored_pairs
 -- Stored pairs newer than `after`, with their texts, in event order.

@@ -1,10 +1,15 @@
--- A round's thumbs and rating pairs from one read of the touched prompts' answers. The two rules
--- each read the answers (judged_completions) and probed their feedback, so a round did it twice,
--- and the stored pairs then looked each side up again by id for its time and version: a probe of
--- every month, as only the id was known. At 1M exchanges over six months these were 0.7 of a
--- 1.2 s round of 2,000 events. Now one function reads the answers once, with each one's time and
--- version, judges both kinds from the same feedback rows and hands each pair its sides' times and
--- versions. thumbs_pairs_of and rating_pairs_of keep their signatures and read it.
+-- A round's thumbs and rating pairs, read in proportion to the prompts its new feedback touched.
+-- Measured on 1M exchanges over six months, a round of 2,000 events (bench/growth.py):
+-- * joined with the prompts list (migration 014), the planner was free to hash the list and scan
+--   every exchange of every month against it, and it did whenever the list ran to a few hundred
+--   prompts (1.3 s of a 3.3 s round). Each prompt now probes the prompt_hash index of each month
+--   for its own exchanges (LATERAL, with OFFSET 0 so the planner keeps it a per-prompt probe).
+-- * the thumbs and the rating rule each read those answers and probed their feedback, and the
+--   stored pairs then looked each side up again by id alone for its time and version: a probe of
+--   every month. Now one function reads the answers once, with each one's time and version, judges
+--   the asked kinds from the same feedback rows and hands each pair its sides' times and versions.
+-- The full derivation (prompts null) reads everything, as before; the rules are unchanged, and
+-- thumbs_pairs_of and rating_pairs_of keep their signatures.
 DROP FUNCTION judged_completions(text[]);
 CREATE FUNCTION judged_completions(prompts text[])
 RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text, version bigint) LANGUAGE sql STABLE AS $$
@@ -14,7 +19,7 @@ RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text, version b
     UNION ALL
     SELECT a.id, a.request_created_at, a.text, p.hash, a.model_version_id
     FROM (SELECT DISTINCT unnest(prompts) AS hash) p
-    CROSS JOIN LATERAL (  -- a probe of each month's prompt_hash index per prompt (migration 018)
+    CROSS JOIN LATERAL (
         SELECT c.id, c.request_created_at, c.text, c.model_version_id
         FROM chat_requests rq
              JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
@@ -26,10 +31,11 @@ $$;
 -- A judged answer now carries its exchange's time and its policy version.
 ALTER TYPE judged_completion ADD ATTRIBUTE at timestamptz, ADD ATTRIBUTE version bigint;
 
--- Both rules: thumbs pair an answer with a positive net against one with a negative net (margin
--- 0), ratings pair a higher mean over a lower one (margin: the difference over the scale); in
--- both the two texts differ, and a pair's event and time are its later side's.
-CREATE FUNCTION judged_pairs_of(prompts text[], upto bigint, scale double precision)
+-- The rules, for the kinds asked ('thumbs', 'rating'): thumbs pair an answer with a positive net
+-- against one with a negative net (margin 0), ratings pair a higher mean over a lower one (margin:
+-- the difference over the scale); in both the two texts differ, and a pair's event and time are
+-- its later side's.
+CREATE FUNCTION judged_pairs_of(prompts text[], upto bigint, scale double precision, kinds text[])
 RETURNS TABLE (source text, chosen_id bigint, rejected_id bigint, prompt_hash text, margin double precision,
                event_id bigint, feedback_ids bigint[], judged_at timestamptz, chosen_at timestamptz,
                rejected_at timestamptz, versions bigint[])
@@ -39,7 +45,7 @@ LANGUAGE sql STABLE AS $$
                (s.id, CASE f.kind WHEN 'thumbs' THEN sum(f.value) ELSE avg(f.value) END, max(f.event_id),
                 array_agg(f.id ORDER BY f.id), max(f.updated_at), s.text, s.at, s.version)::judged_completion AS c
         FROM feedback f JOIN judged_completions(prompts) s ON s.id = f.completion_id AND s.at = f.exchange_at
-        WHERE f.kind IN ('thumbs', 'rating') AND f.event_id <= upto
+        WHERE f.kind = ANY (kinds) AND f.event_id <= upto
         GROUP BY f.kind, s.id, s.prompt_hash, s.text, s.at, s.version
     ), per_prompt AS (  -- a prompt's answers gathered before they are paired (migration 014)
         SELECT j.kind, j.prompt_hash, array_agg(j.c) AS answers FROM judged j GROUP BY j.kind, j.prompt_hash
@@ -58,7 +64,7 @@ RETURNS TABLE (chosen_id bigint, rejected_id bigint, prompt_hash text, event_id 
                feedback_ids bigint[], judged_at timestamptz)
 LANGUAGE sql STABLE AS $$
     SELECT j.chosen_id, j.rejected_id, j.prompt_hash, j.event_id, j.feedback_ids, j.judged_at
-    FROM judged_pairs_of(prompts, upto, 1) j WHERE j.source = 'thumbs'
+    FROM judged_pairs_of(prompts, upto, 1, '{thumbs}') j
 $$;
 
 CREATE OR REPLACE FUNCTION rating_pairs_of(prompts text[], upto bigint, scale double precision)
@@ -66,5 +72,5 @@ RETURNS TABLE (chosen_id bigint, rejected_id bigint, prompt_hash text, margin do
                event_id bigint, feedback_ids bigint[], judged_at timestamptz)
 LANGUAGE sql STABLE AS $$
     SELECT j.chosen_id, j.rejected_id, j.prompt_hash, j.margin, j.event_id, j.feedback_ids, j.judged_at
-    FROM judged_pairs_of(prompts, upto, scale) j WHERE j.source = 'rating'
+    FROM judged_pairs_of(prompts, upto, scale, '{rating}') j
 $$;
