@@ -12,10 +12,14 @@ each size the same work is measured:
             soon after the answer (the UI's thumbs)
   fb old    the same on answers drawn uniformly from the whole history: at 10M most of them are
             on pages outside Postgres's buffers, so this shows the cache, not the queries
-  stats     GET /v1/admin/stats' work (`store.derive.feedback_stats`), median of 21
   round     a round's derivation: the stored pairs rolled forward over the feedback events the
             two feedback phases just wrote (the same number at every size), counted, and the new
-            pairs read (a round before the phases read the seeded history)
+            pairs read (a round before the phases read the seeded history); with the pages of
+            the tables it touched (pg_statio), and how many of them came from outside Postgres's
+            buffers: the same pages at every size is the same work
+  stats     GET /v1/admin/stats' work (`store.derive.feedback_stats`), median of 21 calls after
+            10 on the same connection; timed after the round, since stats rolls the stored pairs
+            forward too and would otherwise take the round's work
 
 The store functions the API and trainer call are timed directly: HTTP and generation cost the
 same at every size, so leaving them out shows what the size changes. The first derivation of the
@@ -50,6 +54,18 @@ from store.db import migrate
 
 AUTHORS = 16
 PER_PROMPT = 4  # requests per distinct prompt: 8 answers judged against each other
+# psycopg prepares a statement at its 6th use on a connection and Postgres keeps a generic plan
+# after 5 executions of it: a serving pool's connections are long past both
+STATS_WARMUP = 10
+# Pages of the project's tables a statement touched: in Postgres's buffers, and read from outside
+# them (the OS cache or the disk). The same pages at every size is the same work; time that still
+# grows is where the pages come from.
+PAGES = """
+SELECT coalesce(sum(heap_blks_hit + coalesce(idx_blks_hit, 0) + coalesce(toast_blks_hit, 0)
+                    + coalesce(tidx_blks_hit, 0)), 0)::bigint AS hit,
+       coalesce(sum(heap_blks_read + coalesce(idx_blks_read, 0) + coalesce(toast_blks_read, 0)
+                    + coalesce(tidx_blks_read, 0)), 0)::bigint AS read
+FROM pg_statio_user_tables"""
 
 SEED = """
 SET synchronous_commit = off;
@@ -109,12 +125,19 @@ def setup(url: str, days: float) -> tuple[int, int]:
     id, version id)."""
     migrate(url)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT ensure_exchange_partitions(since => now() - make_interval(days => %s))", (days,))
+        conn.execute("SELECT ensure_exchange_partitions(since => now() - %s * interval '1 day')", (days,))
         ids = [conn.execute("INSERT INTO api_keys (key_hash, prefix, name, role) VALUES (%s, 'fl-', %s, 'user')"
                             " RETURNING id", (uuid.uuid4().hex, f"a{i}")).fetchone()[0] for i in range(AUTHORS)]
         version = conn.execute("INSERT INTO model_versions (kind, path, content_hash, status)"
                                " VALUES ('policy', '/bench', '0', 'active') RETURNING id").fetchone()[0]
     return ids[0], version
+
+
+async def pages(conn) -> tuple[int, int]:
+    """(hit, read): pages this database's tables gave so far, this connection's included (its
+    pending counts flushed first: a backend reports them at most once a second otherwise)."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    return await (await conn.execute(PAGES)).fetchone()
 
 
 def seed(url: str, lo: int, hi: int, key0: int, version: int, spacing: float) -> tuple[float, int]:
@@ -201,20 +224,25 @@ async def measure(url: str, size: int, key0: int, version: int, targets: dict[st
         feedback_ms = await timed_ops(pool, args.clients, args.ops, lambda c, r: judge(c, r, judging["recent"]))
         old_ms = await timed_ops(pool, args.clients, args.ops, lambda c, r: judge(c, r, judging["old"]))
         async with pool.connection() as conn:
-            stats_ms = []
-            for _ in range(21):
-                t0 = time.perf_counter()
-                await derive.feedback_stats(conn)
-                stats_ms.append((time.perf_counter() - t0) * 1000)
+            # the round first: stats rolls the stored pairs forward too, and would take its work
             upto = await feedback.current_watermark(conn)
+            before = await pages(conn)
             t0 = time.perf_counter()
             await derive.refresh_pairs(conn, upto=upto)
             new_pairs = await derive.count_new_pairs(conn, after=last, upto=upto)
             assert len(await derive.derive_pairs(conn, after=last, upto=upto)) == new_pairs
             round_ms = (time.perf_counter() - t0) * 1000
+            round_hit, round_read = (b - a for a, b in zip(before, await pages(conn)))
             pairs = (await (await conn.execute("SELECT count(*) FROM training_pairs")).fetchone())[0]
-    return dict(size=size, first_s=first, chat=chat_ms, feedback=feedback_ms, old=old_ms, stats=statistics.median(stats_ms),
-                round=round_ms, new_events=upto - last, new_pairs=new_pairs, pairs=pairs)
+            stats_ms = []
+            for _ in range(STATS_WARMUP + 21):
+                t0 = time.perf_counter()
+                await derive.feedback_stats(conn)
+                stats_ms.append((time.perf_counter() - t0) * 1000)
+            stats_ms = stats_ms[STATS_WARMUP:]
+    return dict(size=size, first_s=first, chat=chat_ms, feedback=feedback_ms, old=old_ms,
+                stats=statistics.median(stats_ms), round=round_ms, round_pages=round_hit + round_read,
+                round_read=round_read, new_events=upto - last, new_pairs=new_pairs, pairs=pairs)
 
 
 def pct(xs: list[float], q: int) -> float:
@@ -224,13 +252,14 @@ def pct(xs: list[float], q: int) -> float:
 def report(rows: list[dict], seeded: dict[int, float], args) -> None:
     print(f"\ngrowth — {args.ops} chat and feedback operations from {args.clients} connections at each size\n")
     header = (f"{'exchanges':>10} {'seed s':>7} {'chat p50':>8} {'chat p99':>8} {'fb p50':>7} {'fb p99':>7} "
-              f"{'old p50':>7} {'old p99':>7} {'stats ms':>8} {'round ms':>8} {'new ev':>6} {'new pairs':>9} {'pairs':>9} {'1st derive s':>12}")
+              f"{'old p50':>7} {'old p99':>7} {'stats ms':>8} {'round ms':>8} {'pages':>7} {'read':>6} {'new ev':>6} "
+              f"{'new pairs':>9} {'pairs':>9} {'1st derive s':>12}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['size']:>10} {seeded[r['size']]:>7.1f} {pct(r['chat'], 50):>8.2f} {pct(r['chat'], 99):>8.2f} "
               f"{pct(r['feedback'], 50):>7.2f} {pct(r['feedback'], 99):>7.2f} {pct(r['old'], 50):>7.2f} "
-              f"{pct(r['old'], 99):>7.2f} {r['stats']:>8.2f} {r['round']:>8.1f} "
+              f"{pct(r['old'], 99):>7.2f} {r['stats']:>8.2f} {r['round']:>8.1f} {r['round_pages']:>7} {r['round_read']:>6} "
               f"{r['new_events']:>6} {r['new_pairs']:>9} {r['pairs']:>9} {r['first_s']:>12.1f}")
     small, big = rows[0], rows[-1]
     print(f"\nratios {big['size']} / {small['size']} exchanges:")
@@ -240,6 +269,7 @@ def report(rows: list[dict], seeded: dict[int, float], args) -> None:
                     ("feedback on old answers p50", lambda r: pct(r["old"], 50)),
                     ("feedback on old answers p99", lambda r: pct(r["old"], 99)),
                     ("stats", lambda r: r["stats"]), ("round derivation", lambda r: r["round"]),
+                    ("pages the round touched", lambda r: r["round_pages"]),
                     ("first derivation of the history", lambda r: r["first_s"])):
         print(f"  {name:<32} {f(big) / f(small):.3f}")
 
