@@ -211,6 +211,7 @@ async def measure(url: str, size: int, key0: int, version: int, targets: dict[st
             t0 = time.perf_counter()
             await derive.refresh_pairs(conn, upto=await feedback.current_watermark(conn))
             first = time.perf_counter() - t0
+            print(f"  derived the history's pairs in {first:.1f}s; measuring", flush=True)
             # autovacuum's work after a bulk derivation (a server may run without it), then the seed's and
             # the derivation's writes flushed: the timed phases pay for their own writes, not for these
             await conn.execute("VACUUM ANALYZE training_pairs")
