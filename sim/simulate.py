@@ -324,18 +324,34 @@ def measure(prefs: dict[str, Preference], sample: dict[str, dict], base: dict[st
 # --- waiting for the trainer ----------------------------------------------------------------------
 
 FINISHED = ("succeeded", "skipped", "failed")
+PATIENCE = 120.0  # a round due later than this is the deployment's schedule: the users go on
+
+
+def round_over(runs: list[dict], after: int, patience: float) -> bool:
+    """Whether the trainer has answered this round's feedback: a round newer than `after` (the
+    newest when the feedback was in) finished, other than one that skipped to wait for evidence
+    it will train on within `patience` seconds if no more comes. One that waits for more feedback
+    than was given ends the wait: the next round's users give it."""
+    for r in runs:
+        if r["id"] <= after or r["status"] not in FINISHED:
+            continue
+        metrics = r.get("metrics") or {}
+        due = metrics.get("data/trains_in_seconds")
+        if not (metrics.get("data/waiting") and due is not None and due <= patience):
+            return True
+    return False
 
 
 def wait_for_round(api: Api, since: int, after: int, timeout: float | None, say) -> tuple[dict | None, list[dict]]:
-    """Wait for the trainer's next round: one newer than `after` (the newest when this round's
-    feedback was in) to finish. Returns the newest round that trained (was not skipped) since
-    `since` (the newest before this round's talk began), or None, and every round finished since
-    then: one may have started while feedback was still arriving and taken part of it."""
+    """Wait for the trainer's answer to this round's feedback (`round_over`). Returns the newest
+    round that trained (was not skipped) since `since` (the newest before this round's talk
+    began), or None, and every round finished since then: one may have started while feedback
+    was still arriving and taken part of it."""
     deadline = None if timeout is None else time.time() + timeout
     said = False
     while True:
         runs = [r for r in api.runs() if r["id"] > since and r["kind"] == "round"]
-        if any(r["id"] > after and r["status"] in FINISHED for r in runs):
+        if round_over(runs, after, PATIENCE if deadline is None else min(PATIENCE, deadline - time.time())):
             done = [r for r in runs if r["status"] in FINISHED]
             trained = [r for r in done if r["status"] != "skipped"]
             return (max(trained, key=lambda r: r["id"]) if trained else None), sorted(done, key=lambda r: r["id"])

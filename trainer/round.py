@@ -96,8 +96,13 @@ async def _train(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
         events, oldest = await feedback.new_events(conn, after=after, upto=upto)
         waited = (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0.0
         data = {"data/new_pairs": new_pairs, "data/new_events": events, "data/waited_seconds": round(waited, 1)}
-        evidence = dict(new_events=events, waited=waited) if run.trigger == "schedule" else {}
-        if skip := skip_reason(cfg, new_pairs, None, **evidence):
+        if run.trigger == "schedule" and (wait := waiting_reason(cfg, events, waited)):
+            # when these events train if no more come: watchers (`feedloop simulate`) can tell a
+            # round that is coming from one that waits for feedback not yet given
+            due = max(0.0, cfg.max_round_interval_seconds - waited) if events else None
+            return await _skipped(conn, run, after, wait, dict(data, **{"data/waiting": True,
+                                                                        "data/trains_in_seconds": due}))
+        if skip := skip_reason(cfg, new_pairs, None):
             return await _skipped(conn, run, after, skip, data)
     # the reward model continues from the active one on the newest pairs, older ones weighing less
     pairs = await derive.pair_window(conn, upto=upto, limit=cfg.reward_window)
@@ -119,15 +124,18 @@ async def _train(conn, settings: Settings, cfg: RoundConfig, run: TrainingRun) -
                                           curves=_jsonable(trained.curves))
 
 
-def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int | None, *, new_events: int | None = None,
-                waited: float = 0.0) -> str | None:
-    """Why there is nothing worth training, or None (`demonstrations` None: not counted yet).
-    `new_events` (a scheduled round; None for one an operator asked for): feedback events of
-    any kind since the last round, the oldest of which has `waited` seconds."""
-    if new_events is not None and new_events < cfg.min_new_feedback and not (
-            new_events and waited >= cfg.max_round_interval_seconds):
+def waiting_reason(cfg: RoundConfig, new_events: int, waited: float) -> str | None:
+    """Why a scheduled round waits for more evidence, or None: fewer than `min_new_feedback`
+    feedback events of any kind since the last round, the oldest of which has waited `waited`
+    seconds, less than `max_round_interval_seconds` (an operator's round does not wait)."""
+    if new_events < cfg.min_new_feedback and not (new_events and waited >= cfg.max_round_interval_seconds):
         return (f"{new_events} new feedback events, fewer than {cfg.min_new_feedback}, the oldest "
                 f"{waited:.0f}s old (a round trains anyway after {cfg.max_round_interval_seconds:g}s)")
+    return None
+
+
+def skip_reason(cfg: RoundConfig, new_pairs: int, demonstrations: int | None) -> str | None:
+    """Why there is nothing worth training, or None (`demonstrations` None: not counted yet)."""
     if ("reward" in cfg.stages or "ppo" in cfg.stages) and new_pairs < cfg.min_new_pairs:
         return f"{new_pairs} new pairs, fewer than the minimum {cfg.min_new_pairs}"
     if list(cfg.stages) == ["sft"] and demonstrations == 0:

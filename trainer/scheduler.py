@@ -1,6 +1,6 @@
 """`feedloop trainer`: the trainer service. APScheduler tries a round on an interval or cron
 schedule (it trains once enough new feedback arrived, or the oldest waited long enough:
-`trainer.round.skip_reason`) and takes rounds operators queued through the API; the round lock makes any number of
+`trainer.round.waiting_reason`) and takes rounds operators queued through the API; the round lock makes any number of
 replicas safe. At start-up, rounds a killed trainer left `running` are marked failed. A daily job
 makes the coming months' partitions and applies the retention (trainer/retention.py)."""
 import asyncio

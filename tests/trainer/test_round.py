@@ -123,8 +123,12 @@ def test_a_scheduled_round_counts_feedback_events_of_every_kind_not_pairs(db_url
         waiting = await asyncio.to_thread(scheduled, min_new_feedback=5)
         assert waiting.status == "skipped" and waiting.metrics["data/new_events"] == 4
         assert waiting.metrics["skip_reason"].startswith("4 new feedback events, fewer than 5")
+        # waiting, and when what came trains if nothing more does: the oldest event is seconds old
+        assert waiting.metrics["data/waiting"] is True
+        assert 86000 < waiting.metrics["data/trains_in_seconds"] <= 86400
         enough = await asyncio.to_thread(scheduled, min_new_feedback=4)  # evidence enough: on to the pairs
         assert enough.metrics["skip_reason"] == "0 new pairs, fewer than the minimum 1"
+        assert "data/waiting" not in enough.metrics  # not waiting: nothing to train on
         waited = await asyncio.to_thread(scheduled, min_new_feedback=100, max_round_interval_seconds=0)
         assert waited.metrics["skip_reason"] == "0 new pairs, fewer than the minimum 1"
         assert waited.metrics["data/waited_seconds"] >= 0

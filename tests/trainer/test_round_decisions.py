@@ -8,7 +8,7 @@ from trainer.config import RoundConfig, round_config, run_kind, with_overrides
 from trainer.ppo import PPOConfig
 from trainer.gates import GateConfig
 from trainer.recency import age_in_rounds, weigh_by_recency
-from trainer.round import skip_reason
+from trainer.round import skip_reason, waiting_reason
 from schemas.records import TrainingPair
 
 
@@ -29,15 +29,15 @@ def test_a_stage_that_learns_from_pairs_needs_the_minimum_and_sft_alone_does_not
 
 def test_a_scheduled_round_waits_for_enough_feedback_of_any_kind_or_for_the_max_interval():
     cfg = RoundConfig(min_new_feedback=50, max_round_interval_seconds=3600, min_new_pairs=1)
-    assert skip_reason(cfg, 10, None, new_events=49, waited=60) == (
+    assert waiting_reason(cfg, 49, 60) == (
         "49 new feedback events, fewer than 50, the oldest 60s old (a round trains anyway after 3600s)")
-    assert skip_reason(cfg, 10, None, new_events=50, waited=0) is None
+    assert waiting_reason(cfg, 50, 0) is None
     # few pairs (mostly ties), but enough judgements: the round trains on what they gave
-    assert skip_reason(cfg, 2, None, new_events=80, waited=0) is None
-    assert skip_reason(cfg, 2, None, new_events=3, waited=3600) is None  # evidence waited long enough
-    assert skip_reason(cfg, 0, None, new_events=0, waited=0).startswith("0 new feedback events")
-    assert skip_reason(cfg, 0, None, new_events=80, waited=0) == "0 new pairs, fewer than the minimum 1"
-    assert skip_reason(cfg, 5, None) is None  # asked for by an operator: no evidence count
+    assert waiting_reason(cfg, 80, 0) is None and skip_reason(cfg, 2, None) is None
+    assert waiting_reason(cfg, 3, 3600) is None  # evidence waited long enough
+    assert waiting_reason(cfg, 0, 0).startswith("0 new feedback events")
+    assert waiting_reason(cfg, 0, 10**9) is not None  # nothing new has nothing to wait for
+    assert skip_reason(cfg, 0, None) == "0 new pairs, fewer than the minimum 1"
 
 
 def test_sft_alone_without_demonstrations_is_skipped():
