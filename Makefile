@@ -56,21 +56,23 @@ bench: $(STAMP)
 # seconds and promoting what passes the gates; `feedloop simulate` prints the round table and writes
 # the JSON and the plot (win rate, drift per round and in total) beside it; then the loop is
 # stopped. `make demo ROUNDS=12` runs twelve rounds; a round takes about a minute on two CPU cores,
-# a minute or two more the first time (the bootstrap). A round waits for DEMO_MIN_FEEDBACK events,
-# about half of a simulated round's burst (the default, 64, would start one on part of a burst).
+# a minute or two more the first time (the bootstrap). A round trains once the oldest new feedback
+# event has waited DEMO_ROUND_AFTER seconds, never on a count: simulated users send a round's
+# feedback in a burst of a few seconds, and a count would start a round on part of a burst.
 DEMO_HOME  ?= .feedloop/demo
 DEMO_PORT  ?= 8077
 DEMO_KEY   ?= fl-demo-operator-key
 ROUNDS     ?= 5
 DEMO_PREFERENCE ?= brevity
-DEMO_MIN_FEEDBACK ?= 250
+DEMO_ROUND_AFTER ?= 15
 DEMO_ARGS  ?= --preference $(DEMO_PREFERENCE) --users 8 --rounds $(ROUNDS) --requests 600 --choices 1,2,4,4,4 --noise 0.1
 
 demo: $(STAMP)
 	rm -rf $(DEMO_HOME)/pg $(DEMO_HOME)/checkpoints/run-* && mkdir -p $(DEMO_HOME)
 	@echo "feedloop up on port $(DEMO_PORT) (the first run bootstraps a policy: a minute or two); log: $(DEMO_HOME)/up.log"
 	env -u DATABASE_URL FEEDLOOP_HOME=$(DEMO_HOME) FEEDLOOP_PORT=$(DEMO_PORT) FEEDLOOP_INIT_API_KEY=$(DEMO_KEY) \
-	  FEEDLOOP_TRAIN_INTERVAL_SECONDS=5 FEEDLOOP_PROMOTION=auto FEEDLOOP_MIN_NEW_FEEDBACK=$(DEMO_MIN_FEEDBACK) \
+	  FEEDLOOP_TRAIN_INTERVAL_SECONDS=5 FEEDLOOP_PROMOTION=auto FEEDLOOP_MIN_NEW_FEEDBACK=1000000000 \
+	  FEEDLOOP_MAX_ROUND_INTERVAL_SECONDS=$(DEMO_ROUND_AFTER) \
 	  $(BIN)/feedloop up > $(DEMO_HOME)/up.log 2>&1 & up=$$!; \
 	trap 'kill $$up 2>/dev/null; wait $$up 2>/dev/null' EXIT INT TERM; \
 	until $(BIN)/python -c "import httpx; httpx.get('http://127.0.0.1:$(DEMO_PORT)/ready').raise_for_status()" 2>/dev/null; do \
