@@ -6,8 +6,9 @@
 SELECT watermark FROM training_pairs_state FOR UPDATE;
 
 -- name: without_jit
--- No JIT compiling for the rest of the transaction: the roll-forward probes each row's month with
--- subqueries, which JIT compiles over and over (measured: 65 s instead of 13 ms for 200 rankings).
+-- No JIT compiling for the rest of the transaction: the roll-forward and the stored pairs' texts
+-- probe each row's month with subqueries, which JIT compiles over and over (measured: 65 s instead
+-- of 13 ms for 200 rankings; store/derive.py `_without_jit`).
 SELECT set_config('jit', 'off', true);
 
 -- name: set_pairs_watermark
