@@ -26,8 +26,10 @@ def likes(answer: str) -> bool:
 def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_path):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=user_key, max_retries=0)
     with server.client(user_key) as http:
-        prompts = training_prompts() + list(dict.fromkeys(d["prompt"] for d in bundled_demonstrations()))[:150]
-        for i, prompt in enumerate(prompts):
+        # every bundled prompt, each asked twice (two seeds): most of the bootstrap's answers are
+        # all liked or all not, so a pair comes from about one prompt in five
+        prompts = training_prompts() + list(dict.fromkeys(d["prompt"] for d in bundled_demonstrations()))
+        for i, prompt in enumerate(prompts + prompts):
             r = client.chat.completions.create(model="feedloop", n=8, temperature=1.3, max_tokens=20, seed=i,
                                                messages=[{"role": "user", "content": prompt}])
             good = [c.index for c in r.choices if likes(c.message.content)]
@@ -45,7 +47,7 @@ def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_p
                     assert http.post("/v1/feedback", json={**ref(k), "kind": "thumbs", "value": value}).status_code == 200
 
     env = dict(server.env, FEEDLOOP_HOME=str(tmp_path), FEEDLOOP_MIN_NEW_PAIRS="10", FEEDLOOP_TORCH_THREADS="2",
-               FEEDLOOP_ROUND_CONFIG=json.dumps({"reward": {"epochs": 12, "batch_size": 16, "heldout_frac": 0.2}}))
+               FEEDLOOP_ROUND_CONFIG=json.dumps({"reward": {"epochs": 8, "batch_size": 16, "heldout_frac": 0.2}}))
     out = subprocess.run([sys.executable, "-m", "trainer", "train", "reward"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -57,9 +59,11 @@ def test_reward_model_learns_users_rule_from_all_sources(server, user_key, tmp_p
     assert kind == "reward" and status == "active"
     for source in ("ranking", "pairwise", "thumbs"):
         assert metrics[f"reward/pairs_{source}"] > 0, metrics
-    # ~86 held-out pairs from 20 prompts: the accuracy moves with the bootstrap's answers (0.78-0.95
-    # measured across bootstraps and package versions), so the bar is on what those pairs show with
-    # 95 % confidence, as the gates judge a reward model: at least 0.65, where chance is 0.5.
+    # The bar is on what the held-out pairs show with 95 % confidence, as the gates judge a reward
+    # model: at least 0.65, where chance is 0.5. With 150 of the prompts asked once, a fresh install
+    # of 2026-12-01 (another bootstrap) gave 329 pairs, 56 held out from 16 prompts, and accuracy
+    # 0.54 while training accuracy was 1.0 (0.78-0.95 before, across bootstraps); with every prompt
+    # asked twice 782 pairs, 148 held out from 29 prompts, 0.94-0.95 (lower bound 0.90).
     n = metrics["reward/heldout_effective_pairs"]
     low, _ = wilson_interval(round(metrics["reward/heldout_accuracy"] * n), round(n), z=z_of(0.95))
     assert low >= 0.65, (low, metrics)
