@@ -18,7 +18,7 @@ from service.recording import Recorder, Spool
 from service.routes import (admin_data, admin_exchanges, admin_keys, admin_models, admin_training, chat,
                             console, feedback, health, me)
 from service.model_import import policy_checkpoint
-from service.serving import Serving, follow_registry, settle_heap, sync_with_registry
+from service.serving import Serving, follow_registry, replace_lost_engines, settle_heap, sync_with_registry
 from store import keys
 from store.db import Database, database_url, migrate
 from store.registry import ensure_initial_policy
@@ -76,11 +76,13 @@ async def lifespan(app: FastAPI):
     await recorder.drain_spool()  # what a previous run answered while the database was away
     recorder.start()
     await asyncio.to_thread(settle_heap)
-    follower = asyncio.create_task(follow_registry(db, serving))
+    followers = [asyncio.create_task(follow_registry(db, serving)),
+                 asyncio.create_task(replace_lost_engines(db, serving))]
     try:
         yield
     finally:
-        follower.cancel()
+        for task in followers:
+            task.cancel()
         await recorder.wait()
         await serving.close()
         await db.close()

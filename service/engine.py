@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 from lm.grammar import Constraints
 from lm.tools import ToolFormat
@@ -91,6 +91,11 @@ class Generation:
 
     def reject(self, error: EngineOverloaded) -> None:
         """It will not be generated: the route answers with `error` and records nothing."""
+        self.fail(error)
+
+    def fail(self, error: EngineError) -> None:
+        """The engine can do nothing more for it: a route still waiting for a place in the batch
+        gets `error` there, one reading pieces gets it next."""
         self._call(_settle, self._admitted, error)
         self.push(error)
 
@@ -216,6 +221,11 @@ class Engine(Protocol):
     """how the model writes a tool call (lm/tools.py); None: it cannot be asked to"""
     constraints: "Constraints | None"
     """grammar-constrained decoding and log-probabilities (lm/grammar.py); None: not offered"""
+    lost: str | None
+    """why this engine can serve nothing more (its process died); None while it can. Serving
+    replaces a lost engine as it would swap one (service/serving.py)"""
+    on_lost: "Callable[[], None] | None"
+    """called (from any thread) once the engine is lost, so serving replaces it at once"""
 
     def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The chat-formatted prompt (with the tools the model is offered) as token ids."""

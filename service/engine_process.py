@@ -77,6 +77,7 @@ class ProcessEngine:
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._gone: str | None = None  # why the engine process is no longer there
+        self.on_lost = None
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__, "service.local_engine"])
         self._conn, theirs = ctx.Pipe()
@@ -95,6 +96,10 @@ class ProcessEngine:
             raise EngineError(f"{version.name} failed to load in its engine process: {first[1]}")
         self._loop = None  # the event loop that reads the pipe (the first to submit)
         self._closed = threading.Event()  # the engine process said it closed, or is gone
+
+    @property
+    def lost(self) -> str | None:
+        return self._gone
 
     def encode(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         from lm.chat import encode_prompt
@@ -177,12 +182,20 @@ class ProcessEngine:
             self._lost()
 
     def _lost(self) -> None:
-        """The engine process is gone: what was in flight fails, and so does every later request."""
+        """The engine process is gone: what was in flight fails, and so does every later request
+        to this engine; serving is told, and replaces it (`on_lost`)."""
+        if self._gone is not None:
+            return
+        self._process.join(1)  # it is dead or dying: its exit code says how
         self._gone = f"the engine process of {self.version.name} exited (code {self._process.exitcode})"
         log.error("%s; %d requests in flight fail", self._gone, len(self._gens))
         for rid in list(self._gens):
-            self._end(rid).push(EngineError(self._gone))
+            self._end(rid).fail(EngineError(self._gone))  # admitted or still waiting to be
         self._closed.set()
+        if not self._closed_to_new:
+            self.metrics.lost()
+            if self.on_lost is not None:
+                self.on_lost()
 
     def _dispatch(self, events: list[tuple]) -> None:
         woken = []
@@ -209,7 +222,7 @@ class ProcessEngine:
                 self._end(rid).reject(EngineOverloaded(event[2], retry_after=event[3]))
                 continue
             else:  # "error"
-                self._end(rid).push(EngineError(event[2]))
+                self._end(rid).fail(EngineError(event[2]))
                 continue
             if gen.push(pieces, wake=False):
                 woken.append(gen)

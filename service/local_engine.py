@@ -69,6 +69,8 @@ class Row:
 
 
 class LocalEngine:
+    lost, on_lost = None, None  # its worker is a thread of this process: it lives as long as we do
+
     def __init__(self, version: ModelVersion, *, device: str = "cpu", max_batch_rows: int = 32,
                  max_queue: int = 256, queue_timeout: float = 30.0, metrics: EngineMetrics | None = None,
                  after_step: Callable[[], None] | None = None):

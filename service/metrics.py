@@ -17,6 +17,8 @@ QUEUE_DEPTH = Gauge("feedloop_queue_depth", "requests waiting for a place in the
 TIME_TO_FIRST_TOKEN = Histogram("feedloop_time_to_first_token_seconds",
                                 "from a request's submission to its first generated token",
                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+ENGINES_LOST = Counter("feedloop_engines_lost_total", "engines whose process died (serving replaces each)",
+                       ["version"])
 REJECTED = Counter("feedloop_engine_rejected_total", "requests turned away with 503 engine_overloaded",
                    ["reason"])
 
@@ -48,6 +50,9 @@ class EngineMetrics:
         BATCH_OCCUPANCY.labels(version=self.version).set(occupancy)
         if tokens_per_second is not None:
             TOKENS_PER_SECOND.labels(version=self.version).set(tokens_per_second)
+
+    def lost(self) -> None:
+        ENGINES_LOST.labels(version=self.version).inc()
 
     def remove(self) -> None:
         for gauge in (QUEUE_DEPTH, BATCH_OCCUPANCY, TOKENS_PER_SECOND):

@@ -46,6 +46,8 @@ set_async_client_factory(lambda: httpx2.AsyncClient(
 
 
 class RemoteEngine:
+    lost, on_lost = None, None  # a server that fails fails its requests: it is not ours to restart
+
     def __init__(self, version: ModelVersion, *, target: Target, api_key: str | None = None,
                  timeout: float = 120, check_timeout: float = 120):
         self.version, self.target, self.api_key = version, target, api_key

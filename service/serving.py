@@ -7,7 +7,9 @@ its version, which they hold), and only then is the old engine closed. A version
 load or warm is marked `failed` and serving stays where it was. A version served by an inference
 server is warmed by the target check (service/targets.py); when only its target changes (an
 operator's retarget), a fresh engine on the new target replaces the old one the same way, and one
-that cannot be warmed leaves the old target serving (the version itself is not at fault)."""
+that cannot be warmed leaves the old target serving (the version itself is not at fault). An
+engine whose process died is lost: its requests in flight fail (503, retryable), and a fresh
+engine of the same version is loaded at once, as a swap would load it."""
 import asyncio
 import gc
 import logging
@@ -70,17 +72,19 @@ class Serving:
         self.settings = settings
         self.active: Engine | None = None
         self.canaries: dict[int, Engine] = {}
+        self.syncing = asyncio.Lock()  # one sync with the registry at a time
+        self.engine_lost = asyncio.Event()  # an engine's process died: sync now, not at the next poll
 
     @property
     def ready(self) -> bool:
-        return self.active is not None
+        return self.active is not None and not self.active.lost
 
     def engines(self) -> list[Engine]:
         return [e for e in [self.active, *self.canaries.values()] if e is not None]
 
     def serves(self, engine: Engine | None, version: ModelVersion) -> bool:
         """`engine` is `version`'s, on the target the registry names for it now."""
-        if engine is None or engine.version.id != version.id:
+        if engine is None or engine.lost or engine.version.id != version.id:
             return False
         try:
             wanted = target_of(version, self.settings)
@@ -101,7 +105,10 @@ class Serving:
         return next((e for e in self.engines() if e.version.name == model), None)
 
     async def _load(self, version: ModelVersion) -> Engine:
-        return await asyncio.to_thread(build_engine, version, self.settings)
+        engine = await asyncio.to_thread(build_engine, version, self.settings)
+        loop = asyncio.get_running_loop()
+        engine.on_lost = lambda: loop.call_soon_threadsafe(self.engine_lost.set)
+        return engine
 
     async def set_active(self, version: ModelVersion) -> None:
         """Switch to `version` (a loaded canary is taken over as it is, when on the same target);
@@ -131,6 +138,8 @@ class Serving:
             await asyncio.to_thread(settle_heap)
         for v in versions:
             current = self.canaries.get(v.id)
+            if current is not None and current.lost:
+                current = None  # it serves nothing: failing to replace it fails the version
             if current is not None and self.serves(current, v):
                 current.version = v  # fraction may have changed
                 continue
@@ -155,12 +164,18 @@ class Serving:
 
 async def sync_with_registry(pool: Database, serving: Serving) -> None:
     """Bring this replica to what the registry says serves; mark what cannot load as failed."""
+    async with serving.syncing:
+        await _sync(pool, serving)
+
+
+async def _sync(pool: Database, serving: Serving) -> None:
     async with pool.connection() as conn:
         versions = await registry.list_serving_versions(conn)
     active = next((v for v in versions if v.status == "active"), None)
     failures = await serving.set_canaries([v for v in versions if v.status == "canary"])
     if active and not serving.serves(serving.active, active):
-        retargeted = serving.active is not None and serving.active.version.id == active.id
+        retargeted = (serving.active is not None and not serving.active.lost
+                      and serving.active.version.id == active.id)
         try:
             await serving.set_active(active)
         except Exception as e:
@@ -169,13 +184,14 @@ async def sync_with_registry(pool: Database, serving: Serving) -> None:
             else:  # a new target that cannot serve it: the old one goes on
                 log.error("%s cannot be served on its new target; it stays on %s: %s",
                           active.name, getattr(serving.active, "target", "this replica"), e)
+    serving_now = serving.active if serving.active is not None and not serving.active.lost else None
     for version, error in failures:
         log.error("%s failed to load; serving stays on %s: %s", version.name,
-                  serving.active.version.name if serving.active else "nothing", error)
+                  serving_now.version.name if serving_now else "nothing", error)
         async with pool.connection() as conn:
             await registry.mark_failed(conn, id=version.id, actor=REPLICA, reason=f"load failed: {error}",
-                                       restore=serving.active.version.id if serving.active else None)
-    if serving.active is None and (failures or active is None):
+                                       restore=serving_now.version.id if serving_now else None)
+    if serving_now is None and (failures or active is None):
         await fall_back(pool, serving, failed=failures[-1][0] if failures else None)
 
 
@@ -211,6 +227,19 @@ async def fall_back(pool, serving: Serving, *, failed: ModelVersion | None) -> N
             log.error("%s, and FEEDLOOP_POLICY_PATH is not intact either: %s", why, e)
         except Exception as e:
             log.error("%s, and FEEDLOOP_POLICY_PATH does not load either: %s", why, e)
+
+
+async def replace_lost_engines(pool: Database, serving: Serving) -> None:
+    """Sync as soon as an engine is lost (the registry follower would at its next poll)."""
+    while True:
+        await serving.engine_lost.wait()
+        serving.engine_lost.clear()
+        try:
+            await sync_with_registry(pool, serving)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the follower retries at its next poll
+            log.warning("could not replace a lost engine now (%s); the registry follower will", e)
 
 
 async def follow_registry(pool: Database, serving: Serving) -> None:

@@ -48,10 +48,11 @@ TOOLS_OMITTED = "X-Feedloop-Tools-Omitted"  # set when tools on auto did not fit
 
 
 def model_cards(serving) -> list[ModelCard]:
-    """The served name (routed to the active version) and each version taking traffic."""
+    """The served name (routed to the active version) and each version taking traffic (one whose
+    engine is being replaced after its process died included: it is back in seconds)."""
     def card(name, e):
         return ModelCard(id=name, created=int(e.version.created_at.timestamp()), context_length=e.context_length)
-    cards = [card(serving.settings.model_name, serving.active)] if serving.ready else []
+    cards = [card(serving.settings.model_name, serving.active)] if serving.active is not None else []
     return cards + [card(e.version.name, e) for e in serving.engines()]
 
 

@@ -30,7 +30,8 @@ async def ready(db: DatabaseDep, serving: ServingDep) -> dict:
         raise ApiError(503, "The database is not reachable.", code="database_unavailable",
                        headers={"Retry-After": "1"}) from None
     if not serving.ready:
-        raise ApiError(503, "No model is loaded yet.", code="model_not_ready", headers={"Retry-After": "5"})
+        why = "The model's engine is restarting." if serving.active is not None else "No model is loaded yet."
+        raise ApiError(503, why, code="model_not_ready", headers={"Retry-After": "5"})
     return {"status": "ready", "model": serving.active.version.name}
 
 

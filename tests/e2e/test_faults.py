@@ -6,8 +6,12 @@ server), under a few clients chatting and giving feedback:
   fail fast (503 with Retry-After, within 2 s); answers generated meanwhile are spooled and
   recorded once it is back; /ready is 200 within 2 s of the database accepting connections;
   no acknowledged write is lost;
+- `kill -9` of the engine process under load: what it was generating fails fast (503 with
+  Retry-After), a fresh engine of the same version serves within seconds, and nothing acknowledged
+  is lost;
 - `kill -9` of the API under load, and during an outage with spooled answers: after a restart
   every acknowledged write is there and no exchange is half-written."""
+from pathlib import Path
 import os
 import signal
 import threading
@@ -62,7 +66,8 @@ class Load:
 
     def __init__(self, server: Server, key: str, chatters: int = 2, raters: int = 1):
         self.server, self.key = server, key
-        self.results: list[tuple[str, int, float, dict | None]] = []  # (kind, status, seconds, headers)
+        # (kind, status, seconds, headers, when it was sent: perf_counter)
+        self.results: list[tuple[str, int, float, dict | None, float]] = []
         self.chats: dict[str, int] = {}  # acknowledged response id -> n
         self.thumbs: dict[str, tuple[str, int]] = {}  # acknowledged feedback id -> (response id, value)
         self.rated: set[str] = set()
@@ -89,11 +94,11 @@ class Load:
             r = call()
         except httpx.HTTPError as e:  # the API itself was killed: not a response
             with self.lock:
-                self.results.append((kind, -1, time.perf_counter() - started, {"error": repr(e)}))
+                self.results.append((kind, -1, time.perf_counter() - started, {"error": repr(e)}, started))
             time.sleep(0.2)
             return None
         with self.lock:
-            self.results.append((kind, r.status_code, time.perf_counter() - started, dict(r.headers)))
+            self.results.append((kind, r.status_code, time.perf_counter() - started, dict(r.headers), started))
         if r.status_code == 503:
             time.sleep(0.1)
         return r
@@ -133,7 +138,7 @@ class Load:
 
     def statuses(self) -> dict[int, int]:
         out: dict[int, int] = {}
-        for _, status, _, _ in self.results:
+        for _, status, *_ in self.results:
             out[status] = out.get(status, 0) + 1
         return out
 
@@ -248,6 +253,51 @@ def test_an_outage_under_load(api, cluster, user_key, outage):
     assert [r.status_code for r in spooled] == [200, 200], [r.text for r in spooled]
     load.chats.update({r.json()["id"]: 1 for r in spooled})
     assert load.statuses().get(503), "nothing was tried during the outage"
+    assert_nothing_lost(api, load)
+
+
+def grandchildren(pid: int) -> list[int]:
+    """The engine processes of an API process: forked by its forkserver, one of its children."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {p for p, parent in parents.items() if parent == pid}
+    return sorted(p for p, parent in parents.items() if parent in children)
+
+
+def engines_lost(server: Server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('feedloop_engines_lost_total{version="v1"}'))
+
+
+def test_kill_9_of_the_engine_process_under_load(api, user_key):
+    [engine] = grandchildren(api.proc.pid)
+    with Load(api, user_key) as load:
+        time.sleep(2)
+        os.kill(engine, signal.SIGKILL)
+        killed = time.perf_counter()
+        while time.perf_counter() - killed < 60:  # until a chat is answered by a fresh engine
+            with load.lock:
+                back = [r for r in load.results if r[0] == "chat" and r[1] == 200 and r[4] > killed]
+            if back:
+                break
+            time.sleep(0.05)
+        time.sleep(1)
+    print(f"engine kill -9: a chat sent {back[0][4] - killed:.2f} s after was answered; statuses {load.statuses()}")
+    assert back and back[0][4] - killed < 30, "no fresh engine within 30 s of the engine process's death"
+    assert not [r for r in load.results if r[1] == -1], "requests left without an answer"
+    assert_no_500s_and_503s_fail_fast(load)
+    [fresh] = grandchildren(api.proc.pid)
+    assert fresh != engine
+    assert engines_lost(api) == 1
+    with api.client(user_key) as c:
+        assert c.post("/v1/chat/completions", json={"model": "v1", "max_tokens": 3,
+                                                    "messages": [{"role": "user", "content": "Hi"}]}).status_code == 200
     assert_nothing_lost(api, load)
 
 

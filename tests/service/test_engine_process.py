@@ -129,17 +129,24 @@ def test_a_checkpoint_that_does_not_load_is_an_engine_error(policy_path, tmp_pat
 
 
 def test_a_dead_engine_process_fails_what_it_had_and_what_comes_after(policy_path):
+    """... and says it is lost, once, for serving to replace it (tests/e2e/test_faults.py)."""
     engine = ProcessEngine(version_at(policy_path, 904), max_batch_rows=2)
+    told = []
+    engine.on_lost = lambda: told.append(engine.lost)
+    lost_before = sample("feedloop_engines_lost_total", version=engine.version.name)
 
     async def main():
         gen = engine.submit(engine.encode(PROMPT), params(max_tokens=800, grammar=LONG), PROMPT)
         await gen.admitted()
+        assert engine.lost is None
         os.kill(engine._process.pid, signal.SIGKILL)
         with pytest.raises(EngineError, match="exited"):
             async for _ in gen:
                 pass
         with pytest.raises(EngineError, match="exited"):
             submit(engine)
+        assert told == [f"the engine process of {engine.version.name} exited (code -9)"]
+        assert sample("feedloop_engines_lost_total", version=engine.version.name) == lost_before + 1
 
     try:
         asyncio.run(main())
