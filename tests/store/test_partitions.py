@@ -1,5 +1,6 @@
 """The exchange tables partitioned by month (migration 013): rows go to their exchange's month,
-a time no month was made for goes to the default partition instead of failing, retention drops
+a time no month was made for goes to the default partition instead of failing, a chat's write
+reads no other month than its own (an id without its time aside), retention drops
 only whole old months (and what points into them) leaving the rest working, and the migration
 carries every existing row over."""
 import asyncio
@@ -149,9 +150,31 @@ def test_a_response_id_is_recorded_once_across_months(store):
                   " stream, batch_rows, prompt_tokens, completion_tokens, queue_ms, total_ms, created_at)"
                   " VALUES ('chatcmpl-untimed', %s, '[]', 'h', '{}', %s, false, 1, 1, 1, 0, 0, %s)",
                   store.key, store.version, OLD)
+    with pytest.raises(psycopg.errors.CheckViolation, match="recorded at that time"):  # a timed id elsewhere
+        store.sql("INSERT INTO chat_requests (response_id, api_key_id, messages, prompt_hash, params, model_version_id,"
+                  " stream, batch_rows, prompt_tokens, completion_tokens, queue_ms, total_ms, created_at)"
+                  " VALUES (%s, %s, '[]', 'h', '{}', %s, false, 1, 1, 1, 0, 0, now())",
+                  store.id("chatcmpl-once"), store.key, store.version)
     assert store.sql("SELECT count(*) FROM chat_requests") == [(2,)]
     # the timed one in its old month (no partition was made for it here: the default), the other now
     assert store.where("chat_requests") == {"chat_requests_default": 1, f"chat_requests_p{month(NOW)}": 1}
+
+
+def test_a_chat_reads_no_other_month(store):
+    """Its response id carries its time, so that the write needs no probe of every month's index
+    for the id (migration 019): a chat's cost does not grow with the months kept."""
+    store.exchange("chatcmpl-old", "Hi", ["a"], at=OLD)  # a month other than this one: the default here
+
+    def default_pages() -> int:
+        store.sql("SELECT pg_stat_force_next_flush()")
+        return store.sql("SELECT heap_blks_hit + heap_blks_read + idx_blks_hit + idx_blks_read"
+                         " FROM pg_statio_user_tables WHERE relname = 'chat_requests_default'")[0][0]
+
+    before = default_pages()
+    store.exchange("chatcmpl-new", "Hi", ["a"], at=NOW)
+    assert default_pages() == before
+    store.exchange("chatcmpl-untimed", "Hi", ["a"])  # an id without its time still probes every month
+    assert default_pages() > before
 
 
 def stats(store) -> dict:
