@@ -21,6 +21,11 @@ each size the same work is measured:
             10 on the same connection; timed after the round, since stats rolls the stored pairs
             forward too and would otherwise take the round's work
 
+For chat and both feedback phases the pages one operation touched are counted as the round's
+are: the same pages at every size is the same work, whatever the machine's load does to the time
+(two shared cores vary by more than the 1.1 this is judged by), and the pages read from outside
+the buffers are what a bigger `shared_buffers` would save.
+
 The store functions the API and trainer call are timed directly: HTTP and generation cost the
 same at every size, so leaving them out shows what the size changes. The first derivation of the
 seeded history (every pair, once, as when migration 012 meets an old database) is timed too, for
@@ -36,6 +41,7 @@ The scratch database is dropped at the end.
 """
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import tempfile
@@ -155,6 +161,16 @@ def seed(url: str, lo: int, hi: int, key0: int, version: int, spacing: float) ->
     return time.perf_counter() - t0, off
 
 
+async def pool_pages(pool, clients: int) -> tuple[int, int]:
+    """`pages` with every connection of the pool's counts flushed (each holds its own until it
+    reports them)."""
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(pool.connection()) for _ in range(clients)]
+        for conn in conns[1:]:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+        return await pages(conns[0])
+
+
 async def timed_ops(pool, clients: int, ops: int, op) -> list[float]:
     """`ops` calls of `op(conn, rng)` from `clients` concurrent connections: latencies in ms."""
     latencies, left = [], iter(range(ops))
@@ -220,10 +236,14 @@ async def measure(url: str, size: int, key0: int, version: int, targets: dict[st
             await runs.finish_training_run(  # the round that read it: stats count what came after
                 conn, id=(await runs.start_training_run(conn, kind="round", config={}, trigger="bench")).id,
                 status="skipped", watermark=last, metrics={})
-        chat_ms = await timed_ops(pool, args.clients, args.ops, chat)
         judging = {name: iter(drawn) for name, drawn in targets.items()}
-        feedback_ms = await timed_ops(pool, args.clients, args.ops, lambda c, r: judge(c, r, judging["recent"]))
-        old_ms = await timed_ops(pool, args.clients, args.ops, lambda c, r: judge(c, r, judging["old"]))
+        phases = dict(chat=chat, feedback=lambda c, r: judge(c, r, judging["recent"]),
+                      old=lambda c, r: judge(c, r, judging["old"]))
+        timed, per_op = {}, {}
+        for name, op in phases.items():  # each phase's latencies, and the pages one operation touched
+            before = await pool_pages(pool, args.clients)
+            timed[name] = await timed_ops(pool, args.clients, args.ops, op)
+            per_op[name] = [(b - a) / args.ops for a, b in zip(before, await pool_pages(pool, args.clients))]
         async with pool.connection() as conn:
             # the round first: stats rolls the stored pairs forward too, and would take its work
             upto = await feedback.current_watermark(conn)
@@ -241,7 +261,7 @@ async def measure(url: str, size: int, key0: int, version: int, targets: dict[st
                 await derive.feedback_stats(conn)
                 stats_ms.append((time.perf_counter() - t0) * 1000)
             stats_ms = stats_ms[STATS_WARMUP:]
-    return dict(size=size, first_s=first, chat=chat_ms, feedback=feedback_ms, old=old_ms,
+    return dict(size=size, first_s=first, **timed, pages_per_op=per_op,
                 stats=statistics.median(stats_ms), round=round_ms, round_pages=round_hit + round_read,
                 round_read=round_read, new_events=upto - last, new_pairs=new_pairs, pairs=pairs)
 
@@ -262,6 +282,10 @@ def report(rows: list[dict], seeded: dict[int, float], args) -> None:
               f"{pct(r['feedback'], 50):>7.2f} {pct(r['feedback'], 99):>7.2f} {pct(r['old'], 50):>7.2f} "
               f"{pct(r['old'], 99):>7.2f} {r['stats']:>8.2f} {r['round']:>8.1f} {r['round_pages']:>7} {r['round_read']:>6} "
               f"{r['new_events']:>6} {r['new_pairs']:>9} {r['pairs']:>9} {r['first_s']:>12.1f}")
+    print("\npages of the tables one operation touched: in Postgres's buffers + read from outside them")
+    for r in rows:
+        print(f"{r['size']:>10} " + "  ".join(f"{name} {hit:.1f} + {read:.2f}"
+                                             for name, (hit, read) in r["pages_per_op"].items()))
     small, big = rows[0], rows[-1]
     print(f"\nratios {big['size']} / {small['size']} exchanges:")
     for name, f in (("chat p50", lambda r: pct(r["chat"], 50)), ("chat p99", lambda r: pct(r["chat"], 99)),
@@ -270,6 +294,8 @@ def report(rows: list[dict], seeded: dict[int, float], args) -> None:
                     ("feedback on old answers p50", lambda r: pct(r["old"], 50)),
                     ("feedback on old answers p99", lambda r: pct(r["old"], 99)),
                     ("stats", lambda r: r["stats"]), ("round derivation", lambda r: r["round"]),
+                    ("pages a chat touched", lambda r: sum(r["pages_per_op"]["chat"])),
+                    ("pages a feedback touched", lambda r: sum(r["pages_per_op"]["feedback"])),
                     ("pages the round touched", lambda r: r["round_pages"]),
                     ("first derivation of the history", lambda r: r["first_s"])):
         print(f"  {name:<32} {f(big) / f(small):.3f}")
