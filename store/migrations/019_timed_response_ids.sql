@@ -13,20 +13,17 @@ CREATE FUNCTION response_id_time(response_id text) RETURNS timestamptz LANGUAGE 
            END
 $$;
 
-CREATE OR REPLACE FUNCTION response_id_once() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    made timestamptz := response_id_time(NEW.response_id);
+CREATE FUNCTION response_id_at_its_time() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF made IS NOT NULL THEN
-        IF NEW.created_at IS DISTINCT FROM made THEN
-            RAISE check_violation USING MESSAGE = format(
-                'response id %s carries the time %s; it is recorded at that time', NEW.response_id, made);
-        END IF;
-        RETURN NEW;  -- once in its month, by the unique index: so once
-    END IF;
-    PERFORM pg_advisory_xact_lock(hashtext('feedloop.response_id'), hashtext(NEW.response_id));
-    IF EXISTS (SELECT 1 FROM chat_requests WHERE response_id = NEW.response_id) THEN
-        RAISE unique_violation USING MESSAGE = format('response id %s is recorded already', NEW.response_id);
+    IF NEW.created_at IS DISTINCT FROM response_id_time(NEW.response_id) THEN
+        RAISE check_violation USING MESSAGE = format('response id %s carries the time %s; it is recorded at that time',
+                                                     NEW.response_id, response_id_time(NEW.response_id));
     END IF;
     RETURN NEW;
 END $$;
+
+DROP TRIGGER chat_requests_response_id_once ON chat_requests;
+CREATE TRIGGER chat_requests_response_id_once BEFORE INSERT ON chat_requests
+    FOR EACH ROW WHEN (response_id_time(NEW.response_id) IS NULL) EXECUTE FUNCTION response_id_once();
+CREATE TRIGGER chat_requests_response_id_at_its_time BEFORE INSERT ON chat_requests
+    FOR EACH ROW WHEN (response_id_time(NEW.response_id) IS NOT NULL) EXECUTE FUNCTION response_id_at_its_time();
