@@ -138,15 +138,13 @@ class Serving:
             await asyncio.to_thread(settle_heap)
         for v in versions:
             current = self.canaries.get(v.id)
-            if current is not None and current.lost:
-                current = None  # it serves nothing: failing to replace it fails the version
             if current is not None and self.serves(current, v):
                 current.version = v  # fraction may have changed
                 continue
             try:
                 self.canaries[v.id] = await self._load(v)
             except Exception as e:
-                if current is None:
+                if current is None or current.lost:  # nothing of it serves: the version failed
                     failed.append((v, e))
                 else:  # a new target that cannot serve it: the old one goes on
                     log.error("%s cannot be served on its new target; it stays on %s: %s",
@@ -174,8 +172,7 @@ async def _sync(pool: Database, serving: Serving) -> None:
     active = next((v for v in versions if v.status == "active"), None)
     failures = await serving.set_canaries([v for v in versions if v.status == "canary"])
     if active and not serving.serves(serving.active, active):
-        retargeted = (serving.active is not None and not serving.active.lost
-                      and serving.active.version.id == active.id)
+        retargeted = serving.ready and serving.active.version.id == active.id
         try:
             await serving.set_active(active)
         except Exception as e:
@@ -184,7 +181,7 @@ async def _sync(pool: Database, serving: Serving) -> None:
             else:  # a new target that cannot serve it: the old one goes on
                 log.error("%s cannot be served on its new target; it stays on %s: %s",
                           active.name, getattr(serving.active, "target", "this replica"), e)
-    serving_now = serving.active if serving.active is not None and not serving.active.lost else None
+    serving_now = serving.active if serving.ready else None  # a lost engine serves nothing
     for version, error in failures:
         log.error("%s failed to load; serving stays on %s: %s", version.name,
                   serving_now.version.name if serving_now else "nothing", error)
