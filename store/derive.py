@@ -144,10 +144,11 @@ async def refresh_pairs(conn, *, upto: int) -> int:
         await execute(conn, "store_explicit_pairs", **window)
         await execute(conn, "forget_ranking_pairs", after=stored)
         await execute(conn, "store_ranking_pairs", **window)
+        prompts = (await fetch_one(conn, "note_judged_answers", after=stored))["prompts"]
         if stored == 0:  # the first roll-forward touches every prompt: all of them read in one pass
             await execute(conn, "forget_all_judged_pairs")
             await execute(conn, "store_judged_pairs", prompts=None, upto=upto, rating_scale=RATING_SCALE)
-        elif prompts := (await fetch_one(conn, "touched_prompts", after=stored))["prompts"]:
+        elif prompts:
             await execute(conn, "forget_judged_pairs", prompts=prompts)
             await execute(conn, "store_judged_pairs", prompts=prompts, upto=upto, rating_scale=RATING_SCALE)
         await execute(conn, "set_pairs_watermark", upto=upto)

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
-from store.sql import Q, fetch_all, fetch_one
+from store.sql import Q, execute, fetch_all, fetch_one
 
 MONTHS_AHEAD = 3  # a trainer down for this long still finds this month partitioned
 
@@ -23,11 +23,14 @@ async def ensure_ahead_async(conn) -> int:
 async def expire(conn, *, retention_days: float, now: datetime | None = None) -> list[str]:
     """Drop the months wholly older than `retention_days` (their exchanges, choices, feedback and
     rankings, and the preferences and stored training pairs that point into them: see
-    `drop_exchange_partitions` in migration 013); returns the months dropped ('YYYY_MM'). One
-    transaction: all of a run's months go, or none."""
+    `drop_exchange_partitions` in migration 013, and the judged answers noted of them: migration
+    020); returns the months dropped ('YYYY_MM'). One transaction: all of a run's months go, or
+    none."""
     horizon = (now or datetime.now(timezone.utc)) - timedelta(days=retention_days)
     async with conn.transaction():
-        return (await fetch_one(conn, "drop_partitions_before", horizon=horizon))["dropped"]
+        dropped = (await fetch_one(conn, "drop_partitions_before", horizon=horizon))["dropped"]
+        await execute(conn, "forget_dropped_judged_answers", horizon=horizon)
+        return dropped
 
 
 async def list_partitions(conn) -> list[dict]:

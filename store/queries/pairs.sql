@@ -64,12 +64,19 @@ SELECT 'ranking:' || r.id || ':' || rp.better || '>' || rp.worse, 'ranking', 'ra
                           'completions', jsonb_build_array(r.choices[rp.better + 1][1], r.choices[rp.worse + 1][1]))
 FROM ranked r CROSS JOIN LATERAL ranking_pairs(r.ordering) rp;
 
--- name: touched_prompts
--- Prompts with a thumbs or rating whose event is past `after`: their judged pairs may have changed.
-SELECT coalesce(array_agg(DISTINCT rq.prompt_hash), '{}') AS prompts
-FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
-     JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
-WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating');
+-- name: note_judged_answers
+-- The answers with a thumbs or rating whose event is past `after`, noted in judged_answers
+-- (migration 020); returns their prompts, whose judged pairs may have changed (none counted when
+-- `after` is 0: the first roll-forward re-judges every prompt).
+WITH judged AS (
+    SELECT DISTINCT rq.prompt_hash, c.id, c.request_created_at
+    FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
+         JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
+    WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating')
+), noted AS (
+    INSERT INTO judged_answers (prompt_hash, completion_id, at) SELECT * FROM judged ON CONFLICT DO NOTHING
+)
+SELECT coalesce(array_agg(DISTINCT prompt_hash) FILTER (WHERE %(after)s > 0), '{}') AS prompts FROM judged;
 
 -- name: forget_judged_pairs
 -- Stored thumbs and rating pairs of these prompts (re-derived next).

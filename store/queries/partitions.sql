@@ -9,6 +9,12 @@ SELECT ensure_exchange_partitions(upto => now() + make_interval(months => %(mont
 -- Drop the month partitions wholly older than `horizon`, with the preferences and stored pairs that point into them.
 SELECT drop_exchange_partitions(%(horizon)s) AS dropped;
 
+-- name: forget_dropped_judged_answers
+-- The judged answers (migration 020) older than `horizon` whose exchange is gone with its month.
+DELETE FROM judged_answers j
+WHERE j.at < %(horizon)s
+  AND NOT EXISTS (SELECT 1 FROM completions c WHERE c.id = j.completion_id AND c.request_created_at = j.at);
+
 -- name: list_partitions
 -- The partitions of the exchange tables, with the rows each holds (estimates: statistics, not a count).
 SELECT parent.relname AS "table", child.relname AS partition, child.reltuples::bigint AS rows

@@ -210,6 +210,9 @@ def test_retention_drops_old_months_and_what_points_into_them(store):
     # no stored pair names a completion that is gone, and they are what the full derivation gives now
     assert store.sql("SELECT count(*) FROM training_pairs tp WHERE NOT EXISTS"
                      " (SELECT 1 FROM completions c WHERE c.id = tp.chosen_completion_id)") == [(0,)]
+    assert store.sql("SELECT count(*) FROM judged_answers j WHERE NOT EXISTS"  # nor a judged answer
+                     " (SELECT 1 FROM completions c WHERE c.id = j.completion_id)") == [(0,)]
+    assert store.sql("SELECT count(*) FROM judged_answers") == [(2,)]  # chatcmpl-new's and -new2's
     assert store.pair_keys() == store.pair_keys(full=True) and len(store.pair_keys()) == 2
     assert stats(store) == counted  # lifetime counters: what each version served, ever
     # and everything goes on: new feedback, derivation, exports, a second run that drops nothing
@@ -283,9 +286,15 @@ def test_the_migration_carries_every_row_over(new_database):
                             " UNION ALL SELECT count(*) FROM preferences WHERE chosen_at IS NULL").fetchall() == [(0,), (0,)]
         # the sequences go on where they were
         assert conn.execute("SELECT nextval('chat_requests_id_seq'), nextval('feedback_id_seq')").fetchone() == (401, 268)
+        # every judged answer is noted (migration 020), so re-judging an old prompt finds them all
+        assert conn.execute("SELECT count(*) FROM judged_answers").fetchone() == (
+            conn.execute("SELECT count(DISTINCT completion_id) FROM feedback WHERE kind IN ('thumbs', 'rating')").fetchone())
     store = Store(url)
     try:
         assert store.pair_keys() == store.pair_keys(full=True) and len(store.pair_keys()) > 50
+        before = store.pair_keys()
+        store.thumbs("chatcmpl-3", 0, -1)  # an old answer to prompt 3 % 5, whose other answers were judged
+        assert store.pair_keys() == store.pair_keys(full=True) and len(store.pair_keys()) > len(before)
     finally:
         store.run(store.conn.close())
         store.loop.close()

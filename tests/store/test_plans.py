@@ -13,7 +13,7 @@ from store.derive import RATING_SCALE
 from store.sql import Q
 
 REQUESTS = 200_000  # enough rows that the planner prefers an index wherever one serves
-BIG = {"chat_requests", "completions", "feedback", "rankings", "preferences", "training_pairs"}
+BIG = {"chat_requests", "completions", "feedback", "rankings", "preferences", "training_pairs", "judged_answers"}
 
 SPREAD = 80  # seconds between seeded requests: 200k of them span six months
 SEED = f"""
@@ -91,7 +91,7 @@ ROUND = {
     "store_explicit_pairs": dict(RECENT, upto=2**62),
     "forget_ranking_pairs": RECENT,
     "store_ranking_pairs": dict(RECENT, upto=2**62),
-    "touched_prompts": RECENT,
+    "note_judged_answers": RECENT,
     "forget_judged_pairs": dict(prompts=["a", "b"]),
     "store_judged_pairs": dict(prompts=["a", "b"], upto=2**62, rating_scale=RATING_SCALE),
     "stored_pairs": RECENT,
@@ -112,6 +112,7 @@ def seeded(new_database):
         # the stored pairs as a round leaves them (prompts null: all), then statistics for the planner
         for name in ("store_explicit_pairs", "store_ranking_pairs"):
             conn.execute(Q[name], dict(after=0, upto=2**62))
+        conn.execute(Q["note_judged_answers"], dict(after=0))
         conn.execute(Q["store_judged_pairs"], dict(prompts=None, upto=2**62, rating_scale=RATING_SCALE))
         conn.execute("ANALYZE")
         recent = conn.execute(Q["last_event_id"]).fetchone()[0] - 1000
