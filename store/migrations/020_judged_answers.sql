@@ -29,19 +29,30 @@ WHERE f.kind IN ('thumbs', 'rating');
 
 -- The same rows as before, for all prompts (null) or these: now from judged_answers. Only judged
 -- answers ever paired (judged_pairs_of joins each to its feedback), so leaving the rest unread
--- changes no pair. OFFSET 0 keeps each answer a probe of its month, as in migration 018.
+-- changes no pair. Each prompt probes the index alone, and each answer its month (LATERAL with
+-- OFFSET 0, as in migration 018: `= ANY (prompts)` may be planned as a scan, migration 014).
 CREATE OR REPLACE FUNCTION judged_completions(prompts text[])
 RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text, version bigint) LANGUAGE sql STABLE AS $$
     SELECT c.id, c.request_created_at, c.text, rq.prompt_hash, c.model_version_id
     FROM chat_requests rq JOIN completions c ON c.request_id = rq.id AND c.request_created_at = rq.created_at
     WHERE prompts IS NULL
     UNION ALL
-    SELECT a.id, a.request_created_at, a.text, j.prompt_hash, a.model_version_id
-    FROM judged_answers j
+    SELECT a.id, a.request_created_at, a.text, p.hash, a.model_version_id
+    FROM (SELECT DISTINCT unnest(prompts) AS hash) p
     CROSS JOIN LATERAL (
         SELECT c.id, c.request_created_at, c.text, c.model_version_id
-        FROM completions c WHERE c.id = j.completion_id AND c.request_created_at = j.at
+        FROM judged_answers j JOIN completions c ON c.id = j.completion_id AND c.request_created_at = j.at
+        WHERE j.prompt_hash = p.hash
         OFFSET 0
     ) a
-    WHERE j.prompt_hash = ANY (prompts)
 $$;
+
+-- Two indexes nothing reads any more, written with every chat and every feedback:
+-- * chat_requests (prompt_hash) served judged_completions' per-prompt probe, now judged_answers'.
+--   Its keys are random, so at 10M exchanges each chat's insert dirtied a leaf page that was
+--   rarely still in Postgres's buffers.
+-- * feedback (kind, completion_id): with two kinds asked, a probe of it is two descents of a
+--   month's index (6.6 pages an answer at 1M), where the unique (completion_id, author_key_id,
+--   kind, exchange_at) key finds a completion's feedback in one.
+DROP INDEX chat_requests_prompt_hash;
+DROP INDEX feedback_kind_completion;
