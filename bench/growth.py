@@ -32,10 +32,11 @@ seeded history (every pair, once, as when migration 012 meets an old database) i
 contrast. Before the timed phases the new pairs are vacuumed and a checkpoint is taken, so at every
 size the phases start with nothing of the seed's or the derivation's writes left to flush (at 10M
 those are gigabytes, which the checkpointer would otherwise write out during the phases).
-Ratios are largest size / smallest.
+Ratios are largest size / smallest, and with three sizes or more largest / the one before it.
 
     python bench/growth.py [--sizes 10000,1000000] [--ops 400] [--clients 8]
     python bench/growth.py --sizes 10000,10000000     # the issue's 10M (about 4 GB of tables)
+    python bench/growth.py --sizes 10000,1000000,10000000   # and 10M against 1M
 
 The scratch database is dropped at the end.
 """
@@ -286,8 +287,11 @@ def report(rows: list[dict], seeded: dict[int, float], args) -> None:
     for r in rows:
         print(f"{r['size']:>10} " + "  ".join(f"{name} {hit:.1f} + {read:.2f}"
                                              for name, (hit, read) in r["pages_per_op"].items()))
-    small, big = rows[0], rows[-1]
-    print(f"\nratios {big['size']} / {small['size']} exchanges:")
+    # largest / smallest, and with three sizes or more largest / the one before it: the smallest
+    # history's tables are small enough to scan whole, cheaper than any index, so past it the
+    # ratio between two sizes that both read by index says what the size itself costs
+    pairs = [(rows[-1], rows[0])] + ([(rows[-1], rows[-2])] if len(rows) > 2 else [])
+    print(f"\n{'ratios':<34}" + "".join(f"{str(big['size']) + ' / ' + str(small['size']):>21}" for big, small in pairs))
     for name, f in (("chat p50", lambda r: pct(r["chat"], 50)), ("chat p99", lambda r: pct(r["chat"], 99)),
                     ("feedback p50", lambda r: pct(r["feedback"], 50)),
                     ("feedback p99", lambda r: pct(r["feedback"], 99)),
@@ -297,9 +301,9 @@ def report(rows: list[dict], seeded: dict[int, float], args) -> None:
                     ("pages a chat touched", lambda r: sum(r["pages_per_op"]["chat"])),
                     ("pages a feedback touched", lambda r: sum(r["pages_per_op"]["feedback"])),
                     ("pages the round touched", lambda r: r["round_pages"]),
+                    ("the round's pages per new pair", lambda r: r["round_pages"] / max(1, r["new_pairs"])),
                     ("first derivation of the history", lambda r: r["first_s"])):
-        print(f"  {name:<32} {f(big) / f(small):.3f}")
-
+        print(f"  {name:<32}" + "".join(f"{f(big) / f(small):>21.3f}" for big, small in pairs))
 
 def main() -> None:
     args = parse_args()
