@@ -11,7 +11,10 @@ Derivation (`derive_pairs`), each pair carrying its source rows in `origin`:
             completion of the same prompt (prompt hash) that nets down; margin 0
   rating    per completion, the mean of its ratings; completions of the same prompt with different
             means: the higher is chosen, margin = difference / RATING_SCALE
-Thumbs and rating pairs need different texts: the same words judged twice (greedy decoding, two
+Thumbs and rating pairs are made among a prompt's most recently judged answers only (by each
+answer's latest thumbs or rating; 128 of them, `judged_answers_per_prompt()` in migration 020), so
+a prompt asked thousands of times costs a round what any other does and a new judgement always
+pairs. They need different texts: the same words judged twice (greedy decoding, two
 users) teach the reward model nothing but noise. Rows are judged by their current value (one per
 completion, author and kind), so a thumbs that flips moves its pairs.
 Demonstrations (`derive_demonstrations`): imported ones, and users' corrected answers with the

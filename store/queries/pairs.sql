@@ -65,16 +65,18 @@ SELECT 'ranking:' || r.id || ':' || rp.better || '>' || rp.worse, 'ranking', 'ra
 FROM ranked r CROSS JOIN LATERAL ranking_pairs(r.ordering) rp;
 
 -- name: note_judged_answers
--- The answers with a thumbs or rating whose event is past `after`, noted in judged_answers
--- (migration 020); returns their prompts, whose judged pairs may have changed (none counted when
--- `after` is 0: the first roll-forward re-judges every prompt).
+-- The answers with a thumbs or rating whose event is past `after`, noted in judged_answers with
+-- their latest such event (migration 020); returns their prompts, whose judged pairs may
+-- have changed (none counted when `after` is 0: the first roll-forward re-judges every prompt).
 WITH judged AS (
-    SELECT DISTINCT rq.prompt_hash, c.id, c.request_created_at
+    SELECT rq.prompt_hash, c.id, c.request_created_at, max(f.event_id) AS event_id
     FROM feedback f JOIN completions c ON c.id = f.completion_id AND c.request_created_at = f.exchange_at
          JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
     WHERE f.event_id > %(after)s AND f.kind IN ('thumbs', 'rating')
+    GROUP BY rq.prompt_hash, c.id, c.request_created_at
 ), noted AS (
-    INSERT INTO judged_answers (prompt_hash, completion_id, at) SELECT * FROM judged ON CONFLICT DO NOTHING
+    INSERT INTO judged_answers AS j (prompt_hash, completion_id, at, event_id) SELECT * FROM judged
+    ON CONFLICT (prompt_hash, completion_id) DO UPDATE SET event_id = greatest(j.event_id, EXCLUDED.event_id)
 )
 SELECT coalesce(array_agg(DISTINCT prompt_hash) FILTER (WHERE %(after)s > 0), '{}') AS prompts FROM judged;
 

@@ -183,7 +183,7 @@ class World:
 
     async def reset(self):
         await self.conn.execute("TRUNCATE feedback, rankings, preferences, demonstrations, idempotency_keys,"
-                                " training_pairs, version_stats")
+                                " training_pairs, judged_answers, version_stats")
         # what TRUNCATE does not tell the triggers: no pairs, and the exchanges' counts alone
         await self.conn.execute("UPDATE training_pairs_state SET watermark ="
                                 " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM feedback_events)")
@@ -336,6 +336,63 @@ def test_the_stored_pairs_are_the_full_derivation_at_every_watermark(world, step
     # a round after nothing new reads nothing
     assert world.run(derive.derive_pairs(world.conn, after=world.run(feedback.current_watermark(world.conn)))) == []
 
+
+
+def test_a_prompt_pairs_its_most_recently_judged_answers(new_database):
+    """A prompt asked more often than judged_answers_per_prompt() (migration 020) pairs its newest
+    judged answers only, by their latest judgement, so re-judging it costs the same however often
+    it was asked: a judgement on an old answer makes it the newest, and the one judged longest ago
+    leaves the pairs. Stored and full derivations agree at every watermark, also one that a
+    judgement written after it has overtaken (the store has seen it, the watermark has not)."""
+    world = World(new_database())  # its own: the popular prompt's exchanges stay out of WORLD's
+    limit = world.run(_scalar(world, "SELECT judged_answers_per_prompt()"))
+    answers = [f"chatcmpl-hello{i}" for i in range(limit + 2)]
+    world.run(_ask(world, "Say hello.", answers))
+    for i, rid in enumerate(answers):  # judged in order: up, down, up, ...
+        world.run(world.apply(("thumbs", 0, (rid, 0), 1 if i % 2 == 0 else -1)))
+    ids = dict(world.run(_rows(world, "SELECT rq.response_id, c.id FROM completions c"
+                                      " JOIN chat_requests rq ON rq.id = c.request_id")))
+
+    def paired(pairs) -> set[str]:
+        by_id = {v: k for k, v in ids.items()}
+        return {by_id[c] for p in pairs for c in p.origin["completions"]}
+
+    def agree(upto: int) -> list:
+        stored = world.run(derive.derive_pairs(world.conn, upto=upto))
+        assert sorted(map(_comparable, stored)) == sorted(
+            map(_comparable, world.run(derive.derive_pairs_in_full(world.conn, upto=upto))))
+        return stored
+
+    pairs = agree(world.run(feedback.current_watermark(world.conn)))
+    assert paired(pairs) == set(answers[2:]) and len(pairs) == (limit // 2) ** 2
+    world.run(world.apply(("thumbs", 1, (answers[1], 0), -1)))  # the second oldest is now the newest
+    before = world.run(feedback.current_watermark(world.conn))
+    world.run(world.apply(("thumbs", 1, (answers[0], 0), 1)))  # past `before`: the store sees it first
+    assert paired(agree(before)) == {answers[1]} | set(answers[3:])
+    assert paired(agree(world.run(feedback.current_watermark(world.conn)))) == set(answers[:2]) | set(answers[4:])
+    world.run(world.conn.close())
+    world.loop.close()
+
+
+async def _scalar(world, query: str):
+    return (await (await world.conn.execute(query)).fetchone())[0]
+
+
+async def _rows(world, query: str) -> list[tuple]:
+    return await (await world.conn.execute(query)).fetchall()
+
+
+async def _ask(world, prompt: str, response_ids: list[str]) -> None:
+    """An exchange of one answer (its own words) for each response id."""
+    version = await _scalar(world, "SELECT id FROM model_versions LIMIT 1")
+    async with world.conn.transaction():
+        for i, rid in enumerate(response_ids):
+            await exchanges.record_exchange(
+                world.conn, response_id=rid, api_key_id=world.authors[0], user=None,
+                messages=[{"role": "user", "content": prompt}], params={}, model_version_id=version,
+                stream=False, batch_rows=1, prompt_tokens=1, queue_ms=0, first_token_ms=None, total_ms=0,
+                choices=[CompletionRecord(choice_index=0, text=f"Hello number {i}.", finish_reason="stop",
+                                          completion_tokens=1, model_version_id=version)])
 
 async def counters(world) -> dict:
     """What stats show per version: the counters the triggers kept."""
