@@ -40,18 +40,22 @@ GROUP BY rq.prompt_hash, c.id, c.request_created_at;
 
 CREATE FUNCTION judged_answers_per_prompt() RETURNS integer LANGUAGE sql IMMUTABLE AS $$ SELECT 128 $$;
 
--- The answers a prompt's pairs are made from, judged up to `upto`: for every prompt (null) or
--- these (migration 018 read every answer of them, judged or not, by probing every month's
--- prompt_hash index). All prompts: each answer's latest judgement ranked within its prompt.
--- Listed prompts, each probing judged_answers alone and each answer its month (LATERAL with
--- OFFSET 0, as in 018: `= ANY (prompts)` may be planned as a scan, migration 014):
--- the newest noted answers, and as many more as were noted past `upto` (an answer judged again
--- since sorts first by its noted event, but ranks at `upto` by an older one, or is not judged yet);
--- every answer not read ranks below them, since an event noted up to `upto` is its latest then.
+-- The thumbs and ratings (of `kinds`) up to `upto` that a prompt's pairs are made from, with their
+-- answers: for every prompt (null) or these. Migration 018 read every answer of the listed
+-- prompts, judged or not, by probing every month's prompt_hash index, and joined their feedback
+-- as the planner chose (at 1M, for a round's 1,785 prompts, it chose to hash all million rows).
+-- All prompts: each judged answer's latest judgement ranked within its prompt, all in one pass.
+-- Listed prompts, each by itself (LATERAL: `= ANY (prompts)` may be planned as a scan, migration
+-- 014): the newest answers noted up to `upto` (an event noted up to `upto` is the answer's latest
+-- then), and those noted past it, whose latest event up to `upto` is read from their feedback
+-- (judged again since, or not judged yet then); every answer not read ranks below the newest read.
+-- Each answer is then read by its id in its month, and its feedback by its key.
 DROP FUNCTION judged_completions(text[]);
-CREATE FUNCTION judged_completions(prompts text[], upto bigint)
-RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text, version bigint) LANGUAGE sql STABLE AS $$
-    SELECT r.id, r.at, r.text, r.prompt_hash, r.version FROM (
+CREATE FUNCTION judged_feedback(prompts text[], upto bigint, kinds text[])
+RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text, version bigint, kind text, value smallint,
+               event_id bigint, feedback_id bigint, updated_at timestamptz) LANGUAGE sql STABLE AS $$
+    SELECT r.id, r.at, r.text, r.prompt_hash, r.version, f.kind, f.value, f.event_id, f.id, f.updated_at
+    FROM (
         SELECT c.id, c.request_created_at AS at, c.text, rq.prompt_hash, c.model_version_id AS version,
                row_number() OVER (PARTITION BY rq.prompt_hash ORDER BY e.event_id DESC) AS newest
         FROM (SELECT f.completion_id, f.exchange_at, max(f.event_id) AS event_id FROM feedback f
@@ -61,46 +65,54 @@ RETURNS TABLE (id bigint, at timestamptz, text text, prompt_hash text, version b
         JOIN chat_requests rq ON rq.id = c.request_id AND rq.created_at = c.request_created_at
         WHERE prompts IS NULL
     ) r
-    WHERE prompts IS NULL AND r.newest <= judged_answers_per_prompt()
+    JOIN feedback f ON f.completion_id = r.id AND f.exchange_at = r.at
+    WHERE prompts IS NULL AND r.newest <= judged_answers_per_prompt() AND f.kind = ANY (kinds) AND f.event_id <= upto
     UNION ALL
-    SELECT a.id, a.request_created_at, a.text, p.hash, a.model_version_id
+    SELECT a.id, a.request_created_at, a.text, p.hash, a.model_version_id, f.kind, f.value, f.event_id, f.id,
+           f.updated_at
     FROM (SELECT DISTINCT unnest(prompts) AS hash) p
     CROSS JOIN LATERAL (
         SELECT n.completion_id, n.at FROM (
+            (SELECT j.completion_id, j.at, j.event_id FROM judged_answers j
+             WHERE j.prompt_hash = p.hash AND j.event_id <= upto
+             ORDER BY j.event_id DESC LIMIT judged_answers_per_prompt())
+            UNION ALL
             SELECT j.completion_id, j.at,
                    (SELECT max(f.event_id) FROM feedback f
                     WHERE f.completion_id = j.completion_id AND f.exchange_at = j.at
-                      AND f.kind IN ('thumbs', 'rating') AND f.event_id <= upto) AS event_id
-            FROM judged_answers j
-            WHERE j.prompt_hash = p.hash
-            ORDER BY j.event_id DESC
-            LIMIT judged_answers_per_prompt()
-                  + (SELECT count(*) FROM judged_answers l WHERE l.prompt_hash = p.hash AND l.event_id > upto)
-        ) n
+                      AND f.kind IN ('thumbs', 'rating') AND f.event_id <= upto)
+            FROM judged_answers j WHERE j.prompt_hash = p.hash AND j.event_id > upto
+        ) n (completion_id, at, event_id)
         WHERE n.event_id IS NOT NULL
         ORDER BY n.event_id DESC
         LIMIT judged_answers_per_prompt()
     ) newest
-    CROSS JOIN LATERAL (  -- each answer read by its id in its month (OFFSET 0: a probe per answer)
+    CROSS JOIN LATERAL (  -- one row (LIMIT 1 tells the planner so, where it counts one a month)
         SELECT c.id, c.request_created_at, c.text, c.model_version_id
         FROM completions c WHERE c.id = newest.completion_id AND c.request_created_at = newest.at
-        OFFSET 0
+        LIMIT 1
     ) a
+    CROSS JOIN LATERAL (  -- OFFSET 0: probed per answer, never hashed whole
+        SELECT f.kind, f.value, f.event_id, f.id, f.updated_at FROM feedback f
+        WHERE f.completion_id = a.id AND f.exchange_at = a.request_created_at
+          AND f.kind = ANY (kinds) AND f.event_id <= upto
+        OFFSET 0
+    ) f
 $$;
 
--- The rules of migration 018, over those answers.
+-- The rules of migration 018, over that feedback.
 CREATE OR REPLACE FUNCTION judged_pairs_of(prompts text[], upto bigint, scale double precision, kinds text[])
 RETURNS TABLE (source text, chosen_id bigint, rejected_id bigint, prompt_hash text, margin double precision,
                event_id bigint, feedback_ids bigint[], judged_at timestamptz, chosen_at timestamptz,
                rejected_at timestamptz, versions bigint[])
 LANGUAGE sql STABLE AS $$
     WITH judged AS (
-        SELECT f.kind, s.prompt_hash,
-               (s.id, CASE f.kind WHEN 'thumbs' THEN sum(f.value) ELSE avg(f.value) END, max(f.event_id),
-                array_agg(f.id ORDER BY f.id), max(f.updated_at), s.text, s.at, s.version)::judged_completion AS c
-        FROM feedback f JOIN judged_completions(prompts, upto) s ON s.id = f.completion_id AND s.at = f.exchange_at
-        WHERE f.kind = ANY (kinds) AND f.event_id <= upto
-        GROUP BY f.kind, s.id, s.prompt_hash, s.text, s.at, s.version
+        SELECT j.kind, j.prompt_hash,
+               (j.id, CASE j.kind WHEN 'thumbs' THEN sum(j.value) ELSE avg(j.value) END, max(j.event_id),
+                array_agg(j.feedback_id ORDER BY j.feedback_id), max(j.updated_at), j.text, j.at,
+                j.version)::judged_completion AS c
+        FROM judged_feedback(prompts, upto, kinds) j
+        GROUP BY j.kind, j.id, j.prompt_hash, j.text, j.at, j.version
     ), per_prompt AS (
         SELECT j.kind, j.prompt_hash, array_agg(j.c) AS answers FROM judged j GROUP BY j.kind, j.prompt_hash
     )
